@@ -1,0 +1,59 @@
+"""etcd-patterns: typed, synchronous coordination patterns on etcd v3.
+
+Start with `EtcdPatterns.connect`::
+
+    from etcd_patterns import EtcdPatterns
+
+    with EtcdPatterns.connect("127.0.0.1:2379", namespace="/app/") as etcd:
+        etcd.transform("visits", lambda v: str(int(v) + 1), default="0")
+        print(etcd.get_values("visits"))
+
+Throwaway etcd servers for tests live in `etcd_patterns.testing`.
+"""
+
+import logging as _logging
+
+from ._errors import (
+    ClosedError,
+    ConflictError,
+    EtcdError,
+    EtcdPatternsError,
+    EtcdUnavailableError,
+    InvalidArgumentError,
+    InvalidTypeError,
+    KeyNotFoundError,
+    LeaseNotFoundError,
+    NotAValueError,
+    OutcomeUnknownError,
+    PermissionDeniedError,
+    ValueDecodeError,
+    ValueTooLargeError,
+)
+from ._facade import EtcdPatterns
+from ._kv import TryTransformResult
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ClosedError",
+    "ConflictError",
+    "EtcdError",
+    "EtcdPatterns",
+    "EtcdPatternsError",
+    "EtcdUnavailableError",
+    "InvalidArgumentError",
+    "InvalidTypeError",
+    "KeyNotFoundError",
+    "LeaseNotFoundError",
+    "NotAValueError",
+    "OutcomeUnknownError",
+    "PermissionDeniedError",
+    "TryTransformResult",
+    "ValueDecodeError",
+    "ValueTooLargeError",
+    "__version__",
+]
+
+# A library logs, the application decides what is shown: without this,
+# Python's last-resort handler would print our warnings to stderr.
+_logging.getLogger("etcd_patterns").addHandler(_logging.NullHandler())

@@ -1,0 +1,165 @@
+"""Exactly-once conditional writes, even when etcd's answer is lost.
+
+When a write's response is lost (a dropped connection, a deadline, a leader
+change), etcd may or may not have applied it, and may still apply it later.
+Sending it again blindly can apply it twice; assuming it failed can lose it.
+`commit` settles the question with a *slot*: a bookkeeping key on the
+session lease, owned by one operation at a time.
+
+Protocol, for a caller's transaction ``if C then S else F``::
+
+    if C and value(slot) == last_token then S; put(slot, new_token)
+    else F; get(slot)
+
+If the answer is lost, one resolving transaction decides the outcome for
+good::
+
+    if value(slot) == new_token then get(slot)      # it was applied
+    else put(slot, fence_token)                     # now it never can be
+
+The resolving transaction is idempotent, so it is simply retried. Once it
+answers, the original transaction either was applied (its revision is the
+slot's mod revision) or can never be, since it requires the slot to still
+hold ``last_token``; it is then safe to send again.
+
+Lease loss: a transaction that puts the slot under an expired lease fails as
+a whole, so nothing is applied, and `commit` retries on a fresh session. If
+the lease was lost while the outcome was unknown, the slot's evidence is gone
+with it, and `OutcomeUnknownError` is raised: the one case this protocol
+cannot decide.
+
+Cost: no extra round trip on the normal path. The slot adds one compare and
+one put to the caller's transaction. Resolution costs one more round trip.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from . import _ops as ops
+from ._errors import EtcdUnavailableError, LeaseNotFoundError, OutcomeUnknownError
+from ._retry import Deadline
+from ._session import Session, Slot
+from ._transport import Transport
+
+
+@dataclass(frozen=True)
+class Committed:
+    """The outcome of `commit`.
+
+    Attributes:
+        succeeded: Whether the caller's compares held and its success
+            operations were applied (exactly once).
+        revision: The revision at which the transaction took effect.
+        responses: The responses to the caller's own operations, in order.
+            None when success was established after a lost answer, in which
+            case the success branch's responses are unknown.
+    """
+
+    succeeded: bool
+    revision: int
+    responses: Sequence[Any] | None
+
+
+def _token() -> bytes:
+    return secrets.token_hex(8).encode("ascii")
+
+
+def _slot_holds(slot: Slot) -> Any:
+    if slot.token is None:
+        return ops.compare_version(slot.key, "==", 0)
+    return ops.compare_value(slot.key, "==", slot.token.encode("ascii"))
+
+
+def commit(
+    transport: Transport,
+    session: Callable[[], Session],
+    *,
+    compare: Sequence[Any],
+    success: Sequence[Any],
+    failure: Sequence[Any],
+) -> Committed:
+    """Apply ``if compare then success else failure`` exactly once.
+
+    Args:
+        transport: Sends the transactions.
+        session: Returns a live session; called again if the lease is lost.
+        compare: The caller's compares.
+        success: Operations applied if every compare holds.
+        failure: Operations applied otherwise; typically ranges that show
+            why the compares failed.
+
+    Returns:
+        The outcome; on failure, ``responses`` holds the failure branch's.
+
+    Raises:
+        EtcdUnavailableError: etcd was unreachable and nothing was applied.
+        OutcomeUnknownError: The outcome could not be determined because the
+            session lease was lost as well.
+    """
+    deadline = Deadline(transport.timeout)
+    first = True
+    while True:
+        if not first and deadline.expired():
+            where = ",".join(transport.endpoints)
+            raise EtcdUnavailableError(
+                f"etcd at {where} did not accept the write within {transport.timeout}s"
+            )
+        first = False
+        current = session()
+        with current.slot() as slot:
+            token = _token()
+            request = ops.txn(
+                compare=[*compare, _slot_holds(slot)],
+                success=[*success, ops.put(slot.key, token, lease=current.lease_id)],
+                failure=[*failure, ops.get(slot.key)],
+            )
+            try:
+                response = transport.txn(request, deadline=deadline)
+            except LeaseNotFoundError:
+                current.mark_lost()
+                continue
+            except OutcomeUnknownError as exc:
+                applied_at = _resolve(transport, current, slot, token, exc)
+                if applied_at is not None:
+                    return Committed(True, applied_at, None)
+                continue
+            if response.succeeded:
+                slot.token = token.decode("ascii")
+                return Committed(True, response.header.revision, response.responses[:-1])
+            found = ops.kvs(response.responses, -1)
+            observed = found[0].value.decode("ascii") if found else None
+            if observed == slot.token:
+                return Committed(False, response.header.revision, response.responses[:-1])
+            # The slot is not as this session left it; most likely its lease
+            # expired. Resynchronise and try again: a put under a dead lease
+            # then fails as a whole, and the session is replaced.
+            slot.token = observed
+
+
+def _resolve(
+    transport: Transport, session: Session, slot: Slot, token: bytes, cause: OutcomeUnknownError
+) -> int | None:
+    """Decide a write whose answer was lost; the revision it applied at, or None."""
+    fence = _token()
+    request = ops.txn(
+        compare=[ops.compare_value(slot.key, "==", token)],
+        success=[ops.get(slot.key)],
+        failure=[ops.put(slot.key, fence, lease=session.lease_id)],
+    )
+    try:
+        response = transport.txn(request, write=False)
+    except LeaseNotFoundError as exc:
+        session.mark_lost()
+        raise OutcomeUnknownError(f"{cause}; the session lease that could tell is gone") from exc
+    except EtcdUnavailableError as exc:
+        raise OutcomeUnknownError(f"{cause}; etcd stayed unavailable: {exc}") from exc
+    if response.succeeded:
+        slot.token = token.decode("ascii")
+        revision: int = ops.kvs(response.responses, 0)[0].mod_revision
+        return revision
+    slot.token = fence.decode("ascii")
+    return None

@@ -1,0 +1,248 @@
+"""Exceptions, and the one place where gRPC and etcd3 errors are translated.
+
+Every exception the library raises on purpose derives from
+`EtcdPatternsError`. Misuse errors also derive from the matching built-in,
+and every wait that runs out of time raises a `TimeoutError`::
+
+    EtcdPatternsError
+    ├── InvalidArgumentError (ValueError)      bad key, value, ttl or timeout
+    │   └── ValueTooLargeError                 a request would exceed etcd's limit
+    ├── InvalidTypeError (TypeError)           wrong type, e.g. a fn that returns int
+    ├── ClosedError (RuntimeError)             the instance was closed
+    ├── KeyNotFoundError (KeyError)            the key holds no value
+    ├── NotAValueError                         the key is a directory
+    ├── ValueDecodeError (ValueError)          stored data is not UTF-8
+    ├── ConflictError (TimeoutError)           transform gave up on conflicts
+    ├── EtcdUnavailableError                   etcd did not answer in time
+    │   └── OutcomeUnknownError                a write may or may not have applied
+    ├── PermissionDeniedError                  authentication or role check failed
+    └── EtcdError                              any other error reported by etcd
+        └── LeaseNotFoundError                 the lease expired or was revoked
+
+`translate` turns a `grpc.RpcError` (or an `etcd3.exceptions` error) into one
+of these, always raised ``from`` the original so the cause stays visible.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import grpc
+from etcd3 import exceptions as etcd3_exc
+
+__all__ = [
+    "ClosedError",
+    "ConflictError",
+    "EtcdError",
+    "EtcdPatternsError",
+    "EtcdUnavailableError",
+    "InvalidArgumentError",
+    "InvalidTypeError",
+    "KeyNotFoundError",
+    "LeaseNotFoundError",
+    "NotAValueError",
+    "OutcomeUnknownError",
+    "PermissionDeniedError",
+    "ValueDecodeError",
+    "ValueTooLargeError",
+    "translate",
+]
+
+
+class EtcdPatternsError(Exception):
+    """Base class of every error raised by etcd-patterns."""
+
+
+class InvalidArgumentError(EtcdPatternsError, ValueError):
+    """An argument has the right type but an unusable value.
+
+    Raised before anything is sent to etcd, so etcd is unchanged.
+    """
+
+
+class ValueTooLargeError(InvalidArgumentError):
+    """A request would exceed etcd's request size limit (``--max-request-bytes``)."""
+
+
+class InvalidTypeError(EtcdPatternsError, TypeError):
+    """An argument, or the result of a user callable, has the wrong type.
+
+    Raised before anything is written, so etcd is unchanged.
+    """
+
+
+class ClosedError(EtcdPatternsError, RuntimeError):
+    """The `EtcdPatterns` instance was used after `close()`."""
+
+
+class KeyNotFoundError(EtcdPatternsError, KeyError):
+    """The key holds no value."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+    def __str__(self) -> str:
+        return f"key {self.key!r} not found"
+
+
+class NotAValueError(EtcdPatternsError):
+    """The key has no value of its own but has children: it is a directory."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+    def __str__(self) -> str:
+        return f"key {self.key!r} is a directory (it has children but no value)"
+
+
+class ValueDecodeError(EtcdPatternsError, ValueError):
+    """A value stored in etcd is not valid UTF-8."""
+
+    def __init__(self, key: str, raw: bytes) -> None:
+        super().__init__(key, raw)
+        self.key = key
+        self.raw = raw
+
+    def __str__(self) -> str:
+        return f"value of key {self.key!r} is not UTF-8 ({self.raw[:32]!r}...)"
+
+
+class ConflictError(EtcdPatternsError, TimeoutError):
+    """`transform` lost the race to other writers until its timeout ran out."""
+
+
+class EtcdUnavailableError(EtcdPatternsError):
+    """etcd did not answer within the configured timeout.
+
+    Nothing was changed: the request was never applied, or was a read.
+    """
+
+
+class OutcomeUnknownError(EtcdUnavailableError):
+    """A write reached etcd but its outcome could not be determined.
+
+    The write may or may not have been applied. Operations that can find out
+    (transform, for one) resolve this themselves and only raise it when the
+    session lease that makes resolution possible was lost as well.
+    """
+
+
+class PermissionDeniedError(EtcdPatternsError):
+    """etcd refused the request: bad credentials, or a role lacks permission."""
+
+
+class EtcdError(EtcdPatternsError):
+    """An error reported by etcd that has no more specific class."""
+
+    def __init__(self, message: str, *, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class LeaseNotFoundError(EtcdError):
+    """The lease expired or was revoked."""
+
+
+# etcd's own error strings (server/etcdserver/api/v3rpc/rpctypes).
+_NO_LEADER = "etcdserver: no leader"
+_TOO_MANY_REQUESTS = "etcdserver: too many requests"
+_NOT_CAPABLE = "etcdserver: not capable"
+_REQUEST_TOO_LARGE = "etcdserver: request is too large"
+_LEASE_NOT_FOUND = "etcdserver: requested lease not found"
+
+# gRPC's wording when no connection could be made, so nothing was sent.
+_NOT_CONNECTED = (
+    "failed to connect to all addresses",
+    "connections to all backends failing",
+    "Connection refused",
+    "DNS resolution failed",
+    "no connection available",
+    "there is no address available",
+)
+
+_AMBIGUOUS_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.INTERNAL,
+    }
+)
+
+
+def never_sent(code: grpc.StatusCode | None, details: str) -> bool:
+    """Whether an error proves that the request was not applied by etcd."""
+    if details in (_NO_LEADER, _TOO_MANY_REQUESTS, _NOT_CAPABLE):
+        return True
+    return code == grpc.StatusCode.UNAVAILABLE and any(s in details for s in _NOT_CONNECTED)
+
+
+def connection_failed(exc: BaseException) -> bool:
+    """Whether the error suggests the current endpoint is unusable.
+
+    The transport then moves to the next endpoint before retrying.
+    """
+    if isinstance(exc, grpc.RpcError):
+        code = exc.code()
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            return (exc.details() or "") != _TOO_MANY_REQUESTS
+    return False
+
+
+def translate(
+    exc: BaseException, *, endpoints: Sequence[str], write: bool
+) -> EtcdPatternsError | None:
+    """Translate a gRPC or etcd3 error into the library's exception tree.
+
+    Args:
+        exc: The error raised by the gRPC stub or the etcd3 client.
+        endpoints: The endpoints in use, named in unavailability errors.
+        write: True if the request could change etcd. An interrupted write
+            is `OutcomeUnknownError`; an interrupted read is plain
+            `EtcdUnavailableError`.
+
+    Returns:
+        The exception to raise ``from exc``, or None if ``exc`` is neither a
+        gRPC nor an etcd3 error (a bug, which must propagate unchanged).
+    """
+    where = ",".join(endpoints)
+    if isinstance(exc, grpc.RpcError):
+        code = exc.code()
+        details = exc.details() or ""
+        return _translate_status(code, details, where=where, write=write)
+    return _translate_etcd3(exc, where=where)
+
+
+def _translate_status(
+    code: grpc.StatusCode | None, details: str, *, where: str, write: bool
+) -> EtcdPatternsError:
+    name = code.name if code is not None else "UNKNOWN"
+    if never_sent(code, details):
+        return EtcdUnavailableError(f"etcd at {where} is unavailable: {details} ({name})")
+    if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
+        return PermissionDeniedError(f"etcd at {where} refused the request: {details}")
+    if details == _REQUEST_TOO_LARGE or "larger than max" in details:
+        return ValueTooLargeError(f"request rejected as too large by etcd at {where}: {details}")
+    if details == _LEASE_NOT_FOUND:
+        return LeaseNotFoundError(details, code=code)
+    if code in _AMBIGUOUS_CODES:
+        if write:
+            return OutcomeUnknownError(
+                f"etcd at {where} did not confirm a write, which may or may not have "
+                f"been applied: {details} ({name})"
+            )
+        return EtcdUnavailableError(f"etcd at {where} is unavailable: {details} ({name})")
+    return EtcdError(f"etcd at {where} returned {name}: {details}", code=code)
+
+
+def _translate_etcd3(exc: BaseException, *, where: str) -> EtcdPatternsError | None:
+    if isinstance(exc, etcd3_exc.NoServerAvailableError):
+        return EtcdUnavailableError(f"etcd at {where} is unavailable: no endpoint available")
+    if isinstance(exc, (etcd3_exc.ConnectionFailedError, etcd3_exc.ConnectionTimeoutError)):
+        return EtcdUnavailableError(f"etcd at {where} is unavailable: {exc}")
+    if isinstance(exc, etcd3_exc.Etcd3Exception):
+        return EtcdError(f"etcd at {where} failed: {exc!r}")
+    return None

@@ -1,0 +1,306 @@
+"""`EtcdPatterns`: the facade that builds the patterns and owns their session.
+
+An instance is safe to share between threads. It owns one session (a lease
+plus keepalive thread), created on first use, and, when made by `connect`,
+its etcd3 client. `close` releases all of it and is idempotent.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any
+
+from ._connect import build_client, parse_endpoints
+from ._errors import InvalidArgumentError, InvalidTypeError
+from ._keys import Keyspace
+from ._kv import KeyValue, Transform, TryTransformResult
+from ._retry import check_timeout
+from ._session import Sessions
+from ._transport import DEFAULT_MAX_REQUEST_BYTES, Transport
+
+DEFAULT_TIMEOUT = 5.0
+DEFAULT_SESSION_TTL = 10
+
+
+def check_ttl(ttl: object, *, name: str = "ttl") -> int:
+    """Validate a lease TTL: a finite number of seconds > 0, rounded up."""
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)):
+        raise InvalidTypeError(f"{name} must be a number of seconds, not {ttl!r}")
+    if not math.isfinite(ttl) or ttl <= 0:
+        raise InvalidArgumentError(f"{name} must be a finite number > 0, not {ttl!r}")
+    return math.ceil(ttl)
+
+
+def _check_request_timeout(timeout: object) -> float:
+    wait = check_timeout(timeout)
+    if wait is None or wait <= 0:
+        raise InvalidArgumentError(f"timeout must be a number of seconds > 0, not {timeout!r}")
+    return wait
+
+
+class EtcdPatterns:
+    """Coordination patterns on etcd v3.
+
+    Wraps an existing python3-etcd3 client, which stays the caller's: `close`
+    does not close it. To have the instance create and own its client, use
+    `EtcdPatterns.connect`.
+
+    Args:
+        client: An ``etcd3.MultiEndpointEtcd3Client`` or ``etcd3.Etcd3Client``.
+        namespace: A prefix added to every key, e.g. ``"/app/"``.
+        timeout: The longest any single request to etcd may take, retries
+            of transient failures included, before `EtcdUnavailableError`.
+        session_ttl: The TTL in seconds of the instance's session lease:
+            how soon etcd frees what a crashed process held.
+        max_request_bytes: The server's ``--max-request-bytes``. Larger
+            writes fail with `ValueTooLargeError` before anything is sent.
+
+    Example:
+        >>> with EtcdPatterns.connect("127.0.0.1:2379", namespace="/app/") as etcd:
+        ...     etcd.transform("visits", lambda v: str(int(v) + 1), default="0")
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        *,
+        namespace: str | bytes | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        session_ttl: float = DEFAULT_SESSION_TTL,
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    ) -> None:
+        self._setup(
+            client,
+            owns_client=False,
+            namespace=namespace,
+            timeout=timeout,
+            session_ttl=session_ttl,
+            max_request_bytes=max_request_bytes,
+        )
+
+    def _setup(
+        self,
+        client: Any,
+        *,
+        owns_client: bool,
+        namespace: object,
+        timeout: object,
+        session_ttl: object,
+        max_request_bytes: object,
+    ) -> None:
+        wait = _check_request_timeout(timeout)
+        ttl = check_ttl(session_ttl, name="session_ttl")
+        if isinstance(max_request_bytes, bool) or not isinstance(max_request_bytes, int):
+            raise InvalidTypeError(f"max_request_bytes must be an int, not {max_request_bytes!r}")
+        if max_request_bytes <= 0:
+            raise InvalidArgumentError(f"max_request_bytes must be > 0, not {max_request_bytes}")
+        self._keyspace = Keyspace(namespace)
+        self._transport = Transport(
+            client, timeout=wait, owns_client=owns_client, max_request_bytes=max_request_bytes
+        )
+        self._sessions = Sessions(self._transport, self._keyspace, ttl)
+        self._kv = KeyValue(self._transport, self._keyspace, self._sessions.get)
+
+    @classmethod
+    def connect(
+        cls,
+        endpoints: str | Sequence[str] | None = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        namespace: str | bytes | None = None,
+        session_ttl: float = DEFAULT_SESSION_TTL,
+        ca_cert: str | None = None,
+        cert_key: str | None = None,
+        cert_cert: str | None = None,
+        user: str | None = None,
+        password: str | None = None,
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    ) -> EtcdPatterns:
+        """Connect to etcd with a client that the instance owns and closes.
+
+        Args:
+            endpoints: ``"host:port"`` strings, as a list or one
+                comma-separated string. With several, requests fail over
+                between them. None reads ``ETCD_ENDPOINTS``, and falls back
+                to ``127.0.0.1:2379``.
+            timeout: See `EtcdPatterns`. Also bounds authentication.
+            namespace: See `EtcdPatterns`.
+            session_ttl: See `EtcdPatterns`.
+            ca_cert: Path of the CA certificate; enables TLS.
+            cert_key: Path of the client key, for client-certificate auth.
+            cert_cert: Path of the client certificate.
+            user: User name for etcd authentication.
+            password: Password for etcd authentication.
+            max_request_bytes: See `EtcdPatterns`.
+
+        Returns:
+            A connected instance. No request is sent until it is used,
+            unless ``user`` is given.
+
+        Raises:
+            InvalidArgumentError: Malformed endpoints or inconsistent TLS or
+                credential arguments.
+            EtcdUnavailableError: Authentication could not reach etcd.
+            PermissionDeniedError: The credentials were refused.
+        """
+        wait = _check_request_timeout(timeout)
+        client = build_client(
+            parse_endpoints(endpoints),
+            timeout=wait,
+            ca_cert=ca_cert,
+            cert_key=cert_key,
+            cert_cert=cert_cert,
+            user=user,
+            password=password,
+        )
+        self = cls.__new__(cls)
+        try:
+            self._setup(
+                client,
+                owns_client=True,
+                namespace=namespace,
+                timeout=wait,
+                session_ttl=session_ttl,
+                max_request_bytes=max_request_bytes,
+            )
+        except BaseException:
+            client.close()
+            raise
+        return self
+
+    # -- lifetime -----------------------------------------------------------
+
+    def close(self) -> None:
+        """Release everything this instance created. Idempotent, and silent.
+
+        Stops the keepalive thread, revokes the session lease (deleting the
+        keys it carries), and closes the etcd3 client if `connect` made it.
+        Afterwards every method raises `ClosedError`.
+        """
+        self._sessions.close()
+        self._transport.close()
+
+    def __enter__(self) -> EtcdPatterns:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = " closed" if self._transport.closed else ""
+        return (
+            f"<EtcdPatterns endpoints={','.join(self._transport.endpoints)} "
+            f"namespace={self._keyspace.prefix.decode()!r}{state}>"
+        )
+
+    @property
+    def endpoints(self) -> tuple[str, ...]:
+        """The ``host:port`` of each etcd endpoint in use."""
+        return self._transport.endpoints
+
+    @property
+    def namespace(self) -> str:
+        """The prefix added to every key ("" for none)."""
+        return self._keyspace.prefix.decode("utf-8")
+
+    # -- key-value patterns -------------------------------------------------
+
+    def get_values(self, key: str | bytes) -> list[str]:
+        """Read a key, or the values of a directory of keys.
+
+        Cost: one round trip, reading one consistent snapshot.
+
+        Args:
+            key: The key, without the namespace.
+
+        Returns:
+            ``[value]`` if ``key`` holds a value; otherwise the values of its
+            direct children (``key/child``, not ``key/child/grandchild``) in
+            key order; ``[]`` if there are none.
+
+        Raises:
+            InvalidArgumentError: ``key`` is empty, ends with ``/``, or is
+                not UTF-8.
+            InvalidTypeError: ``key`` is not str or bytes.
+            ValueDecodeError: A stored value is not UTF-8.
+            EtcdUnavailableError: etcd did not answer within ``timeout``.
+            ClosedError: The instance is closed.
+        """
+        return self._kv.get_values(key)
+
+    def try_transform(
+        self, key: str | bytes, fn: Transform, *, default: str | bytes | None = None
+    ) -> TryTransformResult:
+        """Atomically replace the value with ``fn(value)``, in one attempt.
+
+        Reads the value, computes ``fn(value)``, and writes it in one
+        transaction guarded by the key's mod revision, keeping the key's
+        lease. If another writer changed the key in between, nothing is
+        written and the current value comes back from the same transaction.
+        Cost: two round trips.
+
+        Args:
+            key: The key, without the namespace.
+            fn: Maps the current value to the new one. It must return `str`.
+            default: If given and the key has no value, ``fn(default)`` is
+                written, but only while the key is still absent. Without
+                it, a missing key raises `KeyNotFoundError`.
+
+        Returns:
+            ``(True, new_value)`` if written; ``(False, current_value)`` if
+            another writer got in first (``default`` if the key is gone).
+
+        Raises:
+            KeyNotFoundError: The key has no value and there is no default.
+            NotAValueError: The key is a directory.
+            InvalidTypeError: ``fn`` is not callable, or returned a non-`str`.
+            ValueTooLargeError: The new value exceeds etcd's request limit.
+            EtcdUnavailableError: etcd did not answer within ``timeout``.
+            OutcomeUnknownError: The write's answer was lost and the session
+                lease that could tell whether it applied was lost too.
+
+        Any exception raised by ``fn`` propagates. Nothing is written unless
+        the call returns ``(True, ...)``.
+        """
+        return self._kv.try_transform(key, fn, default=default)
+
+    def transform(
+        self,
+        key: str | bytes,
+        fn: Transform,
+        *,
+        default: str | bytes | None = None,
+        timeout: float | None = None,
+    ) -> str:
+        """Atomically replace the value with ``fn(value)``, retrying on conflict.
+
+        Like `try_transform`, but when another writer gets in first, ``fn``
+        is applied again to the value that writer left (which the losing
+        transaction already returned, so each conflict costs one round
+        trip), after a short random backoff. ``fn`` may be called several
+        times: it must be a pure function of its argument.
+
+        Args:
+            key: The key, without the namespace.
+            fn: Maps the current value to the new one. It must return `str`.
+            default: As for `try_transform`.
+            timeout: How long to keep retrying conflicts; None for no limit.
+
+        Returns:
+            The value written.
+
+        Raises:
+            ConflictError: Other writers kept winning until ``timeout``
+                (a `TimeoutError`).
+            KeyNotFoundError, NotAValueError, InvalidTypeError,
+            ValueTooLargeError, EtcdUnavailableError, OutcomeUnknownError:
+                As for `try_transform`.
+        """
+        return self._kv.transform(key, fn, default=default, timeout=timeout)

@@ -1,0 +1,103 @@
+"""Builders for the etcdrpc messages that make up a transaction.
+
+The etcd3 client's own transaction helpers cannot sort or limit a range, nor
+compare over a range of keys; these build the protobuf messages directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from etcd3 import etcdrpc
+
+_Compare = etcdrpc.Compare
+_RESULTS = {
+    "==": _Compare.EQUAL,
+    "!=": _Compare.NOT_EQUAL,
+    "<": _Compare.LESS,
+    ">": _Compare.GREATER,
+}
+
+
+def compare_version(key: bytes, op: str, version: int, *, range_end: bytes = b"") -> Any:
+    """``version(key) <op> version``; over ``[key, range_end)`` every key must match."""
+    return _Compare(
+        key=key, range_end=range_end, target=_Compare.VERSION, result=_RESULTS[op], version=version
+    )
+
+
+def compare_create(key: bytes, op: str, revision: int, *, range_end: bytes = b"") -> Any:
+    """``create_revision(key) <op> revision``."""
+    return _Compare(
+        key=key,
+        range_end=range_end,
+        target=_Compare.CREATE,
+        result=_RESULTS[op],
+        create_revision=revision,
+    )
+
+
+def compare_mod(key: bytes, op: str, revision: int) -> Any:
+    """``mod_revision(key) <op> revision``."""
+    return _Compare(key=key, target=_Compare.MOD, result=_RESULTS[op], mod_revision=revision)
+
+
+def compare_value(key: bytes, op: str, value: bytes) -> Any:
+    """``value(key) <op> value``; false when the key does not exist."""
+    return _Compare(key=key, target=_Compare.VALUE, result=_RESULTS[op], value=value)
+
+
+def range_request(
+    key: bytes,
+    range_end: bytes = b"",
+    *,
+    limit: int = 0,
+    keys_only: bool = False,
+    sort_by_create: bool = False,
+) -> Any:
+    """A `RangeRequest`: one key, or ``[key, range_end)``."""
+    request = etcdrpc.RangeRequest(key=key, range_end=range_end, limit=limit, keys_only=keys_only)
+    if sort_by_create:
+        request.sort_target = etcdrpc.RangeRequest.CREATE
+        request.sort_order = etcdrpc.RangeRequest.ASCEND
+    return request
+
+
+def get(
+    key: bytes,
+    range_end: bytes = b"",
+    *,
+    limit: int = 0,
+    keys_only: bool = False,
+    sort_by_create: bool = False,
+) -> Any:
+    """A range operation inside a transaction."""
+    return etcdrpc.RequestOp(
+        request_range=range_request(
+            key, range_end, limit=limit, keys_only=keys_only, sort_by_create=sort_by_create
+        )
+    )
+
+
+def put(key: bytes, value: bytes, *, lease: int = 0) -> Any:
+    """A put operation inside a transaction."""
+    return etcdrpc.RequestOp(request_put=etcdrpc.PutRequest(key=key, value=value, lease=lease))
+
+
+def delete(key: bytes, range_end: bytes = b"") -> Any:
+    """A delete operation inside a transaction."""
+    return etcdrpc.RequestOp(
+        request_delete_range=etcdrpc.DeleteRangeRequest(key=key, range_end=range_end)
+    )
+
+
+def txn(compare: list[Any], success: list[Any], failure: list[Any]) -> Any:
+    """A `TxnRequest`."""
+    return etcdrpc.TxnRequest(compare=compare, success=success, failure=failure)
+
+
+def kvs(responses: Sequence[Any], index: int) -> list[Any]:
+    """The key-values returned by the range at ``index`` of a transaction's responses."""
+    found: list[Any] = list(responses[index].response_range.kvs)
+    return found

@@ -1,0 +1,201 @@
+"""The session: one lease, kept alive by a background thread.
+
+Every key a pattern writes on behalf of a live process carries the session
+lease, so a process that crashes releases everything it held once the lease
+runs out: ``ttl`` seconds after its last keepalive. While the process lives,
+a daemon thread refreshes the lease about every ``ttl / 3`` seconds.
+
+Lease loss: when a refresh reports the lease gone, or no refresh has
+succeeded for ``ttl`` seconds (the lease may then have expired on the
+server), the session sets its `lost` event and refreshes no more. `Sessions`
+hands out a fresh session on the next use. Keys written under the lost lease
+are gone, or about to be.
+
+`close` stops the thread and revokes the lease, deleting its keys. Nothing is
+printed, ever: failures are logged at DEBUG level on the ``etcd_patterns``
+logger.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from ._errors import ClosedError, EtcdPatternsError, EtcdUnavailableError
+from ._keys import Keyspace
+from ._retry import Deadline
+from ._transport import Transport
+
+log = logging.getLogger("etcd_patterns")
+
+# How long close() waits for etcd to revoke a lease. If etcd is away the
+# lease simply expires on its own after its TTL.
+_REVOKE_TIMEOUT = 2.0
+
+
+@dataclass
+class Slot:
+    """A bookkeeping key, on the session lease, owned by one operation at a time.
+
+    Attributes:
+        key: The etcd key.
+        token: The value this session last wrote to it; None if it has
+            never been written (or vanished with its lease).
+    """
+
+    key: bytes
+    token: str | None = None
+
+
+class Session:
+    """A lease plus the thread that keeps it alive.
+
+    Args:
+        transport: Sends the lease requests.
+        keyspace: Names the session's bookkeeping keys.
+        ttl: The requested lease TTL in seconds. etcd may grant more.
+    """
+
+    def __init__(self, transport: Transport, keyspace: Keyspace, ttl: int) -> None:
+        self._transport = transport
+        self._keyspace = keyspace
+        started = time.monotonic()
+        response = transport.lease_grant(ttl)
+        self.lease_id: int = response.ID
+        self.ttl: int = response.TTL
+        self.lost = threading.Event()
+        self._expires_at = started + self.ttl
+        self._stop = threading.Event()
+        self._slots: list[Slot] = []
+        self._slot_count = 0
+        self._lock = threading.Lock()
+        self._closed = False
+        self._thread = threading.Thread(
+            target=self._keep_alive,
+            name=f"etcd-patterns-keepalive-{self.lease_id:x}",
+            daemon=True,
+        )
+        self._thread.start()
+
+    def __repr__(self) -> str:
+        state = "lost" if self.lost.is_set() else "alive"
+        return f"<Session lease={self.lease_id:x} ttl={self.ttl} {state}>"
+
+    def mark_lost(self) -> None:
+        """Declare the lease lost: signal `lost` and stop refreshing."""
+        self.lost.set()
+        self._stop.set()
+
+    def close(self) -> None:
+        """Stop the keepalive thread and revoke the lease. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+        was_lost = self.lost.is_set()
+        self.lost.set()
+        if was_lost or self._transport.closed:
+            return
+        try:
+            self._transport.lease_revoke(self.lease_id, deadline=Deadline(_REVOKE_TIMEOUT))
+        except EtcdPatternsError as exc:
+            log.debug(
+                "could not revoke lease %x; it expires in %ss: %s", self.lease_id, self.ttl, exc
+            )
+
+    @contextmanager
+    def slot(self) -> Iterator[Slot]:
+        """Borrow a bookkeeping key for the duration of one operation.
+
+        A slot whose state became uncertain (the block raised) is not
+        returned to the pool.
+        """
+        with self._lock:
+            if self._slots:
+                slot = self._slots.pop()
+            else:
+                self._slot_count += 1
+                name = f"{self.lease_id:x}/{self._slot_count}"
+                slot = Slot(self._keyspace.internal("slots", name))
+        yield slot
+        with self._lock:
+            self._slots.append(slot)
+
+    def _keep_alive(self) -> None:
+        interval = max(self.ttl / 3, 0.5)
+        wait = interval
+        while not self._stop.wait(wait):
+            sent = time.monotonic()
+            remaining = self._expires_at - sent
+            if remaining <= 0:
+                log.debug("lease %x not refreshed for %ss: lost", self.lease_id, self.ttl)
+                self.mark_lost()
+                return
+            try:
+                ttl = self._transport.lease_keepalive(self.lease_id, deadline=Deadline(remaining))
+            except EtcdUnavailableError as exc:
+                log.debug("keepalive of lease %x failed, retrying: %s", self.lease_id, exc)
+                wait = min(0.5, interval)
+                continue
+            except ClosedError:
+                return
+            except Exception as exc:  # a daemon thread must not die noisily
+                log.debug("keepalive of lease %x failed: %r", self.lease_id, exc)
+                self.mark_lost()
+                return
+            if ttl <= 0:
+                log.debug("lease %x expired or was revoked", self.lease_id)
+                self.mark_lost()
+                return
+            self._expires_at = sent + ttl
+            wait = interval
+
+
+class Sessions:
+    """Creates sessions lazily, one per TTL, and replaces lost ones.
+
+    Args:
+        transport: Sends the lease requests.
+        keyspace: Names the sessions' bookkeeping keys.
+        default_ttl: The TTL of the instance's own session.
+    """
+
+    def __init__(self, transport: Transport, keyspace: Keyspace, default_ttl: int) -> None:
+        self._transport = transport
+        self._keyspace = keyspace
+        self.default_ttl = default_ttl
+        self._sessions: dict[int, Session] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def get(self, ttl: int | None = None) -> Session:
+        """The live session for ``ttl`` (default: the instance's), created if needed."""
+        ttl = self.default_ttl if ttl is None else ttl
+        with self._lock:
+            if self._closed:
+                raise ClosedError("this EtcdPatterns instance is closed")
+            session = self._sessions.get(ttl)
+            if session is not None and not session.lost.is_set():
+                return session
+            # Granting under the lock keeps concurrent callers from each
+            # creating a session; they wait for this one instead.
+            fresh = self._sessions[ttl] = Session(self._transport, self._keyspace, ttl)
+        if session is not None:
+            session.close()
+        return fresh
+
+    def close(self) -> None:
+        """Close every session. Idempotent."""
+        with self._lock:
+            self._closed = True
+            sessions = list(self._sessions.values())
+            self._sessions.clear()
+        for session in sessions:
+            session.close()

@@ -1,0 +1,246 @@
+"""Sending requests to etcd: deadlines, endpoint failover, error translation.
+
+Every request the library makes goes through `Transport`, which calls the
+etcd3 client's gRPC channels directly with ``etcdrpc`` messages. That gives
+each request its own deadline (the client's own methods have none by
+default), lets a transaction carry sorted and limited ranges, and keeps
+python3-etcd3's endpoint bookkeeping (which blacklists a failed endpoint for
+five minutes) and its watch thread out of the way.
+
+Guarantees:
+
+* No request waits longer than the instance ``timeout``; then it raises
+  `EtcdUnavailableError` naming the endpoints.
+* Reads are retried while etcd is unavailable. Writes are retried only when
+  the error proves they were not applied; otherwise `OutcomeUnknownError`
+  tells the caller to resolve the outcome.
+* With several endpoints, a connection failure moves the next attempt to the
+  next endpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import grpc
+from etcd3 import etcdrpc
+
+from ._errors import (
+    ClosedError,
+    EtcdUnavailableError,
+    LeaseNotFoundError,
+    ValueTooLargeError,
+    connection_failed,
+    translate,
+)
+from ._retry import Deadline, retry_transient
+
+T = TypeVar("T")
+
+# Room for the envelope etcd wraps around a request before checking its
+# size against --max-request-bytes.
+_REQUEST_OVERHEAD = 512
+
+DEFAULT_MAX_REQUEST_BYTES = 1_572_864  # etcd's default --max-request-bytes (1.5 MiB)
+
+
+class Transport:
+    """Sends requests over an etcd3 client's channels.
+
+    Args:
+        client: A python3-etcd3 client (`etcd3.MultiEndpointEtcd3Client` or
+            `etcd3.Etcd3Client`). Its channels, credentials and auth token
+            are used; its own retry and failover logic is not.
+        timeout: The longest any one request may take, retries included.
+        owns_client: Whether `close` also closes ``client``.
+        max_request_bytes: The server's ``--max-request-bytes``; larger
+            writes fail with `ValueTooLargeError` before they are sent.
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        *,
+        timeout: float,
+        owns_client: bool,
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    ) -> None:
+        self.timeout = timeout
+        self.max_request_bytes = max_request_bytes
+        self._client = client
+        self._owns_client = owns_client
+        self._channels: list[grpc.Channel] = [ep.channel for ep in client.endpoints.values()]
+        self.endpoints: tuple[str, ...] = tuple(client.endpoints)
+        current = client.endpoint_in_use
+        self._index = self.endpoints.index(current.netloc) if current is not None else 0
+        self._stubs: dict[tuple[int, type[Any]], Any] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        """Whether `close` was called."""
+        return self._closed
+
+    def close(self) -> None:
+        """Stop sending requests; close the client if this transport owns it."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._stubs.clear()
+        if self._owns_client:
+            self._client.close()
+
+    # -- requests -----------------------------------------------------------
+
+    def range(self, request: Any, *, deadline: Deadline | None = None) -> Any:
+        """Send a `RangeRequest`; retried while etcd is unavailable."""
+        return self._unary(etcdrpc.KVStub, "Range", request, write=False, deadline=deadline)
+
+    def txn(self, request: Any, *, write: bool = True, deadline: Deadline | None = None) -> Any:
+        """Send a `TxnRequest`.
+
+        Args:
+            request: The transaction.
+            write: False only if sending the request twice is harmless (it
+                changes nothing, or its second application is a no-op).
+                Otherwise an interrupted request raises `OutcomeUnknownError`.
+            deadline: An earlier deadline than the instance timeout.
+
+        Raises:
+            ValueTooLargeError: The request exceeds ``max_request_bytes``.
+        """
+        size = request.ByteSize()
+        if size + _REQUEST_OVERHEAD > self.max_request_bytes:
+            raise ValueTooLargeError(
+                f"request of {size} bytes exceeds etcd's limit of {self.max_request_bytes} bytes "
+                f"(--max-request-bytes, less {_REQUEST_OVERHEAD} bytes of envelope)"
+            )
+        return self._unary(etcdrpc.KVStub, "Txn", request, write=write, deadline=deadline)
+
+    def lease_grant(self, ttl: int, *, deadline: Deadline | None = None) -> Any:
+        """Grant a lease. Retrying a lost grant at worst leaves a lease that expires."""
+        request = etcdrpc.LeaseGrantRequest(TTL=ttl)
+        return self._unary(etcdrpc.LeaseStub, "LeaseGrant", request, write=False, deadline=deadline)
+
+    def lease_revoke(self, lease_id: int, *, deadline: Deadline | None = None) -> None:
+        """Revoke a lease, deleting its keys. A lease already gone is not an error."""
+        request = etcdrpc.LeaseRevokeRequest(ID=lease_id)
+        with contextlib.suppress(LeaseNotFoundError):
+            self._unary(etcdrpc.LeaseStub, "LeaseRevoke", request, write=False, deadline=deadline)
+
+    def lease_keepalive(self, lease_id: int, *, deadline: Deadline | None = None) -> int:
+        """Refresh a lease once.
+
+        Returns:
+            The lease's new TTL in seconds; 0 or less if it no longer exists.
+        """
+        request = etcdrpc.LeaseKeepAliveRequest(ID=lease_id)
+
+        def refresh(stub: Any, timeout: float) -> int:
+            call = stub.LeaseKeepAlive(iter([request]), timeout=timeout, **self._call_options())
+            try:
+                response = next(call, None)
+            finally:
+                call.cancel()
+            if response is None:
+                raise EtcdUnavailableError("etcd closed the keepalive stream without answering")
+            ttl: int = response.TTL
+            return ttl
+
+        return self._retry(etcdrpc.LeaseStub, refresh, write=False, deadline=deadline)
+
+    def lease_time_to_live(self, lease_id: int, *, deadline: Deadline | None = None) -> int:
+        """The remaining TTL of a lease in seconds; -1 if it does not exist."""
+        request = etcdrpc.LeaseTimeToLiveRequest(ID=lease_id)
+        response = self._unary(
+            etcdrpc.LeaseStub, "LeaseTimeToLive", request, write=False, deadline=deadline
+        )
+        ttl: int = response.TTL
+        return ttl
+
+    # -- machinery ----------------------------------------------------------
+
+    def _unary(
+        self,
+        stub_class: type[Any],
+        method: str,
+        request: Any,
+        *,
+        write: bool,
+        deadline: Deadline | None,
+    ) -> Any:
+        def send(stub: Any, timeout: float) -> Any:
+            return getattr(stub, method)(request, timeout=timeout, **self._call_options())
+
+        return self._retry(stub_class, send, write=write, deadline=deadline)
+
+    def _retry(
+        self,
+        stub_class: type[Any],
+        send: Callable[[Any, float], T],
+        *,
+        write: bool,
+        deadline: Deadline | None,
+    ) -> T:
+        limit = (deadline or Deadline(None)).within(self.timeout)
+        policy = retry_transient(limit, write=write)
+        result: T = policy(self._attempt, stub_class, send, limit, write)
+        return result
+
+    def _attempt(
+        self,
+        stub_class: type[Any],
+        send: Callable[[Any, float], T],
+        limit: Deadline,
+        write: bool,
+    ) -> T:
+        index, stub = self._stub(stub_class)
+        remaining = limit.remaining()
+        assert remaining is not None  # limit is always finite
+        # Leave time for at least two more tries, so that a hung endpoint
+        # does not use up the whole deadline before failover.
+        timeout = min(remaining, max(self.timeout / 3, 0.5))
+        try:
+            return send(stub, timeout)
+        except grpc.RpcError as exc:
+            if connection_failed(exc):
+                self._rotate(index)
+            error = translate(exc, endpoints=self.endpoints, write=write)
+            if error is None:  # pragma: no cover - translate handles every RpcError
+                raise
+            raise error from exc
+        except ValueError as exc:
+            # grpc raises ValueError when the channel was closed under us.
+            if self._client_channels_closed(exc):
+                raise ClosedError("the etcd3 client was closed") from exc
+            raise
+
+    def _call_options(self) -> dict[str, Any]:
+        return {
+            "credentials": self._client.call_credentials,
+            "metadata": self._client.metadata,
+        }
+
+    def _stub(self, stub_class: type[Any]) -> tuple[int, Any]:
+        with self._lock:
+            if self._closed:
+                raise ClosedError("this EtcdPatterns instance is closed")
+            index = self._index
+            stub = self._stubs.get((index, stub_class))
+            if stub is None:
+                stub = self._stubs[(index, stub_class)] = stub_class(self._channels[index])
+            return index, stub
+
+    def _rotate(self, failed: int) -> None:
+        with self._lock:
+            if self._index == failed:
+                self._index = (failed + 1) % len(self._channels)
+
+    @staticmethod
+    def _client_channels_closed(exc: ValueError) -> bool:
+        return "closed channel" in str(exc)

