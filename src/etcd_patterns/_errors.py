@@ -151,6 +151,7 @@ _TOO_MANY_REQUESTS = "etcdserver: too many requests"
 _NOT_CAPABLE = "etcdserver: not capable"
 _REQUEST_TOO_LARGE = "etcdserver: request is too large"
 _LEASE_NOT_FOUND = "etcdserver: requested lease not found"
+_AUTH_FAILED = "etcdserver: authentication failed"
 
 # gRPC's wording when no connection could be made, so nothing was sent.
 _NOT_CONNECTED = (
@@ -222,7 +223,10 @@ def _translate_status(
     name = code.name if code is not None else "UNKNOWN"
     if never_sent(code, details):
         return EtcdUnavailableError(f"etcd at {where} is unavailable: {details} ({name})")
-    if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
+    if code in (
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.UNAUTHENTICATED,
+    ) or details.startswith(_AUTH_FAILED):
         return PermissionDeniedError(f"etcd at {where} refused the request: {details}")
     if details == _REQUEST_TOO_LARGE or "larger than max" in details:
         return ValueTooLargeError(f"request rejected as too large by etcd at {where}: {details}")

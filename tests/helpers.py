@@ -1,0 +1,140 @@
+"""Test helpers: direct etcd access, and faults injected into a real client."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from types import TracebackType
+from typing import Any
+
+import etcd3
+import grpc
+from etcd3 import etcdrpc
+
+
+class Raw:
+    """A plain python3-etcd3 client confined to a namespace, for checking what etcd holds."""
+
+    def __init__(self, endpoints: Sequence[str], namespace: str) -> None:
+        host, port = endpoints[0].rsplit(":", 1)
+        self.client: Any = etcd3.client(host=host, port=int(port), timeout=10)
+        self.namespace = namespace
+
+    def __enter__(self) -> Raw:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.client.close()
+
+    def key(self, key: str) -> bytes:
+        return (self.namespace + key).encode()
+
+    def put(self, key: str, value: str | bytes, *, lease: int | None = None) -> int:
+        """Write a key; returns the new revision."""
+        data = value.encode() if isinstance(value, str) else value
+        response = self.client.kvstub.Put(
+            etcdrpc.PutRequest(key=self.key(key), value=data, lease=lease or 0), 10
+        )
+        revision: int = response.header.revision
+        return revision
+
+    def get(self, key: str) -> Any:
+        """The KeyValue message of a key, or None."""
+        response = self.client.kvstub.Range(etcdrpc.RangeRequest(key=self.key(key)), 10)
+        return response.kvs[0] if response.kvs else None
+
+    def value(self, key: str) -> bytes | None:
+        kv = self.get(key)
+        return None if kv is None else bytes(kv.value)
+
+    def revision(self) -> int:
+        """etcd's current revision: it moves on every write anywhere."""
+        response = self.client.kvstub.Range(etcdrpc.RangeRequest(key=b"\0", count_only=True), 10)
+        revision: int = response.header.revision
+        return revision
+
+    def count(self, prefix: str = "") -> int:
+        """Number of keys under ``namespace + prefix``."""
+        start = self.key(prefix)
+        end = etcd3.utils.prefix_range_end(start)
+        response = self.client.kvstub.Range(
+            etcdrpc.RangeRequest(key=start, range_end=end, count_only=True), 10
+        )
+        count: int = response.count
+        return count
+
+    def grant(self, ttl: int) -> int:
+        response = self.client.leasestub.LeaseGrant(etcdrpc.LeaseGrantRequest(TTL=ttl), 10)
+        lease_id: int = response.ID
+        return lease_id
+
+    def revoke(self, lease_id: int) -> None:
+        self.client.leasestub.LeaseRevoke(etcdrpc.LeaseRevokeRequest(ID=lease_id), 10)
+
+
+class LostResponse(grpc.RpcError):
+    """What a client sees when a connection drops after sending a request."""
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return "Socket closed (injected)"
+
+
+class FaultInjector(grpc.UnaryUnaryClientInterceptor):
+    """Intercepts unary calls on a real channel to lose requests or responses.
+
+    ``plan`` is called with the method name and request of every call, and
+    returns one of:
+
+    * ``"pass"``: send normally;
+    * ``"lose-response"``: send it, let etcd apply it, then raise as if the
+      connection dropped before the answer came;
+    * ``"hold"``: do not send it yet, and raise as if the connection dropped;
+      the request is kept in `held` so that the test can deliver it later.
+    """
+
+    def __init__(self, plan: Callable[[str, Any], str]) -> None:
+        self.plan = plan
+        self.held: list[tuple[Callable[..., Any], Any, Any]] = []
+        self.lock = threading.Lock()
+
+    def intercept_unary_unary(
+        self, continuation: Callable[..., Any], client_call_details: Any, request: Any
+    ) -> Any:
+        action = self.plan(client_call_details.method, request)
+        if action == "hold":
+            with self.lock:
+                self.held.append((continuation, client_call_details, request))
+            raise LostResponse()
+        outcome = continuation(client_call_details, request)
+        if action == "lose-response":
+            outcome.result()  # wait until etcd has answered, then drop the answer
+            raise LostResponse()
+        return outcome
+
+    def deliver_held(self) -> list[Any]:
+        """Send every held request now; their responses, in order."""
+        with self.lock:
+            held, self.held = self.held, []
+        return [continuation(details, request).result() for continuation, details, request in held]
+
+
+def client_with_faults(endpoints: Sequence[str], injector: FaultInjector) -> Any:
+    """A python3-etcd3 client whose channels pass through ``injector``."""
+    client = etcd3.MultiEndpointEtcd3Client(
+        endpoints=[
+            etcd3.Endpoint(host, int(port), secure=False)
+            for host, port in (e.rsplit(":", 1) for e in endpoints)
+        ],
+        timeout=10,
+    )
+    for endpoint in client.endpoints.values():
+        endpoint.channel = grpc.intercept_channel(endpoint.channel, injector)
+    return client

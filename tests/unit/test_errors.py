@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from etcd_patterns import (
+    EtcdError,
+    EtcdUnavailableError,
+    LeaseNotFoundError,
+    OutcomeUnknownError,
+    PermissionDeniedError,
+    ValueTooLargeError,
+)
+from etcd_patterns._errors import EtcdPatternsError, translate
+
+
+class Status(grpc.RpcError):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        self._code = code
+        self._details = details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+REFUSED = (
+    "failed to connect to all addresses; last error: UNKNOWN: "
+    "ipv4:127.0.0.1:1: Failed to connect to remote host: Connection refused"
+)
+U = grpc.StatusCode
+
+
+@pytest.mark.parametrize(
+    ("code", "details", "write", "expected"),
+    [
+        (U.UNAVAILABLE, REFUSED, True, EtcdUnavailableError),
+        (U.UNAVAILABLE, "etcdserver: no leader", True, EtcdUnavailableError),
+        (U.RESOURCE_EXHAUSTED, "etcdserver: too many requests", True, EtcdUnavailableError),
+        (U.UNAVAILABLE, "Socket closed", True, OutcomeUnknownError),
+        (U.UNAVAILABLE, "etcdserver: leader changed", True, OutcomeUnknownError),
+        (U.DEADLINE_EXCEEDED, "Deadline Exceeded", True, OutcomeUnknownError),
+        (U.UNAVAILABLE, "etcdserver: request timed out", True, OutcomeUnknownError),
+        (U.DEADLINE_EXCEEDED, "Deadline Exceeded", False, EtcdUnavailableError),
+        (U.PERMISSION_DENIED, "etcdserver: permission denied", True, PermissionDeniedError),
+        (
+            U.INVALID_ARGUMENT,
+            "etcdserver: authentication failed, invalid user ID or password",
+            False,
+            PermissionDeniedError,
+        ),
+        (U.UNAUTHENTICATED, "etcdserver: invalid auth token", False, PermissionDeniedError),
+        (U.INVALID_ARGUMENT, "etcdserver: request is too large", True, ValueTooLargeError),
+        (U.NOT_FOUND, "etcdserver: requested lease not found", True, LeaseNotFoundError),
+        (
+            U.OUT_OF_RANGE,
+            "etcdserver: mvcc: required revision is a future revision",
+            False,
+            EtcdError,
+        ),
+    ],
+)
+def test_translation(
+    code: grpc.StatusCode, details: str, write: bool, expected: type[Exception]
+) -> None:
+    error = translate(Status(code, details), endpoints=["h1:1", "h2:2"], write=write)
+    assert type(error) is expected
+    assert isinstance(error, EtcdPatternsError)
+
+
+def test_unavailability_names_the_endpoints() -> None:
+    error = translate(Status(U.UNAVAILABLE, REFUSED), endpoints=["h1:1", "h2:2"], write=False)
+    assert "h1:1,h2:2" in str(error)
+
+
+def test_an_interrupted_read_is_not_reported_as_an_unknown_write() -> None:
+    error = translate(Status(U.UNAVAILABLE, "Socket closed"), endpoints=["h:1"], write=False)
+    assert not isinstance(error, OutcomeUnknownError)
+
+
+def test_other_exceptions_are_not_translated() -> None:
+    assert translate(ValueError("bug"), endpoints=["h:1"], write=False) is None
