@@ -94,14 +94,16 @@ class FaultInjector(grpc.UnaryUnaryClientInterceptor):
     returns one of:
 
     * ``"pass"``: send normally;
-    * ``"lose-response"``: send it, let etcd apply it, then raise as if the
-      connection dropped before the answer came;
+    * ``"lose-response"``: send it, let etcd apply it, call
+      `on_lost_response` if set, then raise as if the connection dropped
+      before the answer came;
     * ``"hold"``: do not send it yet, and raise as if the connection dropped;
       the request is kept in `held` so that the test can deliver it later.
     """
 
     def __init__(self, plan: Callable[[str, Any], str]) -> None:
         self.plan = plan
+        self.on_lost_response: Callable[[Any], None] | None = None
         self.held: list[tuple[Callable[..., Any], Any, Any]] = []
         self.lock = threading.Lock()
 
@@ -116,6 +118,8 @@ class FaultInjector(grpc.UnaryUnaryClientInterceptor):
         outcome = continuation(client_call_details, request)
         if action == "lose-response":
             outcome.result()  # wait until etcd has answered, then drop the answer
+            if self.on_lost_response is not None:
+                self.on_lost_response(request)
             raise LostResponse()
         return outcome
 

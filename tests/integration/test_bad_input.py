@@ -1,0 +1,170 @@
+"""Bad input gets a clear, typed error, and changes nothing in etcd."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from etcd_patterns import (
+    ClosedError,
+    EtcdPatterns,
+    InvalidArgumentError,
+    InvalidTypeError,
+    NotAValueError,
+    ValueTooLargeError,
+)
+from etcd_patterns.testing import EtcdCluster, ExternalEtcd
+from tests.helpers import Raw
+
+BIG = "x" * 1_600_000  # over etcd's default 1.5 MiB request limit
+
+
+def boom(value: str) -> str:
+    raise RuntimeError("fn failed")
+
+
+def ident(value: str) -> str:
+    return value
+
+
+Call = Callable[[EtcdPatterns], object]
+
+CASES: list[tuple[str, Call, type[BaseException]]] = [
+    # get_values
+    ("get None", lambda p: p.get_values(None), InvalidTypeError),  # type: ignore[arg-type]
+    ("get int", lambda p: p.get_values(1), InvalidTypeError),  # type: ignore[arg-type]
+    ("get empty", lambda p: p.get_values(""), InvalidArgumentError),
+    ("get empty bytes", lambda p: p.get_values(b""), InvalidArgumentError),
+    ("get trailing slash", lambda p: p.get_values("dir/"), InvalidArgumentError),
+    ("get non-UTF-8 key", lambda p: p.get_values(b"\xff"), InvalidArgumentError),
+    ("get reserved key", lambda p: p.get_values(".etcd-patterns/x"), InvalidArgumentError),
+    # try_transform
+    ("try None key", lambda p: p.try_transform(None, ident), InvalidTypeError),  # type: ignore[arg-type]
+    ("try int key", lambda p: p.try_transform(7, ident), InvalidTypeError),  # type: ignore[arg-type]
+    ("try empty key", lambda p: p.try_transform("", ident), InvalidArgumentError),
+    ("try trailing slash", lambda p: p.try_transform("k/", ident), InvalidArgumentError),
+    ("try fn None", lambda p: p.try_transform("k", None), InvalidTypeError),  # type: ignore[arg-type]
+    ("try fn str", lambda p: p.try_transform("k", "x"), InvalidTypeError),  # type: ignore[arg-type]
+    ("try fn raises", lambda p: p.try_transform("k", boom), RuntimeError),
+    ("try fn returns int", lambda p: p.try_transform("k", lambda v: 1), InvalidTypeError),  # type: ignore[arg-type,return-value]
+    ("try fn returns None", lambda p: p.try_transform("k", lambda v: None), InvalidTypeError),  # type: ignore[arg-type,return-value]
+    ("try fn returns bytes", lambda p: p.try_transform("k", lambda v: b"1"), InvalidTypeError),  # type: ignore[arg-type,return-value]
+    ("try fn surrogate", lambda p: p.try_transform("k", lambda v: "\udc80"), InvalidArgumentError),
+    ("try oversized", lambda p: p.try_transform("k", lambda v: BIG), ValueTooLargeError),
+    ("try default int", lambda p: p.try_transform("new", ident, default=0), InvalidTypeError),  # type: ignore[arg-type]
+    (
+        "try default non-UTF-8",
+        lambda p: p.try_transform("new", ident, default=b"\xff"),
+        InvalidArgumentError,
+    ),
+    ("try missing", lambda p: p.try_transform("missing", ident), KeyError),
+    ("try directory", lambda p: p.try_transform("dir", ident, default="0"), NotAValueError),
+    # transform
+    ("transform None key", lambda p: p.transform(None, ident), InvalidTypeError),  # type: ignore[arg-type]
+    ("transform empty key", lambda p: p.transform("", ident), InvalidArgumentError),
+    ("transform fn int", lambda p: p.transform("k", 3), InvalidTypeError),  # type: ignore[arg-type]
+    ("transform fn raises", lambda p: p.transform("k", boom), RuntimeError),
+    ("transform fn returns int", lambda p: p.transform("k", lambda v: 2), InvalidTypeError),  # type: ignore[arg-type,return-value]
+    ("transform oversized", lambda p: p.transform("k", lambda v: BIG), ValueTooLargeError),
+    ("transform timeout -1", lambda p: p.transform("k", ident, timeout=-1), InvalidArgumentError),
+    (
+        "transform timeout NaN",
+        lambda p: p.transform("k", ident, timeout=float("nan")),
+        InvalidArgumentError,
+    ),
+    ("transform timeout str", lambda p: p.transform("k", ident, timeout="1"), InvalidTypeError),  # type: ignore[arg-type]
+    ("transform timeout bool", lambda p: p.transform("k", ident, timeout=True), InvalidTypeError),
+    ("transform default int", lambda p: p.transform("new", ident, default=5), InvalidTypeError),  # type: ignore[arg-type]
+]
+
+
+@pytest.fixture
+def seeded(patterns: EtcdPatterns, raw: Raw) -> tuple[EtcdPatterns, Raw]:
+    raw.put("k", "1")
+    raw.put("dir/child", "c")
+    patterns.transform("k", ident)  # the session exists before the revision is taken
+    return patterns, raw
+
+
+@pytest.mark.parametrize(("call", "error"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_raises_and_changes_nothing(
+    seeded: tuple[EtcdPatterns, Raw], call: Call, error: type[BaseException]
+) -> None:
+    patterns, raw = seeded
+    before = raw.revision()
+    with pytest.raises(error):
+        call(patterns)
+    assert raw.revision() == before
+    assert raw.value("k") == b"1"
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"timeout": 0},
+        {"timeout": -1},
+        {"timeout": float("nan")},
+        {"timeout": "5"},
+        {"session_ttl": 0},
+        {"session_ttl": -3},
+        {"session_ttl": float("nan")},
+        {"session_ttl": "10"},
+        {"namespace": 5},
+        {"namespace": b"\xff"},
+        {"max_request_bytes": 0},
+        {"max_request_bytes": "1"},
+    ],
+    ids=repr,
+)
+def test_bad_construction(etcd: EtcdCluster | ExternalEtcd, kwargs: dict[str, Any]) -> None:
+    with pytest.raises((InvalidArgumentError, InvalidTypeError)):
+        EtcdPatterns.connect(etcd.endpoints, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"cert_key": "k.pem"},
+        {"cert_key": "k.pem", "cert_cert": "c.pem"},
+        {"user": "root"},
+        {"password": "secret"},
+    ],
+    ids=repr,
+)
+def test_inconsistent_credentials(kwargs: dict[str, Any]) -> None:
+    with pytest.raises(InvalidArgumentError):
+        EtcdPatterns.connect("127.0.0.1:1", **kwargs)
+
+
+def test_use_after_close(etcd: EtcdCluster | ExternalEtcd, namespace: str, raw: Raw) -> None:
+    patterns = EtcdPatterns.connect(etcd.endpoints, namespace=namespace)
+    patterns.close()
+    before = raw.revision()
+    with pytest.raises(ClosedError):
+        patterns.get_values("k")
+    with pytest.raises(RuntimeError):
+        patterns.transform("k", ident, default="0")
+    assert raw.revision() == before
+
+
+def test_values_near_the_limit(
+    etcd: EtcdCluster | ExternalEtcd, patterns: EtcdPatterns, raw: Raw
+) -> None:
+    near = "n" * 1_570_000
+    assert patterns.transform("big", lambda v: near, default="") == near
+    assert raw.value("big") == near.encode()
+
+
+def test_server_side_limit_is_the_same_error(
+    etcd: EtcdCluster | ExternalEtcd, namespace: str, raw: Raw
+) -> None:
+    # Told the server accepts more than it does, the library sends; etcd refuses.
+    with EtcdPatterns.connect(
+        etcd.endpoints, namespace=namespace, max_request_bytes=4 * 1024 * 1024
+    ) as patterns:
+        before = raw.revision()
+        with pytest.raises(ValueTooLargeError, match="too large"):
+            patterns.transform("k", lambda v: BIG, default="")
+        assert raw.revision() == before

@@ -1,0 +1,152 @@
+"""Transforms stay exactly-once when etcd's answer to a write is lost.
+
+Faults are injected into a real client talking to a real etcd: a write is
+sent and applied but its answer dropped, or held back and delivered late.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from etcd_patterns import EtcdPatterns, OutcomeUnknownError
+from etcd_patterns.testing import EtcdCluster, ExternalEtcd
+from tests.helpers import FaultInjector, Raw, client_with_faults
+
+TXN = "/etcdserverpb.KV/Txn"
+
+
+def incr(value: str) -> str:
+    return str(int(value) + 1)
+
+
+def writes_user_key(method: str, request: Any, namespace: str) -> bool:
+    """Whether a request is a transform's commit (not a read, not a resolution)."""
+    if method != TXN:
+        return False
+    return any(
+        op.HasField("request_put") and b".etcd-patterns/" not in op.request_put.key
+        for op in request.success
+    ) and request.success[0].request_put.key.startswith(namespace.encode())
+
+
+class Faults:
+    def __init__(self, namespace: str, actions: list[str]) -> None:
+        self.namespace = namespace
+        self.actions = actions
+        self.injector = FaultInjector(self.plan)
+        self.on_fault: list[Any] = []
+
+    def plan(self, method: str, request: Any) -> str:
+        if self.actions and writes_user_key(method, request, self.namespace):
+            action = self.actions.pop(0)
+            if action != "pass":
+                self.on_fault.append(request)
+            return action
+        return "pass"
+
+
+@pytest.fixture
+def faults(namespace: str) -> Faults:
+    return Faults(namespace, [])
+
+
+@pytest.fixture
+def faulty(
+    etcd: EtcdCluster | ExternalEtcd, namespace: str, faults: Faults
+) -> Iterator[EtcdPatterns]:
+    client = client_with_faults(etcd.endpoints, faults.injector)
+    with EtcdPatterns(client, namespace=namespace) as patterns:
+        yield patterns
+    client.close()
+
+
+def test_write_applied_but_answer_lost_counts_once(
+    faulty: EtcdPatterns, faults: Faults, raw: Raw
+) -> None:
+    raw.put("n", "0")
+    faults.actions = ["lose-response"]
+    calls: list[str] = []
+
+    def counted(value: str) -> str:
+        calls.append(value)
+        return incr(value)
+
+    assert faulty.transform("n", counted) == "1"
+    assert raw.value("n") == b"1"
+    assert calls == ["0"]
+    assert len(faults.on_fault) == 1
+
+
+def test_write_lost_before_etcd_saw_it_is_sent_again(
+    faulty: EtcdPatterns, faults: Faults, raw: Raw
+) -> None:
+    raw.put("n", "0")
+    faults.actions = ["hold"]
+    assert faulty.transform("n", incr) == "1"
+    assert raw.value("n") == b"1"
+    # The lost original now reaches etcd late; the fence keeps it out.
+    (late,) = faults.injector.deliver_held()
+    assert not late.succeeded
+    assert raw.value("n") == b"1"
+
+
+def test_try_transform_also_resolves(faulty: EtcdPatterns, faults: Faults, raw: Raw) -> None:
+    raw.put("n", "5")
+    faults.actions = ["lose-response"]
+    assert faulty.try_transform("n", incr) == (True, "6")
+    faults.actions = ["hold"]
+    assert faulty.try_transform("n", incr) == (True, "7")
+    assert raw.value("n") == b"7"
+
+
+def test_lost_answer_and_lost_lease_is_reported_not_guessed(
+    faulty: EtcdPatterns, faults: Faults, raw: Raw
+) -> None:
+    raw.put("n", "0")
+    faults.actions = ["lose-response"]
+
+    def revoke_session_lease(request: Any) -> None:
+        # The write was applied; now the lease, and the evidence on it, vanish.
+        raw.revoke(request.success[-1].request_put.lease)
+
+    faults.injector.on_lost_response = revoke_session_lease
+    with pytest.raises(OutcomeUnknownError):
+        faulty.transform("n", incr)
+    assert raw.value("n") == b"1"  # applied: the library said it could not tell, not "failed"
+    assert faulty.transform("n", incr) == "2"  # a fresh session carries on
+
+
+@pytest.mark.timeout(120)
+def test_counter_exact_under_random_lost_answers(
+    faulty: EtcdPatterns, faults: Faults, raw: Raw
+) -> None:
+    threads, rounds = 4, 25
+    chaos = random.Random(7)
+    faults.actions = [chaos.choice(["pass", "pass", "lose-response", "hold"]) for _ in range(400)]
+    start = threading.Barrier(threads)
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            start.wait(timeout=30)
+            for _ in range(rounds):
+                faulty.transform("n", incr, default="0")
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    workers = [threading.Thread(target=work) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=100)
+    assert errors == []
+    assert raw.value("n") == str(threads * rounds).encode()
+    held = faults.injector.deliver_held()
+    assert not any(response.succeeded for response in held)
+    assert raw.value("n") == str(threads * rounds).encode()
+    print(f"faults injected: {len(faults.on_fault)}, late deliveries rejected: {len(held)}")

@@ -1,0 +1,65 @@
+"""Transforms keep working, exactly, while members of a 3-node cluster die."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from etcd_patterns import EtcdPatterns
+from etcd_patterns.testing import EtcdCluster
+
+
+def incr(value: str) -> str:
+    return str(int(value) + 1)
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(120)
+def test_counter_is_exact_while_each_member_is_killed_in_turn(namespace: str) -> None:
+    with (
+        EtcdCluster(size=3) as cluster,
+        EtcdPatterns.connect(cluster.endpoints, namespace=namespace, timeout=5) as etcd,
+    ):
+        done = 0
+        progress = threading.Condition()
+        stop = threading.Event()
+        errors: list[BaseException] = []
+
+        def work() -> None:
+            nonlocal done
+            try:
+                while not stop.is_set():
+                    etcd.transform("counter", incr, default="0")
+                    with progress:
+                        done += 1
+                        progress.notify_all()
+            except BaseException as exc:  # reported by the main thread
+                errors.append(exc)
+                with progress:
+                    progress.notify_all()
+
+        def advance(by: int) -> None:
+            with progress:
+                target = done + by
+                assert progress.wait_for(lambda: done >= target or bool(errors), timeout=30)
+            assert errors == []
+
+        workers = [threading.Thread(target=work) for _ in range(2)]
+        for worker in workers:
+            worker.start()
+        try:
+            advance(20)
+            for node in cluster.nodes:  # so the member in use dies at some point
+                node.kill()
+                advance(20)
+                node.restart()
+                advance(20)
+            cluster.leader().kill()
+            advance(20)
+        finally:
+            stop.set()
+            for worker in workers:
+                worker.join(timeout=30)
+        assert errors == []
+        assert etcd.get_values("counter") == [str(done)]

@@ -1,0 +1,141 @@
+"""Closing, and what happens when etcd is unreachable."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable
+
+import pytest
+
+from etcd_patterns import EtcdPatterns, EtcdUnavailableError
+from etcd_patterns.testing import EtcdCluster, ExternalEtcd, free_ports
+from tests.helpers import Raw
+
+
+def run_python(code: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_close_stops_every_thread_revokes_the_lease_and_prints_nothing(
+    etcd: EtcdCluster | ExternalEtcd, namespace: str, raw: Raw
+) -> None:
+    result = run_python(
+        """
+        import sys, threading
+        from etcd_patterns import EtcdPatterns
+
+        patterns = EtcdPatterns.connect(sys.argv[1], namespace=sys.argv[2])
+        patterns.transform("k", lambda v: v + "x", default="")
+        ours = [t.name for t in threading.enumerate() if t.name.startswith("etcd-patterns")]
+        patterns.close()
+        patterns.close()
+        others = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
+        print("ours-before", ours)
+        print("alive-after", others)
+        """,
+        ",".join(etcd.endpoints),
+        namespace,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    lines = dict(line.split(" ", 1) for line in result.stdout.splitlines())
+    assert lines["ours-before"] != "[]"  # the check below would be vacuous otherwise
+    assert lines["alive-after"] == "[]"
+    assert raw.value("k") == b"x"
+    assert raw.count(".etcd-patterns/") == 0  # the session's keys went with its lease
+
+
+@pytest.mark.timeout(90)
+def test_close_with_etcd_gone_is_quiet_and_bounded() -> None:
+    result = run_python(
+        """
+        import threading, time
+        from etcd_patterns import EtcdPatterns
+        from etcd_patterns.testing import EtcdCluster
+
+        with EtcdCluster() as cluster:
+            patterns = EtcdPatterns.connect(cluster.endpoints, timeout=1)
+            patterns.transform("k", lambda v: v, default="")
+            cluster.nodes[0].kill()
+            started = time.monotonic()
+            patterns.close()
+            print("close-seconds", round(time.monotonic() - started, 2))
+            others = [t for t in threading.enumerate() if t is not threading.main_thread()]
+            print("alive-after", [t.name for t in others])
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    lines = dict(line.split(" ", 1) for line in result.stdout.splitlines())
+    assert float(lines["close-seconds"]) < 3
+    assert lines["alive-after"] == "[]"
+
+
+def test_a_wrapped_client_stays_open(etcd: EtcdCluster | ExternalEtcd, raw: Raw) -> None:
+    import etcd3
+
+    host, port = etcd.endpoints[0].rsplit(":", 1)
+    client = etcd3.client(host=host, port=int(port), timeout=5)
+    with EtcdPatterns(client, namespace=raw.namespace) as patterns:
+        patterns.transform("k", lambda v: "v", default="")
+    assert client.get(raw.key("k"))[0] == b"v"
+    client.close()
+
+
+CALLS: dict[str, Callable[[EtcdPatterns], object]] = {
+    "get_values": lambda p: p.get_values("k"),
+    "transform": lambda p: p.transform("k", lambda v: v, default=""),
+    "try_transform": lambda p: p.try_transform("k", lambda v: v, default=""),
+}
+
+
+@pytest.mark.parametrize("method", CALLS)
+def test_unreachable_etcd_fails_within_the_timeout(method: str) -> None:
+    (port,) = free_ports(1)
+    endpoint = f"127.0.0.1:{port}"
+    with EtcdPatterns.connect(endpoint, timeout=1.0) as patterns:
+        started = time.monotonic()
+        with pytest.raises(EtcdUnavailableError, match=endpoint):
+            CALLS[method](patterns)
+        assert time.monotonic() - started < 3
+
+
+@pytest.mark.timeout(60)
+def test_a_hung_etcd_fails_within_the_timeout_then_recovers(namespace: str) -> None:
+    with (
+        EtcdCluster() as cluster,
+        EtcdPatterns.connect(cluster.endpoints, namespace=namespace, timeout=1.0) as patterns,
+    ):
+        patterns.transform("k", lambda v: "1", default="")
+        cluster.nodes[0].pause()
+        try:
+            started = time.monotonic()
+            with pytest.raises(EtcdUnavailableError):
+                patterns.get_values("k")
+            assert time.monotonic() - started < 3
+        finally:
+            cluster.nodes[0].resume()
+        assert patterns.get_values("k") == ["1"]
+
+
+@pytest.mark.timeout(60)
+def test_the_same_instance_works_after_etcd_restarts(namespace: str) -> None:
+    with (
+        EtcdCluster() as cluster,
+        EtcdPatterns.connect(cluster.endpoints, namespace=namespace, timeout=2.0) as patterns,
+    ):
+        patterns.transform("k", lambda v: str(int(v) + 1), default="0")
+        cluster.nodes[0].kill()
+        with pytest.raises(EtcdUnavailableError):
+            patterns.get_values("k")
+        cluster.nodes[0].start()
+        assert patterns.transform("k", lambda v: str(int(v) + 1)) == "2"
