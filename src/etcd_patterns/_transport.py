@@ -221,10 +221,9 @@ class Transport:
             raise
 
     def _call_options(self) -> dict[str, Any]:
-        return {
-            "credentials": self._client.call_credentials,
-            "metadata": self._client.metadata,
-        }
+        # The auth token travels as metadata. The client's call credentials
+        # carry the same token, but gRPC refuses them on plain-text channels.
+        return {"metadata": self._client.metadata}
 
     def _stub(self, stub_class: type[Any]) -> tuple[int, Any]:
         with self._lock:
