@@ -10,6 +10,7 @@ from typing import Any
 import etcd3
 import grpc
 from etcd3 import etcdrpc
+from tenacity import Retrying, retry_if_result, stop_after_delay, wait_fixed
 
 
 class Raw:
@@ -142,3 +143,19 @@ def client_with_faults(endpoints: Sequence[str], injector: FaultInjector) -> Any
     for endpoint in client.endpoints.values():
         endpoint.channel = grpc.intercept_channel(endpoint.channel, injector)
     return client
+
+
+def wait_until(condition: Callable[[], bool], *, timeout: float = 20.0) -> None:
+    """Re-check ``condition`` every 10 ms until it holds; fail after ``timeout``.
+
+    For states that only etcd can report (a contender registered, say), where
+    there is no event to wait on.
+    """
+    poll = Retrying(
+        retry=retry_if_result(lambda ok: not ok),
+        stop=stop_after_delay(timeout),
+        wait=wait_fixed(0.01),
+        retry_error_callback=lambda _state: False,
+    )
+    if not poll(condition):
+        raise AssertionError(f"condition not met within {timeout}s")

@@ -23,6 +23,10 @@ from ._errors import (
     InvalidTypeError,
     KeyNotFoundError,
     LeaseNotFoundError,
+    LockLostError,
+    LockReentryError,
+    LockTimeoutError,
+    NotALockError,
     NotAValueError,
     OutcomeUnknownError,
     PermissionDeniedError,
@@ -31,6 +35,7 @@ from ._errors import (
 )
 from ._facade import EtcdPatterns
 from ._kv import TryTransformResult
+from ._lock import HeldLock, TryLockResult
 
 __version__ = "0.1.0"
 
@@ -41,13 +46,19 @@ __all__ = [
     "EtcdPatterns",
     "EtcdPatternsError",
     "EtcdUnavailableError",
+    "HeldLock",
     "InvalidArgumentError",
     "InvalidTypeError",
     "KeyNotFoundError",
     "LeaseNotFoundError",
+    "LockLostError",
+    "LockReentryError",
+    "LockTimeoutError",
+    "NotALockError",
     "NotAValueError",
     "OutcomeUnknownError",
     "PermissionDeniedError",
+    "TryLockResult",
     "TryTransformResult",
     "ValueDecodeError",
     "ValueTooLargeError",

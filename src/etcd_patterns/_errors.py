@@ -13,6 +13,10 @@ and every wait that runs out of time raises a `TimeoutError`::
     ├── NotAValueError                         the key is a directory
     ├── ValueDecodeError (ValueError)          stored data is not UTF-8
     ├── ConflictError (TimeoutError)           transform gave up on conflicts
+    ├── LockTimeoutError (TimeoutError)        a lock was not acquired in time
+    ├── LockLostError                          a lock's ownership was lost
+    ├── LockReentryError (RuntimeError)        a thread re-acquired a lock it holds
+    ├── NotALockError (ValueError)             a lock's name is a key holding a value
     ├── EtcdUnavailableError                   etcd did not answer in time
     │   └── OutcomeUnknownError                a write may or may not have applied
     ├── PermissionDeniedError                  authentication or role check failed
@@ -40,6 +44,10 @@ __all__ = [
     "InvalidTypeError",
     "KeyNotFoundError",
     "LeaseNotFoundError",
+    "LockLostError",
+    "LockReentryError",
+    "LockTimeoutError",
+    "NotALockError",
     "NotAValueError",
     "OutcomeUnknownError",
     "PermissionDeniedError",
@@ -111,6 +119,44 @@ class ValueDecodeError(EtcdPatternsError, ValueError):
 
 class ConflictError(EtcdPatternsError, TimeoutError):
     """`transform` lost the race to other writers until its timeout ran out."""
+
+
+class LockTimeoutError(EtcdPatternsError, TimeoutError):
+    """A lock was not acquired within the timeout. The waiter left no key behind."""
+
+
+class LockLostError(EtcdPatternsError):
+    """The lock's ownership was lost: its session lease expired or was revoked.
+
+    Raised after a block ran while the lock was lost (with the block's
+    result in `result`), and by a write guarded by a lock that is no longer
+    held (which wrote nothing).
+
+    Attributes:
+        name: The lock's name.
+        result: The block's return value, if a block ran to completion.
+    """
+
+    def __init__(self, message: str, *, name: str, result: object = None) -> None:
+        super().__init__(message)
+        self.name = name
+        self.result = result
+
+
+class LockReentryError(EtcdPatternsError, RuntimeError):
+    """A thread tried to acquire a lock that it already holds.
+
+    Locks are not re-entrant: sharing silently would hide bugs, and waiting
+    would deadlock.
+    """
+
+
+class NotALockError(EtcdPatternsError, ValueError):
+    """The lock's name is a key that holds a value.
+
+    A lock lives in the directory ``name/``; a value stored at ``name`` itself
+    means the name is already used for data. Nothing was written.
+    """
 
 
 class EtcdUnavailableError(EtcdPatternsError):

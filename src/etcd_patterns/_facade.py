@@ -7,30 +7,23 @@ its etcd3 client. `close` releases all of it and is idempotent.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from ._connect import build_client, parse_endpoints
 from ._errors import InvalidArgumentError, InvalidTypeError
 from ._keys import Keyspace
 from ._kv import KeyValue, Transform, TryTransformResult
+from ._lock import HeldLock, Locked, Locks, TryLocked, TryLockResult
 from ._retry import check_timeout
-from ._session import Sessions
+from ._session import Sessions, check_ttl
 from ._transport import DEFAULT_MAX_REQUEST_BYTES, Transport
+
+T = TypeVar("T")
 
 DEFAULT_TIMEOUT = 5.0
 DEFAULT_SESSION_TTL = 10
-
-
-def check_ttl(ttl: object, *, name: str = "ttl") -> int:
-    """Validate a lease TTL: a finite number of seconds > 0, rounded up."""
-    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)):
-        raise InvalidTypeError(f"{name} must be a number of seconds, not {ttl!r}")
-    if not math.isfinite(ttl) or ttl <= 0:
-        raise InvalidArgumentError(f"{name} must be a finite number > 0, not {ttl!r}")
-    return math.ceil(ttl)
 
 
 def _check_request_timeout(timeout: object) -> float:
@@ -102,6 +95,7 @@ class EtcdPatterns:
         )
         self._sessions = Sessions(self._transport, self._keyspace, ttl)
         self._kv = KeyValue(self._transport, self._keyspace, self._sessions.get)
+        self._locks = Locks(self._transport, self._keyspace, self._sessions)
 
     @classmethod
     def connect(
@@ -236,7 +230,12 @@ class EtcdPatterns:
         return self._kv.get_values(key)
 
     def try_transform(
-        self, key: str | bytes, fn: Transform, *, default: str | bytes | None = None
+        self,
+        key: str | bytes,
+        fn: Transform,
+        *,
+        default: str | bytes | None = None,
+        guard: HeldLock | None = None,
     ) -> TryTransformResult:
         """Atomically replace the value with ``fn(value)``, in one attempt.
 
@@ -252,6 +251,8 @@ class EtcdPatterns:
             default: If given and the key has no value, ``fn(default)`` is
                 written, but only while the key is still absent. Without
                 it, a missing key raises `KeyNotFoundError`.
+            guard: A held lock (from `locked` or `try_locked`). The write
+                then also requires that this holder still owns the lock.
 
         Returns:
             ``(True, new_value)`` if written; ``(False, current_value)`` if
@@ -262,6 +263,7 @@ class EtcdPatterns:
             NotAValueError: The key is a directory.
             InvalidTypeError: ``fn`` is not callable, or returned a non-`str`.
             ValueTooLargeError: The new value exceeds etcd's request limit.
+            LockLostError: ``guard``'s lock is no longer held; nothing written.
             EtcdUnavailableError: etcd did not answer within ``timeout``.
             OutcomeUnknownError: The write's answer was lost and the session
                 lease that could tell whether it applied was lost too.
@@ -269,7 +271,7 @@ class EtcdPatterns:
         Any exception raised by ``fn`` propagates. Nothing is written unless
         the call returns ``(True, ...)``.
         """
-        return self._kv.try_transform(key, fn, default=default)
+        return self._kv.try_transform(key, fn, default=default, guard=guard)
 
     def transform(
         self,
@@ -278,6 +280,7 @@ class EtcdPatterns:
         *,
         default: str | bytes | None = None,
         timeout: float | None = None,
+        guard: HeldLock | None = None,
     ) -> str:
         """Atomically replace the value with ``fn(value)``, retrying on conflict.
 
@@ -292,6 +295,7 @@ class EtcdPatterns:
             fn: Maps the current value to the new one. It must return `str`.
             default: As for `try_transform`.
             timeout: How long to keep retrying conflicts; None for no limit.
+            guard: As for `try_transform`.
 
         Returns:
             The value written.
@@ -300,7 +304,92 @@ class EtcdPatterns:
             ConflictError: Other writers kept winning until ``timeout``
                 (a `TimeoutError`).
             KeyNotFoundError, NotAValueError, InvalidTypeError,
-            ValueTooLargeError, EtcdUnavailableError, OutcomeUnknownError:
-                As for `try_transform`.
+            ValueTooLargeError, EtcdUnavailableError, OutcomeUnknownError,
+            LockLostError: As for `try_transform`.
         """
-        return self._kv.transform(key, fn, default=default, timeout=timeout)
+        return self._kv.transform(key, fn, default=default, timeout=timeout, guard=guard)
+
+    # -- locks --------------------------------------------------------------
+
+    def lock(
+        self,
+        key: str | bytes,
+        block: Callable[[], T],
+        *,
+        ttl: float | None = None,
+        timeout: float | None = None,
+    ) -> T:
+        """Run ``block`` while holding the cluster-wide lock ``key``.
+
+        Waits for the lock (first come, first served), runs ``block()``, and
+        releases the lock in a ``finally``. The protocol is etcd's own, so
+        ``etcdctl lock key`` and Go's ``concurrency.Mutex`` exclude, and are
+        excluded by, this lock. Cost: two round trips uncontended.
+
+        Args:
+            key: The lock's name, without the namespace. Its contenders'
+                keys live under ``key/``.
+            block: Called with no arguments while the lock is held.
+            ttl: Lease TTL in seconds: how soon the lock is freed if this
+                process dies. None uses the instance's ``session_ttl``. The
+                block may run longer: the lease is kept alive meanwhile.
+            timeout: How long to wait for the lock; None waits forever.
+
+        Returns:
+            What ``block`` returned. If it raised, the exception propagates
+            after the lock is released.
+
+        Raises:
+            LockTimeoutError: Not acquired within ``timeout`` (a
+                `TimeoutError`). The block did not run.
+            LockLostError: The lock was lost while the block ran (its lease
+                expired or was revoked); the block's result is attached.
+            LockReentryError: This thread already holds ``key``.
+            NotALockError: ``key`` itself holds a value.
+            EtcdUnavailableError: etcd did not answer within ``timeout``
+                of the instance.
+        """
+        result: T = self._locks.lock(key, block, ttl=ttl, timeout=timeout)
+        return result
+
+    def try_lock(
+        self, key: str | bytes, block: Callable[[], T], *, ttl: float | None = None
+    ) -> TryLockResult[T]:
+        """Run ``block`` under the lock ``key`` only if nobody holds it now.
+
+        One round trip when the lock is held elsewhere (and nothing is
+        written then); two for an acquire-and-release.
+
+        Returns:
+            ``(revision, acquired, value)``: ``acquired`` is False, and the
+            block not run, if the lock was held; otherwise ``value`` is the
+            block's result. ``revision`` is the etcd revision of the attempt.
+
+        Raises:
+            LockLostError, LockReentryError, NotALockError,
+            EtcdUnavailableError: As for `lock`.
+        """
+        result: TryLockResult[T] = self._locks.try_lock(key, block, ttl=ttl)
+        return result
+
+    def locked(
+        self, key: str | bytes, *, ttl: float | None = None, timeout: float | None = None
+    ) -> Locked:
+        """Hold the lock ``key`` for a ``with`` block.
+
+        ``with etcd.locked("jobs") as held:`` either holds the lock or
+        raises (`LockTimeoutError` and the others of `lock`). ``held`` is a
+        `HeldLock` with the holder's ``key``, its ``fencing_token``,
+        ``is_owner()``, the ``lost`` event and ``guard()``. Leaving the block
+        releases the lock, and raises `LockLostError` if it had been lost
+        (unless the block is already raising).
+        """
+        return Locked(self._locks, key, ttl, timeout)
+
+    def try_locked(self, key: str | bytes, *, ttl: float | None = None) -> TryLocked:
+        """Hold the lock ``key`` for a ``with`` block, if nobody holds it now.
+
+        ``with etcd.try_locked("jobs") as held:`` gives a `HeldLock`, or None
+        if the lock is held elsewhere (one round trip, nothing written).
+        """
+        return TryLocked(self._locks, key, ttl)

@@ -13,6 +13,9 @@ Guarantees:
   times, so it must be a pure function of its argument.
 * Bad input, a ``fn`` that raises, or a ``fn`` that returns a non-`str`
   write nothing.
+* With ``guard=held``, the write also requires that lock's holder key to
+  still exist with its fencing token; if it does not, `LockLostError` is
+  raised and nothing is written.
 
 Lease loss: transforms record their outcome on the instance's session lease.
 A lost lease is replaced transparently; only if it is lost while the outcome
@@ -27,8 +30,15 @@ from typing import Any, NamedTuple
 
 from . import _ops as ops
 from ._commit import commit
-from ._errors import ConflictError, InvalidTypeError, KeyNotFoundError, NotAValueError
+from ._errors import (
+    ConflictError,
+    InvalidTypeError,
+    KeyNotFoundError,
+    LockLostError,
+    NotAValueError,
+)
 from ._keys import Keyspace, children_range, decode_value, encode_value, is_direct_child
+from ._lock import HeldLock
 from ._retry import Deadline, check_timeout, retry_conflicts
 from ._session import Session
 from ._transport import Transport
@@ -100,15 +110,15 @@ class KeyValue:
         ]
 
     def try_transform(
-        self, key: object, fn: object, *, default: object = None
+        self, key: object, fn: object, *, default: object = None, guard: object = None
     ) -> TryTransformResult:
         """Apply ``fn`` to the value once, unless another writer gets in first.
 
         See `EtcdPatterns.try_transform`.
         """
-        raw, transform, initial = self._check(key, fn, default)
+        raw, transform, initial, held = self._check(key, fn, default, guard)
         current = self._read(raw)
-        written, current = self._attempt(raw, transform, initial, current)
+        written, current = self._attempt(raw, transform, initial, current, held)
         if written is not None:
             return TryTransformResult(True, written)
         if current.value is not None:
@@ -118,19 +128,25 @@ class KeyValue:
         return TryTransformResult(False, initial)
 
     def transform(
-        self, key: object, fn: object, *, default: object = None, timeout: object = None
+        self,
+        key: object,
+        fn: object,
+        *,
+        default: object = None,
+        timeout: object = None,
+        guard: object = None,
     ) -> str:
         """Apply ``fn`` to the value, retrying until no other writer interferes.
 
         See `EtcdPatterns.transform`.
         """
-        raw, transform, initial = self._check(key, fn, default)
+        raw, transform, initial, held = self._check(key, fn, default, guard)
         wait = check_timeout(timeout)
         current = self._read(raw)
 
         def attempt() -> str | None:
             nonlocal current
-            written, current = self._attempt(raw, transform, initial, current)
+            written, current = self._attempt(raw, transform, initial, current, held)
             return written
 
         def give_up(attempts: int) -> ConflictError:
@@ -144,14 +160,16 @@ class KeyValue:
     # -- steps --------------------------------------------------------------
 
     def _check(
-        self, key: object, fn: object, default: object
-    ) -> tuple[bytes, Transform, str | None]:
+        self, key: object, fn: object, default: object, guard: object
+    ) -> tuple[bytes, Transform, str | None, HeldLock | None]:
         raw = self._keyspace.encode(key)
         if not callable(fn):
             raise InvalidTypeError(f"fn must be callable, not {type(fn).__name__}")
+        if guard is not None and not isinstance(guard, HeldLock):
+            raise InvalidTypeError(f"guard must be a held lock, not {type(guard).__name__}")
         initial = None if default is None else encode_value(default, name="default").decode("utf-8")
         transform: Transform = fn
-        return raw, transform, initial
+        return raw, transform, initial, guard
 
     def _read(self, raw: bytes) -> _Current:
         start, end = children_range(raw)
@@ -176,7 +194,12 @@ class KeyValue:
         return _Current(None, 0, 0)
 
     def _attempt(
-        self, raw: bytes, fn: Transform, initial: str | None, current: _Current
+        self,
+        raw: bytes,
+        fn: Transform,
+        initial: str | None,
+        current: _Current,
+        guard: HeldLock | None,
     ) -> tuple[str | None, _Current]:
         """Compute and write once; the value written (or None) and what is now known."""
         if current.value is None:
@@ -198,15 +221,27 @@ class KeyValue:
             ]
         else:
             compare = [ops.compare_mod(raw, "==", current.mod_revision)]
+        failure = [ops.get(raw), ops.get(start, end, limit=1, keys_only=True)]
+        if guard is not None:
+            compare.append(ops.compare_create(guard.etcd_key, "==", guard.fencing_token))
+            failure.append(ops.get(guard.etcd_key, keys_only=True))
         committed = commit(
             self._transport,
             self._session,
             compare=compare,
             success=[ops.put(raw, new, lease=current.lease)],
-            failure=[ops.get(raw), ops.get(start, end, limit=1, keys_only=True)],
+            failure=failure,
         )
         if committed.succeeded:
             return result, current
         assert committed.responses is not None  # failures always carry responses
+        if guard is not None and not any(
+            kv.create_revision == guard.fencing_token for kv in ops.kvs(committed.responses, 2)
+        ):
+            raise LockLostError(
+                f"lock {guard.name!r} is no longer held; {self._keyspace.decode(raw)!r} "
+                "was not written",
+                name=guard.name,
+            )
         own, children = ops.kvs(committed.responses, 0), ops.kvs(committed.responses, 1)
         return None, self._current(raw, bool(own), own or children)

@@ -54,30 +54,39 @@ def range_request(
     *,
     limit: int = 0,
     keys_only: bool = False,
-    sort_by_create: bool = False,
+    oldest_first: bool = False,
+    newest_first: bool = False,
+    max_create_revision: int = 0,
 ) -> Any:
-    """A `RangeRequest`: one key, or ``[key, range_end)``."""
-    request = etcdrpc.RangeRequest(key=key, range_end=range_end, limit=limit, keys_only=keys_only)
-    if sort_by_create:
+    """A `RangeRequest`: one key, or ``[key, range_end)``.
+
+    Args:
+        key: The key, or the start of the range.
+        range_end: The end of the range (exclusive); empty for one key.
+        limit: At most this many keys; 0 for all.
+        keys_only: Leave the values out.
+        oldest_first: Sort by create revision, ascending.
+        newest_first: Sort by create revision, descending.
+        max_create_revision: Only keys created at or before this revision.
+    """
+    request = etcdrpc.RangeRequest(
+        key=key,
+        range_end=range_end,
+        limit=limit,
+        keys_only=keys_only,
+        max_create_revision=max_create_revision,
+    )
+    if oldest_first or newest_first:
         request.sort_target = etcdrpc.RangeRequest.CREATE
-        request.sort_order = etcdrpc.RangeRequest.ASCEND
+        request.sort_order = (
+            etcdrpc.RangeRequest.ASCEND if oldest_first else etcdrpc.RangeRequest.DESCEND
+        )
     return request
 
 
-def get(
-    key: bytes,
-    range_end: bytes = b"",
-    *,
-    limit: int = 0,
-    keys_only: bool = False,
-    sort_by_create: bool = False,
-) -> Any:
-    """A range operation inside a transaction."""
-    return etcdrpc.RequestOp(
-        request_range=range_request(
-            key, range_end, limit=limit, keys_only=keys_only, sort_by_create=sort_by_create
-        )
-    )
+def get(key: bytes, range_end: bytes = b"", **options: Any) -> Any:
+    """A range operation inside a transaction; ``options`` as for `range_request`."""
+    return etcdrpc.RequestOp(request_range=range_request(key, range_end, **options))
 
 
 def put(key: bytes, value: bytes, *, lease: int = 0) -> Any:

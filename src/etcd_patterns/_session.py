@@ -11,6 +11,11 @@ server), the session sets its `lost` event and refreshes no more. `Sessions`
 hands out a fresh session on the next use. Keys written under the lost lease
 are gone, or about to be.
 
+A key that a pattern could not delete when it meant to (etcd was away when a
+lock was released, say) is handed to `Session.abandon`; the keepalive thread
+deletes it once etcd answers again, so it never outlives its purpose by more
+than a refresh interval while the process lives.
+
 `close` stops the thread and revokes the lease, deleting its keys. Nothing is
 printed, ever: failures are logged at DEBUG level on the ``etcd_patterns``
 logger.
@@ -19,13 +24,21 @@ logger.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from ._errors import ClosedError, EtcdPatternsError, EtcdUnavailableError
+from . import _ops as ops
+from ._errors import (
+    ClosedError,
+    EtcdPatternsError,
+    EtcdUnavailableError,
+    InvalidArgumentError,
+    InvalidTypeError,
+)
 from ._keys import Keyspace
 from ._retry import Deadline
 from ._transport import Transport
@@ -35,6 +48,15 @@ log = logging.getLogger("etcd_patterns")
 # How long close() waits for etcd to revoke a lease. If etcd is away the
 # lease simply expires on its own after its TTL.
 _REVOKE_TIMEOUT = 2.0
+
+
+def check_ttl(ttl: object, *, name: str = "ttl") -> int:
+    """Validate a lease TTL: a finite number of seconds > 0, rounded up."""
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)):
+        raise InvalidTypeError(f"{name} must be a number of seconds, not {ttl!r}")
+    if not math.isfinite(ttl) or ttl <= 0:
+        raise InvalidArgumentError(f"{name} must be a finite number > 0, not {ttl!r}")
+    return math.ceil(ttl)
 
 
 @dataclass
@@ -70,6 +92,7 @@ class Session:
         self.lost = threading.Event()
         self._expires_at = started + self.ttl
         self._stop = threading.Event()
+        self._abandoned: list[tuple[bytes, int]] = []
         self._slots: list[Slot] = []
         self._slot_count = 0
         self._lock = threading.Lock()
@@ -109,6 +132,29 @@ class Session:
             log.debug(
                 "could not revoke lease %x; it expires in %ss: %s", self.lease_id, self.ttl, exc
             )
+
+    def abandon(self, key: bytes, create_revision: int) -> None:
+        """Have the keepalive thread delete ``key`` (if it is still this one) later."""
+        with self._lock:
+            self._abandoned.append((key, create_revision))
+
+    def delete_abandoned(self) -> None:
+        """Try once to delete every abandoned key; keep those etcd did not confirm."""
+        with self._lock:
+            pending = list(self._abandoned)
+        for key, revision in pending:
+            request = ops.txn(
+                compare=[ops.compare_create(key, "==", revision)],
+                success=[ops.delete(key)],
+                failure=[],
+            )
+            try:
+                self._transport.txn(request, write=False, deadline=Deadline(self.ttl / 3))
+            except EtcdPatternsError as exc:
+                log.debug("abandoned key %r not deleted yet: %s", key, exc)
+                continue
+            with self._lock:
+                self._abandoned.remove((key, revision))
 
     @contextmanager
     def slot(self) -> Iterator[Slot]:
@@ -156,6 +202,8 @@ class Session:
                 return
             self._expires_at = sent + ttl
             wait = interval
+            if self._abandoned:
+                self.delete_abandoned()
 
 
 class Sessions:

@@ -163,6 +163,52 @@ class Transport:
         ttl: int = response.TTL
         return ttl
 
+    def wait_event(
+        self, create: Any, *, timeout: float, accept: Callable[[Any], bool]
+    ) -> Any | None:
+        """Watch until an event that ``accept`` approves, for at most ``timeout``.
+
+        Opens one watch stream on the current endpoint, described by the
+        `WatchCreateRequest` ``create`` (which should name a start revision,
+        so that nothing between the caller's read and the watch is missed).
+
+        Returns:
+            The first accepted event; None when the time ran out, the watch
+            was cancelled (for instance, its start revision was compacted)
+            or the connection failed. On None the caller re-reads the state
+            it waits on, and watches again.
+
+        Raises:
+            PermissionDeniedError, EtcdError: etcd refused the watch.
+        """
+        index, stub = self._stub(etcdrpc.WatchStub)
+        # A single request: the stream is half-closed at once, which etcd
+        # ignores, and gRPC needs no thread to feed it.
+        call = stub.Watch(
+            iter([etcdrpc.WatchRequest(create_request=create)]),
+            timeout=timeout,
+            **self._call_options(),
+        )
+        try:
+            for response in call:
+                if response.canceled or response.compact_revision:
+                    return None
+                for event in response.events:
+                    if accept(event):
+                        return event
+            return None
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                return None
+            if connection_failed(exc):
+                self._rotate(index)
+            error = translate(exc, endpoints=self.endpoints, write=False)
+            if error is None or isinstance(error, EtcdUnavailableError):
+                return None
+            raise error from exc
+        finally:
+            call.cancel()
+
     # -- machinery ----------------------------------------------------------
 
     def _unary(

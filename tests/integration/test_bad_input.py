@@ -12,6 +12,7 @@ from etcd_patterns import (
     EtcdPatterns,
     InvalidArgumentError,
     InvalidTypeError,
+    NotALockError,
     NotAValueError,
     ValueTooLargeError,
 )
@@ -27,6 +28,10 @@ def boom(value: str) -> str:
 
 def ident(value: str) -> str:
     return value
+
+
+def noop() -> None:
+    pass
 
 
 Call = Callable[[EtcdPatterns], object]
@@ -77,6 +82,27 @@ CASES: list[tuple[str, Call, type[BaseException]]] = [
     ("transform timeout str", lambda p: p.transform("k", ident, timeout="1"), InvalidTypeError),  # type: ignore[arg-type]
     ("transform timeout bool", lambda p: p.transform("k", ident, timeout=True), InvalidTypeError),
     ("transform default int", lambda p: p.transform("new", ident, default=5), InvalidTypeError),  # type: ignore[arg-type]
+    ("transform guard str", lambda p: p.transform("k", ident, guard="L"), InvalidTypeError),  # type: ignore[arg-type]
+    # lock / try_lock
+    ("lock None name", lambda p: p.lock(None, noop), InvalidTypeError),  # type: ignore[arg-type]
+    ("lock empty name", lambda p: p.lock("", noop), InvalidArgumentError),
+    ("lock trailing slash", lambda p: p.lock("L/", noop), InvalidArgumentError),
+    ("lock block None", lambda p: p.lock("L", None), InvalidTypeError),  # type: ignore[arg-type]
+    ("lock block str", lambda p: p.lock("L", "noop"), InvalidTypeError),  # type: ignore[arg-type]
+    ("lock ttl 0", lambda p: p.lock("L", noop, ttl=0), InvalidArgumentError),
+    ("lock ttl negative", lambda p: p.lock("L", noop, ttl=-1), InvalidArgumentError),
+    ("lock ttl NaN", lambda p: p.lock("L", noop, ttl=float("nan")), InvalidArgumentError),
+    ("lock ttl str", lambda p: p.lock("L", noop, ttl="5"), InvalidTypeError),  # type: ignore[arg-type]
+    ("lock timeout negative", lambda p: p.lock("L", noop, timeout=-1), InvalidArgumentError),
+    ("lock timeout NaN", lambda p: p.lock("L", noop, timeout=float("nan")), InvalidArgumentError),
+    ("lock timeout str", lambda p: p.lock("L", noop, timeout="1"), InvalidTypeError),  # type: ignore[arg-type]
+    ("lock name is a value", lambda p: p.lock("k", noop), NotALockError),
+    ("try_lock empty name", lambda p: p.try_lock("", noop), InvalidArgumentError),
+    ("try_lock block int", lambda p: p.try_lock("L", 1), InvalidTypeError),  # type: ignore[arg-type]
+    ("try_lock ttl 0", lambda p: p.try_lock("L", noop, ttl=0), InvalidArgumentError),
+    ("try_lock name is a value", lambda p: p.try_lock("k", noop), NotALockError),
+    ("locked empty name", lambda p: p.locked("").__enter__(), InvalidArgumentError),
+    ("try_locked ttl str", lambda p: p.try_locked("L", ttl="x").__enter__(), InvalidTypeError),  # type: ignore[arg-type]
 ]
 
 

@@ -35,11 +35,22 @@ def test_close_stops_every_thread_revokes_the_lease_and_prints_nothing(
 
         patterns = EtcdPatterns.connect(sys.argv[1], namespace=sys.argv[2])
         patterns.transform("k", lambda v: v + "x", default="")
+        holding = patterns.locked("L")
+        held = holding.__enter__()
+        waiter = threading.Thread(target=patterns.lock, args=("L", lambda: None))
+        waiter.start()  # waits on a watch stream until the holder lets go
+        patterns.lock("other", lambda: None, ttl=30)  # a second session
+        holding.__exit__(None, None, None)
+        waiter.join()
+        held_again = patterns.locked("L").__enter__()  # still held when closing
         ours = [t.name for t in threading.enumerate() if t.name.startswith("etcd-patterns")]
         patterns.close()
         patterns.close()
+        for thread in threading.enumerate():
+            if thread is not threading.main_thread():
+                thread.join(timeout=5)
         others = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
-        print("ours-before", ours)
+        print("ours-before", len(ours))
         print("alive-after", others)
         """,
         ",".join(etcd.endpoints),
@@ -48,10 +59,11 @@ def test_close_stops_every_thread_revokes_the_lease_and_prints_nothing(
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     lines = dict(line.split(" ", 1) for line in result.stdout.splitlines())
-    assert lines["ours-before"] != "[]"  # the check below would be vacuous otherwise
+    assert lines["ours-before"] == "2"  # two sessions: the check below is not vacuous
     assert lines["alive-after"] == "[]"
     assert raw.value("k") == b"x"
     assert raw.count(".etcd-patterns/") == 0  # the session's keys went with its lease
+    assert raw.count("L/") == 0  # and so did the lock still held at close
 
 
 @pytest.mark.timeout(90)

@@ -1,0 +1,486 @@
+"""Cluster-wide locks on etcd's own mutex protocol, with fencing tokens.
+
+Protocol, shared with ``etcdctl lock``, Go's ``concurrency.Mutex`` and etcd's
+server-side Lock service, so that each excludes the others:
+
+* A contender for lock ``name`` writes a key directly under ``name/``,
+  carrying its session lease.
+* The holder is the key with the lowest create revision under ``name/``.
+* Acquiring is one transaction that registers my key and, in the same round
+  trip, reads the newest key created before it: my predecessor. With no
+  predecessor, I hold the lock. Otherwise I watch the predecessor's key, and
+  only it (no thundering herd), until it is deleted; then I re-read, in one
+  round trip, my own key and my new predecessor, if any. I report success
+  only once my own key is confirmed to still exist.
+* Releasing deletes my key, guarded by its create revision: never anyone
+  else's, even after my lease expired and the name was taken over.
+* A waiter that gives up (timeout, exception, Ctrl-C) deletes its key.
+
+Guarantees:
+
+* While the session lease lives, at most one contender holds the lock, and
+  waiters acquire in the order they registered (FIFO).
+* The holder's fencing token, the create revision of its key, increases with
+  every new holder. A write guarded by the lock (``transform(...,
+  guard=held)``) applies only while the holder's key still exists with that
+  token, so a holder that lost its lock cannot write through the library.
+* A block may run longer than the TTL: the session's keepalive thread keeps
+  the lease, and so the lock, alive for as long as the process lives.
+
+Lease loss: when the session lease expires (the process was paused or cut off
+for longer than its TTL) or is revoked, etcd deletes the holder's key and the
+next waiter takes over. The holder learns it three ways: ``held.lost`` is
+set, guarded writes raise `LockLostError` and write nothing, and `lock`
+raises `LockLostError` (with the block's result) after the block. No lease
+can protect an unguarded write made after the loss: guard the writes that
+matter.
+
+Cost: an uncontended acquire-and-release is two round trips; a failed
+`try_lock` is one. A contended acquisition adds one watch and one read per
+predecessor that leaves, whatever the number of waiters.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import threading
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, Generic, NamedTuple, TypeVar
+
+from etcd3 import etcdrpc, transactions
+from etcd3.etcdrpc import kv_pb2
+
+from . import _ops as ops
+from ._errors import (
+    EtcdPatternsError,
+    InvalidTypeError,
+    LeaseNotFoundError,
+    LockLostError,
+    LockReentryError,
+    LockTimeoutError,
+    NotALockError,
+)
+from ._keys import Keyspace, children_range
+from ._retry import Deadline, check_timeout
+from ._session import Session, Sessions, check_ttl
+from ._transport import Transport
+
+T = TypeVar("T")
+
+# A waiter re-reads its predecessor at least this often, whatever its watch
+# says, so that no wait can hang on a watch that silently stopped.
+RECHECK_INTERVAL = 5.0
+
+_DELETE = kv_pb2.Event.DELETE
+
+
+class TryLockResult(NamedTuple, Generic[T]):
+    """The outcome of `EtcdPatterns.try_lock`.
+
+    Attributes:
+        revision: The etcd revision at which the attempt took effect.
+        acquired: Whether the lock was free, so that the block ran.
+        value: The block's result; None if the lock was held by another.
+    """
+
+    revision: int
+    acquired: bool
+    value: T | None
+
+
+class HeldLock:
+    """A lock held by this process: the facts a holder needs.
+
+    Attributes:
+        name: The lock's name, without the namespace.
+        key: This holder's key under ``name/``, without the namespace (what
+            ``etcdctl lock`` calls ``ETCD_LOCK_KEY``).
+        fencing_token: The create revision of `key`. It increases with every
+            new holder: pass it to a storage system that rejects writes
+            carrying an older token.
+        lease_id: The session lease that `key` carries.
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        key: str,
+        etcd_key: bytes,
+        fencing_token: int,
+        session: Session,
+        transport: Transport,
+    ) -> None:
+        self.name = name
+        self.key = key
+        self.etcd_key = etcd_key
+        self.fencing_token = fencing_token
+        self.lease_id = session.lease_id
+        self._session = session
+        self._transport = transport
+        self._thread = threading.get_ident()
+
+    def __repr__(self) -> str:
+        return f"<HeldLock {self.name!r} key={self.key!r} fencing_token={self.fencing_token}>"
+
+    @property
+    def lost(self) -> threading.Event:
+        """Set when the session lease that carries the lock is lost."""
+        return self._session.lost
+
+    def is_owner(self) -> bool:
+        """Ask etcd whether this holder's key still exists: one round trip."""
+        response = self._transport.range(ops.range_request(self.etcd_key))
+        return any(kv.create_revision == self.fencing_token for kv in response.kvs)
+
+    def guard(self) -> Any:
+        """An etcd3 compare that holds only while this lock is held.
+
+        Put it into your own python3-etcd3 transactions, so that a write
+        applies only if this holder still owns the lock::
+
+            client.transaction(compare=[held.guard()], success=[...], failure=[])
+        """
+        return transactions.Create(self.etcd_key) == self.fencing_token
+
+
+def _holder_info() -> bytes:
+    """The value of a contender key: who holds it, for whoever looks."""
+    thread = threading.current_thread().name
+    return f"{socket.gethostname()} pid={os.getpid()} thread={thread}".encode()
+
+
+class Locks:
+    """The lock pattern over one transport, namespace and set of sessions.
+
+    Args:
+        transport: Sends requests.
+        keyspace: Maps lock names to etcd keys.
+        sessions: Provides the session lease for each TTL.
+    """
+
+    def __init__(self, transport: Transport, keyspace: Keyspace, sessions: Sessions) -> None:
+        self._transport = transport
+        self._keyspace = keyspace
+        self._sessions = sessions
+        self._held: dict[tuple[int, bytes], HeldLock] = {}
+        self._registry = threading.Lock()
+        self._sequence = itertools.count(1)
+
+    # -- the patterns -------------------------------------------------------
+
+    def lock(
+        self, name: object, block: object, *, ttl: object = None, timeout: object = None
+    ) -> Any:
+        """See `EtcdPatterns.lock`."""
+        run = _check_block(block)
+        held = self.acquire(name, ttl=ttl, timeout=timeout)
+        try:
+            result = run()
+        except BaseException:
+            self.release(held)
+            raise
+        if not self.release(held):
+            raise LockLostError(
+                f"lock {held.name!r} was lost while its block ran", name=held.name, result=result
+            )
+        return result
+
+    def try_lock(self, name: object, block: object, *, ttl: object = None) -> TryLockResult[Any]:
+        """See `EtcdPatterns.try_lock`."""
+        run = _check_block(block)
+        revision, held = self.try_acquire(name, ttl=ttl)
+        if held is None:
+            return TryLockResult(revision, False, None)
+        try:
+            result = run()
+        except BaseException:
+            self.release(held)
+            raise
+        if not self.release(held):
+            raise LockLostError(
+                f"lock {held.name!r} was lost while its block ran", name=held.name, result=result
+            )
+        return TryLockResult(revision, True, result)
+
+    # -- acquiring ----------------------------------------------------------
+
+    def acquire(self, name: object, *, ttl: object = None, timeout: object = None) -> HeldLock:
+        """Wait for the lock; see `EtcdPatterns.locked`."""
+        raw = self._keyspace.encode(name, name="lock name")
+        lease_ttl = None if ttl is None else check_ttl(ttl)
+        deadline = Deadline(check_timeout(timeout))
+        self._check_reentry(raw)
+        while True:
+            session = self._sessions.get(lease_ttl)
+            my_key = self._contender_key(raw, session)
+            try:
+                revision, predecessor, header = self._register(raw, my_key, session)
+            except LeaseNotFoundError:
+                session.mark_lost()
+                continue
+            try:
+                if self._wait_turn(
+                    raw,
+                    my_key,
+                    revision,
+                    session,
+                    predecessor=predecessor,
+                    header=header,
+                    deadline=deadline,
+                ):
+                    return self._hold(raw, my_key, revision, session)
+            except BaseException:
+                self._give_up(my_key, revision, session)
+                raise
+            # My key vanished while I waited: the session was lost. Queue
+            # again on a fresh one, unless time is up.
+            if deadline.expired():
+                raise self._timeout(raw)
+
+    def try_acquire(self, name: object, *, ttl: object = None) -> tuple[int, HeldLock | None]:
+        """One attempt, one round trip; see `EtcdPatterns.try_locked`."""
+        raw = self._keyspace.encode(name, name="lock name")
+        lease_ttl = None if ttl is None else check_ttl(ttl)
+        self._check_reentry(raw)
+        start, end = children_range(raw)
+        while True:
+            session = self._sessions.get(lease_ttl)
+            my_key = self._contender_key(raw, session)
+            # Free means no contender at all: an empty range compares as a
+            # key with create revision 0.
+            request = ops.txn(
+                compare=[
+                    ops.compare_create(start, "==", 0, range_end=end),
+                    ops.compare_version(raw, "==", 0),
+                ],
+                success=[ops.put(my_key, _holder_info(), lease=session.lease_id)],
+                failure=[ops.get(start, end, oldest_first=True, limit=1), ops.get(raw)],
+            )
+            try:
+                response = self._transport.txn(request, write=False)
+            except LeaseNotFoundError:
+                session.mark_lost()
+                continue
+            revision: int = response.header.revision
+            if response.succeeded:
+                return revision, self._hold(raw, my_key, revision, session)
+            if ops.kvs(response.responses, 1):
+                raise self._not_a_lock(raw)
+            (holder,) = ops.kvs(response.responses, 0) or [None]
+            if holder is not None and holder.key == my_key:
+                # A retry after a lost answer: the first attempt did acquire.
+                return revision, self._hold(raw, my_key, holder.create_revision, session)
+            return revision, None
+
+    def _register(self, raw: bytes, my_key: bytes, session: Session) -> tuple[int, Any | None, int]:
+        """Write my key and read my predecessor in one round trip.
+
+        Returns:
+            My key's create revision, my predecessor's key-value (None if I
+            hold the lock), and the revision the answer reflects.
+        """
+        start, end = children_range(raw)
+        request = ops.txn(
+            compare=[ops.compare_create(my_key, "==", 0), ops.compare_version(raw, "==", 0)],
+            # The range runs before the put, so it sees the newest key
+            # created before mine.
+            success=[
+                ops.get(start, end, newest_first=True, limit=1, keys_only=True),
+                ops.put(my_key, _holder_info(), lease=session.lease_id),
+            ],
+            failure=[ops.get(raw), ops.get(my_key)],
+        )
+        # Safe to repeat: a second copy finds my key and changes nothing.
+        response = self._transport.txn(request, write=False)
+        header: int = response.header.revision
+        if response.succeeded:
+            (predecessor,) = ops.kvs(response.responses, 0) or [None]
+            return header, predecessor, header
+        if ops.kvs(response.responses, 0):
+            raise self._not_a_lock(raw)
+        (mine,) = ops.kvs(response.responses, 1)
+        _, predecessor, header = self._check_turn(raw, my_key, mine.create_revision)
+        return mine.create_revision, predecessor, header
+
+    def _check_turn(self, raw: bytes, my_key: bytes, revision: int) -> tuple[bool, Any | None, int]:
+        """Whether my key exists, and my current predecessor, in one round trip."""
+        start, end = children_range(raw)
+        request = ops.txn(
+            compare=[],
+            success=[
+                ops.get(my_key, keys_only=True),
+                ops.get(
+                    start,
+                    end,
+                    newest_first=True,
+                    limit=1,
+                    keys_only=True,
+                    max_create_revision=revision - 1,
+                ),
+            ],
+            failure=[],
+        )
+        response = self._transport.txn(request, write=False)
+        mine = ops.kvs(response.responses, 0)
+        (predecessor,) = ops.kvs(response.responses, 1) or [None]
+        header: int = response.header.revision
+        return bool(mine), predecessor, header
+
+    def _wait_turn(
+        self,
+        raw: bytes,
+        my_key: bytes,
+        revision: int,
+        session: Session,
+        *,
+        predecessor: Any | None,
+        header: int,
+        deadline: Deadline,
+    ) -> bool:
+        """Wait until I hold the lock (True) or my key vanished (False)."""
+        while predecessor is not None:
+            remaining = deadline.remaining()
+            if remaining == 0:
+                raise self._timeout(raw)
+            if session.lost.is_set():
+                return False
+            watch = etcdrpc.WatchCreateRequest(
+                key=predecessor.key,
+                start_revision=header + 1,
+                filters=[etcdrpc.WatchCreateRequest.NOPUT],
+            )
+            window = RECHECK_INTERVAL if remaining is None else min(RECHECK_INTERVAL, remaining)
+            self._transport.wait_event(watch, timeout=window, accept=lambda e: e.type == _DELETE)
+            exists, predecessor, header = self._check_turn(raw, my_key, revision)
+            if not exists:
+                return False
+        return True
+
+    def _hold(self, raw: bytes, my_key: bytes, revision: int, session: Session) -> HeldLock:
+        held = HeldLock(
+            name=self._keyspace.decode(raw),
+            key=self._keyspace.decode(my_key),
+            etcd_key=my_key,
+            fencing_token=revision,
+            session=session,
+            transport=self._transport,
+        )
+        with self._registry:
+            self._held[(held._thread, raw)] = held
+        return held
+
+    # -- releasing ----------------------------------------------------------
+
+    def release(self, held: HeldLock) -> bool:
+        """Delete the holder's key, if it is still this holder's.
+
+        Returns:
+            False if the key was already gone: the lock had been lost. True
+            otherwise, including when etcd could not be reached, in which
+            case the session deletes the key as soon as etcd answers again.
+        """
+        raw = held.etcd_key.rpartition(b"/")[0]
+        with self._registry:
+            if self._held.get((held._thread, raw)) is held:
+                del self._held[(held._thread, raw)]
+        request = ops.txn(
+            compare=[ops.compare_create(held.etcd_key, "==", held.fencing_token)],
+            success=[ops.delete(held.etcd_key)],
+            failure=[],
+        )
+        try:
+            response = self._transport.txn(request, write=False)
+        except EtcdPatternsError:
+            held._session.abandon(held.etcd_key, held.fencing_token)
+            return True
+        return bool(response.succeeded)
+
+    def _give_up(self, my_key: bytes, revision: int, session: Session) -> None:
+        """Withdraw a waiter's key; if etcd is away, the session will."""
+        session.abandon(my_key, revision)
+        session.delete_abandoned()
+
+    # -- helpers ------------------------------------------------------------
+
+    def _contender_key(self, raw: bytes, session: Session) -> bytes:
+        # The lease in the name, as etcd's own clients do; the sequence keeps
+        # the keys of threads that share a session apart.
+        return raw + f"/{session.lease_id:x}-{next(self._sequence)}".encode()
+
+    def _check_reentry(self, raw: bytes) -> None:
+        with self._registry:
+            if (threading.get_ident(), raw) in self._held:
+                raise LockReentryError(
+                    f"this thread already holds lock {self._keyspace.decode(raw)!r}; "
+                    "locks are not re-entrant"
+                )
+
+    def _timeout(self, raw: bytes) -> LockTimeoutError:
+        return LockTimeoutError(f"lock {self._keyspace.decode(raw)!r} not acquired in time")
+
+    def _not_a_lock(self, raw: bytes) -> NotALockError:
+        return NotALockError(
+            f"lock name {self._keyspace.decode(raw)!r} is a key that holds a value; "
+            "a lock needs a name of its own"
+        )
+
+
+def _check_block(block: object) -> Callable[[], Any]:
+    if not callable(block):
+        raise InvalidTypeError(f"block must be callable, not {type(block).__name__}")
+    run: Callable[[], Any] = block
+    return run
+
+
+class Locked:
+    """Context manager of `EtcdPatterns.locked`: holds the lock or raises."""
+
+    def __init__(self, locks: Locks, name: object, ttl: object, timeout: object) -> None:
+        self._locks = locks
+        self._args = (name, ttl, timeout)
+        self._held: HeldLock | None = None
+
+    def __enter__(self) -> HeldLock:
+        name, ttl, timeout = self._args
+        self._held = self._locks.acquire(name, ttl=ttl, timeout=timeout)
+        return self._held
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        held, self._held = self._held, None
+        if held is None:
+            return
+        if not self._locks.release(held) and exc_type is None:
+            raise LockLostError(f"lock {held.name!r} was lost while held", name=held.name)
+
+
+class TryLocked:
+    """Context manager of `EtcdPatterns.try_locked`: a handle, or None if held elsewhere."""
+
+    def __init__(self, locks: Locks, name: object, ttl: object) -> None:
+        self._locks = locks
+        self._args = (name, ttl)
+        self._held: HeldLock | None = None
+
+    def __enter__(self) -> HeldLock | None:
+        name, ttl = self._args
+        _, self._held = self._locks.try_acquire(name, ttl=ttl)
+        return self._held
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        held, self._held = self._held, None
+        if held is not None and not self._locks.release(held) and exc_type is None:
+            raise LockLostError(f"lock {held.name!r} was lost while held", name=held.name)
