@@ -62,6 +62,7 @@ from ._errors import (
     LockReentryError,
     LockTimeoutError,
     NotALockError,
+    OutcomeUnknownError,
 )
 from ._keys import Keyspace, children_range
 from ._retry import Deadline, check_timeout
@@ -222,6 +223,12 @@ class Locks:
             except LeaseNotFoundError:
                 session.mark_lost()
                 continue
+            except NotALockError:
+                raise
+            except BaseException:
+                # The put may have applied: never leave a contender behind.
+                session.abandon(my_key, None)
+                raise
             try:
                 if self._wait_turn(
                     raw,
@@ -265,6 +272,9 @@ class Locks:
             except LeaseNotFoundError:
                 session.mark_lost()
                 continue
+            except BaseException:
+                session.abandon(my_key, None)
+                raise
             revision: int = response.header.revision
             if response.succeeded:
                 return revision, self._hold(raw, my_key, revision, session)
@@ -393,11 +403,19 @@ class Locks:
             failure=[],
         )
         try:
-            response = self._transport.txn(request, write=False)
+            try:
+                return bool(self._transport.txn(request).succeeded)
+            except OutcomeUnknownError:
+                # A second copy can only delete this holder's key, so it is
+                # safe to send; but if the first copy did delete it, the
+                # second finds it gone. The key vanishes without us only
+                # with its lease, so a live lease means the first copy did.
+                if self._transport.txn(request, write=False).succeeded:
+                    return True
+                return self._transport.lease_time_to_live(held.lease_id) > 0
         except EtcdPatternsError:
             held._session.abandon(held.etcd_key, held.fencing_token)
             return True
-        return bool(response.succeeded)
 
     def _give_up(self, my_key: bytes, revision: int, session: Session) -> None:
         """Withdraw a waiter's key; if etcd is away, the session will."""

@@ -92,7 +92,7 @@ class Session:
         self.lost = threading.Event()
         self._expires_at = started + self.ttl
         self._stop = threading.Event()
-        self._abandoned: list[tuple[bytes, int]] = []
+        self._abandoned: list[tuple[bytes, int | None]] = []
         self._slots: list[Slot] = []
         self._slot_count = 0
         self._lock = threading.Lock()
@@ -133,28 +133,39 @@ class Session:
                 "could not revoke lease %x; it expires in %ss: %s", self.lease_id, self.ttl, exc
             )
 
-    def abandon(self, key: bytes, create_revision: int) -> None:
-        """Have the keepalive thread delete ``key`` (if it is still this one) later."""
+    def abandon(self, key: bytes, create_revision: int | None) -> None:
+        """Have the keepalive thread delete ``key`` later.
+
+        Args:
+            key: A key this session wrote.
+            create_revision: Delete the key only if it is still this
+                incarnation; None if the revision is unknown (the key's
+                name must then be this session's alone).
+        """
         with self._lock:
             self._abandoned.append((key, create_revision))
 
     def delete_abandoned(self) -> None:
         """Try once to delete every abandoned key; keep those etcd did not confirm."""
         with self._lock:
-            pending = list(self._abandoned)
-        for key, revision in pending:
-            request = ops.txn(
-                compare=[ops.compare_create(key, "==", revision)],
-                success=[ops.delete(key)],
-                failure=[],
-            )
-            try:
-                self._transport.txn(request, write=False, deadline=Deadline(self.ttl / 3))
-            except EtcdPatternsError as exc:
-                log.debug("abandoned key %r not deleted yet: %s", key, exc)
-                continue
+            pending, self._abandoned = self._abandoned, []
+        try:
+            while pending:
+                key, revision = pending[-1]
+                request = ops.txn(
+                    compare=[] if revision is None else [ops.compare_create(key, "==", revision)],
+                    success=[ops.delete(key)],
+                    failure=[],
+                )
+                try:
+                    self._transport.txn(request, write=False, deadline=Deadline(self.ttl / 3))
+                except EtcdPatternsError as exc:
+                    log.debug("abandoned key %r not deleted yet: %s", key, exc)
+                    break
+                pending.pop()
+        finally:
             with self._lock:
-                self._abandoned.remove((key, revision))
+                self._abandoned.extend(pending)
 
     @contextmanager
     def slot(self) -> Iterator[Slot]:

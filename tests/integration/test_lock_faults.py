@@ -1,0 +1,99 @@
+"""Locks stay correct when etcd's answers are lost or etcd goes away."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from etcd_patterns import EtcdPatterns
+from etcd_patterns.testing import EtcdCluster, ExternalEtcd
+from tests.helpers import FaultInjector, Raw, client_with_faults, wait_until
+
+TXN = "/etcdserverpb.KV/Txn"
+
+
+def touches_lock(request: Any, op: str) -> bool:
+    """Whether a Txn's success branch puts or deletes a contender key of lock L."""
+    for item in request.success:
+        if item.HasField(op):
+            key = getattr(item, op).key
+            if b"/L/" in key:
+                return True
+    return False
+
+
+class Plan:
+    def __init__(self) -> None:
+        self.lose: dict[str, int] = {}
+        self.lost: list[str] = []
+
+    def __call__(self, method: str, request: Any) -> str:
+        if method != TXN:
+            return "pass"
+        for op, field in (("put", "request_put"), ("delete", "request_delete_range")):
+            if self.lose.get(op) and touches_lock(request, field):
+                self.lose[op] -= 1
+                self.lost.append(op)
+                return "lose-response"
+        return "pass"
+
+
+@pytest.fixture
+def plan() -> Plan:
+    return Plan()
+
+
+@pytest.fixture
+def faulty(etcd: EtcdCluster | ExternalEtcd, namespace: str, plan: Plan) -> Iterator[EtcdPatterns]:
+    client = client_with_faults(etcd.endpoints, FaultInjector(plan))
+    with EtcdPatterns(client, namespace=namespace) as patterns:
+        yield patterns
+    client.close()
+
+
+def test_lost_answer_to_the_registration(faulty: EtcdPatterns, plan: Plan, raw: Raw) -> None:
+    plan.lose["put"] = 1
+    with faulty.locked("L") as held:
+        assert raw.count("L/") == 1  # the retry found its key; no second contender
+        assert raw.get(held.key).create_revision == held.fencing_token
+    assert plan.lost == ["put"]
+    assert raw.count("L/") == 0
+
+
+def test_lost_answer_to_try_lock(faulty: EtcdPatterns, plan: Plan, raw: Raw) -> None:
+    plan.lose["put"] = 1
+    result = faulty.try_lock("L", lambda: raw.count("L/"))
+    assert result.acquired
+    assert result.value == 1
+    assert plan.lost == ["put"]
+
+
+def test_lost_answer_to_the_release_is_not_a_lost_lock(
+    faulty: EtcdPatterns, plan: Plan, raw: Raw
+) -> None:
+    plan.lose["delete"] = 1
+    assert faulty.lock("L", lambda: "fine") == "fine"
+    assert plan.lost == ["delete"]
+    assert raw.count("L/") == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_release_etcd_missed_is_completed_when_it_returns(namespace: str) -> None:
+    with (
+        EtcdCluster() as cluster,
+        EtcdPatterns.connect(
+            cluster.endpoints, namespace=namespace, timeout=1, session_ttl=3
+        ) as patterns,
+        Raw(cluster.endpoints, namespace) as raw,
+    ):
+        holding = patterns.locked("L")
+        holding.__enter__()
+        cluster.nodes[0].pause()
+        try:
+            holding.__exit__(None, None, None)  # etcd does not answer: handed to the session
+        finally:
+            cluster.nodes[0].resume()
+        wait_until(lambda: raw.count("L/") == 0, timeout=15)
+        assert patterns.try_lock("L", lambda: "free").acquired
