@@ -7,14 +7,31 @@ ETCD_ENDPOINTS names a cluster to use instead.
 from __future__ import annotations
 
 import re
+import subprocess
 import uuid
 from collections.abc import Iterator
 
 import pytest
 
 from etcd_patterns import EtcdPatterns
-from etcd_patterns.testing import EtcdCluster, ExternalEtcd, external_from_environment
+from etcd_patterns.testing import (
+    EtcdCluster,
+    ExternalEtcd,
+    external_from_environment,
+    find_etcd_binary,
+)
 from tests.helpers import Raw
+
+
+def pytest_report_header() -> str:
+    external = external_from_environment()
+    if external is not None:
+        return f"etcd: ETCD_ENDPOINTS={','.join(external.endpoints)}"
+    binary = find_etcd_binary()
+    version = subprocess.run(
+        [binary, "--version"], capture_output=True, text=True, timeout=30, check=False
+    ).stdout.splitlines()[:1]
+    return f"etcd: {binary} ({''.join(version)})"
 
 
 @pytest.fixture(scope="session")

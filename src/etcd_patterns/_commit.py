@@ -30,6 +30,10 @@ cannot decide.
 
 Cost: no extra round trip on the normal path. The slot adds one compare and
 one put to the caller's transaction. Resolution costs one more round trip.
+
+Time: each request is bounded by the transport's timeout. A write whose
+answer was lost needs one more request to settle, so it may take up to about
+twice that.
 """
 
 from __future__ import annotations
@@ -41,7 +45,6 @@ from typing import Any
 
 from . import _ops as ops
 from ._errors import EtcdUnavailableError, LeaseNotFoundError, OutcomeUnknownError
-from ._retry import Deadline
 from ._session import Session, Slot
 from ._transport import Transport
 
@@ -62,6 +65,9 @@ class Committed:
     succeeded: bool
     revision: int
     responses: Sequence[Any] | None
+
+
+_MAX_ROUNDS = 8
 
 
 def _token() -> bytes:
@@ -100,15 +106,10 @@ def commit(
         OutcomeUnknownError: The outcome could not be determined because the
             session lease was lost as well.
     """
-    deadline = Deadline(transport.timeout)
-    first = True
-    while True:
-        if not first and deadline.expired():
-            where = ",".join(transport.endpoints)
-            raise EtcdUnavailableError(
-                f"etcd at {where} did not accept the write within {transport.timeout}s"
-            )
-        first = False
+    # Every round but the last ends with a definite answer from etcd (a
+    # fence, a lost lease, a resynchronised slot), so etcd is up; the bound
+    # only guards against answers that keep getting lost.
+    for _ in range(_MAX_ROUNDS):
         current = session()
         with current.slot() as slot:
             token = _token()
@@ -118,7 +119,7 @@ def commit(
                 failure=[*failure, ops.get(slot.key)],
             )
             try:
-                response = transport.txn(request, deadline=deadline)
+                response = transport.txn(request)
             except LeaseNotFoundError:
                 current.mark_lost()
                 continue
@@ -138,6 +139,10 @@ def commit(
             # expired. Resynchronise and try again: a put under a dead lease
             # then fails as a whole, and the session is replaced.
             slot.token = observed
+    where = ",".join(transport.endpoints)
+    raise EtcdUnavailableError(
+        f"etcd at {where} lost the answers to {_MAX_ROUNDS} attempts at one write; none applied"
+    )
 
 
 def _resolve(

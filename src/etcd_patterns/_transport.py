@@ -21,6 +21,7 @@ Guarantees:
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -39,6 +40,8 @@ from ._errors import (
 from ._retry import Deadline, retry_transient
 
 T = TypeVar("T")
+
+log = logging.getLogger("etcd_patterns")
 
 # Room for the envelope etcd wraps around a request before checking its
 # size against --max-request-bytes.
@@ -254,6 +257,13 @@ class Transport:
         try:
             return send(stub, timeout)
         except grpc.RpcError as exc:
+            log.debug(
+                "%s on %s failed: %s %s",
+                stub_class.__name__,
+                self.endpoints[index],
+                exc.code(),
+                exc.details(),
+            )
             if connection_failed(exc):
                 self._rotate(index)
             error = translate(exc, endpoints=self.endpoints, write=write)

@@ -14,7 +14,7 @@ def incr(value: str) -> str:
     return str(int(value) + 1)
 
 
-@pytest.mark.cluster
+@pytest.mark.chaos
 @pytest.mark.timeout(120)
 def test_counter_is_exact_while_each_member_is_killed_in_turn(namespace: str) -> None:
     with (
