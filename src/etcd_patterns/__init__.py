@@ -14,6 +14,7 @@ Throwaway etcd servers for tests live in `etcd_patterns.testing`.
 import logging as _logging
 
 from ._errors import (
+    ClaimLostError,
     ClosedError,
     ConflictError,
     EtcdError,
@@ -30,16 +31,20 @@ from ._errors import (
     NotAValueError,
     OutcomeUnknownError,
     PermissionDeniedError,
+    QueueEmptyError,
     ValueDecodeError,
     ValueTooLargeError,
 )
 from ._facade import EtcdPatterns
 from ._kv import TryTransformResult
 from ._lock import HeldLock, TryLockResult
+from ._queue import ClaimedItem
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ClaimLostError",
+    "ClaimedItem",
     "ClosedError",
     "ConflictError",
     "EtcdError",
@@ -58,6 +63,7 @@ __all__ = [
     "NotAValueError",
     "OutcomeUnknownError",
     "PermissionDeniedError",
+    "QueueEmptyError",
     "TryLockResult",
     "TryTransformResult",
     "ValueDecodeError",

@@ -60,11 +60,13 @@ class Committed:
         responses: The responses to the caller's own operations, in order.
             None when success was established after a lost answer, in which
             case the success branch's responses are unknown.
+        session: The session whose slot recorded the outcome.
     """
 
     succeeded: bool
     revision: int
     responses: Sequence[Any] | None
+    session: Session
 
 
 _MAX_ROUNDS = 8
@@ -85,7 +87,7 @@ def commit(
     session: Callable[[], Session],
     *,
     compare: Sequence[Any],
-    success: Sequence[Any],
+    success: Sequence[Any] | Callable[[Session], Sequence[Any]],
     failure: Sequence[Any],
 ) -> Committed:
     """Apply ``if compare then success else failure`` exactly once.
@@ -94,7 +96,9 @@ def commit(
         transport: Sends the transactions.
         session: Returns a live session; called again if the lease is lost.
         compare: The caller's compares.
-        success: Operations applied if every compare holds.
+        success: Operations applied if every compare holds; or a function
+            that builds them for the session in use, so that they can carry
+            its lease (a lost lease is then replaced along with the slot's).
         failure: Operations applied otherwise; typically ranges that show
             why the compares failed.
 
@@ -111,11 +115,12 @@ def commit(
     # only guards against answers that keep getting lost.
     for _ in range(_MAX_ROUNDS):
         current = session()
+        operations = success(current) if callable(success) else success
         with current.slot() as slot:
             token = _token()
             request = ops.txn(
                 compare=[*compare, _slot_holds(slot)],
-                success=[*success, ops.put(slot.key, token, lease=current.lease_id)],
+                success=[*operations, ops.put(slot.key, token, lease=current.lease_id)],
                 failure=[*failure, ops.get(slot.key)],
             )
             try:
@@ -126,15 +131,15 @@ def commit(
             except OutcomeUnknownError as exc:
                 applied_at = _resolve(transport, current, slot, token, exc)
                 if applied_at is not None:
-                    return Committed(True, applied_at, None)
+                    return Committed(True, applied_at, None, current)
                 continue
             if response.succeeded:
                 slot.token = token.decode("ascii")
-                return Committed(True, response.header.revision, response.responses[:-1])
+                return Committed(True, response.header.revision, response.responses[:-1], current)
             found = ops.kvs(response.responses, -1)
             observed = found[0].value.decode("ascii") if found else None
             if observed == slot.token:
-                return Committed(False, response.header.revision, response.responses[:-1])
+                return Committed(False, response.header.revision, response.responses[:-1], current)
             # The slot is not as this session left it; most likely its lease
             # expired. Resynchronise and try again: a put under a dead lease
             # then fails as a whole, and the session is replaced.

@@ -17,6 +17,8 @@ and every wait that runs out of time raises a `TimeoutError`::
     ├── LockLostError                          a lock's ownership was lost
     ├── LockReentryError (RuntimeError)        a thread re-acquired a lock it holds
     ├── NotALockError (ValueError)             a lock's name is a key holding a value
+    ├── QueueEmptyError (TimeoutError)         no item arrived within the timeout
+    ├── ClaimLostError                         a claimed item's claim expired
     ├── EtcdUnavailableError                   etcd did not answer in time
     │   └── OutcomeUnknownError                a write may or may not have applied
     ├── PermissionDeniedError                  authentication or role check failed
@@ -35,6 +37,7 @@ import grpc
 from etcd3 import exceptions as etcd3_exc
 
 __all__ = [
+    "ClaimLostError",
     "ClosedError",
     "ConflictError",
     "EtcdError",
@@ -51,6 +54,7 @@ __all__ = [
     "NotAValueError",
     "OutcomeUnknownError",
     "PermissionDeniedError",
+    "QueueEmptyError",
     "ValueDecodeError",
     "ValueTooLargeError",
     "translate",
@@ -156,6 +160,18 @@ class NotALockError(EtcdPatternsError, ValueError):
 
     A lock lives in the directory ``name/``; a value stored at ``name`` itself
     means the name is already used for data. Nothing was written.
+    """
+
+
+class QueueEmptyError(EtcdPatternsError, TimeoutError):
+    """No item became available within the timeout."""
+
+
+class ClaimLostError(EtcdPatternsError):
+    """A claim expired (its session lease was lost) before it was acked.
+
+    The item was not removed: it is available to other consumers again, or
+    already processed by one of them.
     """
 
 

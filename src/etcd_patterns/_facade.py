@@ -16,6 +16,7 @@ from ._errors import InvalidArgumentError, InvalidTypeError
 from ._keys import Keyspace
 from ._kv import KeyValue, Transform, TryTransformResult
 from ._lock import HeldLock, Locked, Locks, TryLocked, TryLockResult
+from ._queue import Claim, Queue
 from ._retry import check_timeout
 from ._session import Sessions, check_ttl
 from ._transport import DEFAULT_MAX_REQUEST_BYTES, Transport
@@ -96,6 +97,7 @@ class EtcdPatterns:
         self._sessions = Sessions(self._transport, self._keyspace, ttl)
         self._kv = KeyValue(self._transport, self._keyspace, self._sessions.get)
         self._locks = Locks(self._transport, self._keyspace, self._sessions)
+        self._queue = Queue(self._transport, self._keyspace, self._sessions)
 
     @classmethod
     def connect(
@@ -393,3 +395,97 @@ class EtcdPatterns:
         if the lock is held elsewhere (one round trip, nothing written).
         """
         return TryLocked(self._locks, key, ttl)
+
+    # -- queue --------------------------------------------------------------
+
+    def enqueue(self, dir_key: str | bytes, value: str | bytes, *, ttl: float | None = None) -> str:
+        """Append ``value`` to the queue ``dir_key``.
+
+        Exactly once, even if etcd's answer is lost. Cost: one round trip
+        (two with ``ttl``, which grants the item's lease).
+
+        Args:
+            dir_key: The queue's name, without the namespace. Items are its
+                direct children.
+            value: The item.
+            ttl: If given, the item carries a lease of this many seconds and
+                vanishes, undelivered, when it expires.
+
+        Returns:
+            The item's key, without the namespace.
+
+        Raises:
+            NotAValueError: ``dir_key`` itself holds a value.
+            InvalidArgumentError, InvalidTypeError, ValueTooLargeError: Bad
+                input; nothing was written.
+        """
+        return self._queue.enqueue(dir_key, value, ttl=ttl)
+
+    def enqueue_many(
+        self, dir_key: str | bytes, values: Sequence[str | bytes], *, ttl: float | None = None
+    ) -> list[str]:
+        """Append several values, in order: one transaction per 60 values.
+
+        Returns:
+            The items' keys, in order.
+
+        Raises:
+            As for `enqueue`.
+        """
+        return self._queue.enqueue_many(dir_key, values, ttl=ttl)
+
+    def dequeue(self, dir_key: str | bytes, *, timeout: float | None = None) -> str:
+        """Remove and return the oldest available item; exactly one caller gets it.
+
+        Waits, on a watch, while the queue is empty. Cost: one round trip per
+        item, plus one to read a batch of 16 candidate heads.
+
+        Args:
+            dir_key: The queue's name.
+            timeout: How long to wait for an item: None waits forever, 0
+                does not wait.
+
+        Returns:
+            The item's value.
+
+        Raises:
+            QueueEmptyError: No item within ``timeout`` (a `TimeoutError`).
+            NotAValueError: ``dir_key`` itself holds a value.
+            ValueDecodeError: The head item is not UTF-8 (it stays queued).
+        """
+        return self._queue.dequeue(dir_key, timeout=timeout)
+
+    def dequeue_many(
+        self, dir_key: str | bytes, max_items: int, *, timeout: float | None = None
+    ) -> list[str]:
+        """Remove and return between 1 and ``max_items`` of the oldest items.
+
+        Waits like `dequeue` for the first item, then takes what is there,
+        in order, one transaction per 60 items, with the same exactly-once
+        guarantee.
+
+        Raises:
+            InvalidArgumentError: ``max_items`` < 1.
+            QueueEmptyError, NotAValueError: As for `dequeue`.
+        """
+        return self._queue.dequeue_many(dir_key, max_items, timeout=timeout)
+
+    def claim(
+        self, dir_key: str | bytes, *, ttl: float | None = None, timeout: float | None = None
+    ) -> Claim:
+        """Process the oldest available item at least once, surviving a crash.
+
+        ``with etcd.claim("jobs") as item: process(item.value)``
+
+        While claimed, the item stays in place but no other consumer sees
+        it. Leaving the block normally acks the item (item and claim are
+        deleted in one transaction); an exception releases the claim and the
+        item is available again at its place. If the process dies, the claim
+        expires with its lease after ``ttl`` seconds (default: the
+        instance's ``session_ttl``).
+
+        Raises:
+            QueueEmptyError: No item within ``timeout``; the block did not run.
+            ClaimLostError: On ack, the claim had expired; nothing was deleted.
+        """
+        return self._queue.claim(dir_key, ttl=ttl, timeout=timeout)

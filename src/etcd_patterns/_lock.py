@@ -364,7 +364,7 @@ class Locks:
                 filters=[etcdrpc.WatchCreateRequest.NOPUT],
             )
             window = RECHECK_INTERVAL if remaining is None else min(RECHECK_INTERVAL, remaining)
-            self._transport.wait_event(watch, timeout=window, accept=lambda e: e.type == _DELETE)
+            self._transport.wait_event([watch], timeout=window, accept=lambda e: e.type == _DELETE)
             exists, predecessor, header = self._check_turn(raw, my_key, revision)
             if not exists:
                 return False

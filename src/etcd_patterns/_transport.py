@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -167,13 +167,14 @@ class Transport:
         return ttl
 
     def wait_event(
-        self, create: Any, *, timeout: float, accept: Callable[[Any], bool]
+        self, creates: Sequence[Any], *, timeout: float, accept: Callable[[Any], bool]
     ) -> Any | None:
         """Watch until an event that ``accept`` approves, for at most ``timeout``.
 
-        Opens one watch stream on the current endpoint, described by the
-        `WatchCreateRequest` ``create`` (which should name a start revision,
-        so that nothing between the caller's read and the watch is missed).
+        Opens one watch stream on the current endpoint, with one watch per
+        `WatchCreateRequest` in ``creates`` (each should name a start
+        revision, so that nothing between the caller's read and the watch is
+        missed).
 
         Returns:
             The first accepted event; None when the time ran out, the watch
@@ -185,10 +186,10 @@ class Transport:
             PermissionDeniedError, EtcdError: etcd refused the watch.
         """
         index, stub = self._stub(etcdrpc.WatchStub)
-        # A single request: the stream is half-closed at once, which etcd
-        # ignores, and gRPC needs no thread to feed it.
+        # The requests are all sent at once and the stream half-closed, which
+        # etcd ignores, so gRPC needs no thread to feed it.
         call = stub.Watch(
-            iter([etcdrpc.WatchRequest(create_request=create)]),
+            iter([etcdrpc.WatchRequest(create_request=create) for create in creates]),
             timeout=timeout,
             **self._call_options(),
         )

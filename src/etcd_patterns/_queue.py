@@ -1,0 +1,447 @@
+"""A FIFO queue in which exactly one consumer receives each item.
+
+Layout: the items of queue ``dir_key`` are its direct children
+``dir_key/<id>``, where ``<id>`` sorts in enqueue order (a timestamp, then
+random digits), so that ``get_values(dir_key)`` lists what is pending.
+Consumers take items in create-revision order, etcd's own total order of
+writes. Claims of the claim/ack mode live outside the queue's directory,
+under ``<namespace>.etcd-patterns/claims/``, on the claimer's session lease.
+
+Guarantees:
+
+* Every enqueued item is delivered exactly once by `dequeue`: taking an item
+  is a transaction that deletes it only if it is unchanged and unclaimed,
+  sent through the exactly-once commit (`_commit`), so that a lost answer
+  neither loses the item nor hands it out twice. `enqueue` is exactly-once
+  the same way.
+* With several consumers, each takes the oldest item it saw that nobody took
+  first. Order across consumers is FIFO as far as "oldest available" goes;
+  one consumer receives any one producer's items in that producer's order.
+* An item enqueued with a ``ttl`` carries its own lease and vanishes,
+  undelivered, once the lease expires.
+* A blocked `dequeue` wakes on a watch, within milliseconds of an enqueue.
+  The watch is opened from the revision of the read it follows, so nothing
+  is missed; if it breaks, the consumer reads again and watches anew, and it
+  reads again at least every few seconds in any case.
+* In claim/ack mode (`claim`), an item stays in place while claimed,
+  invisible to other consumers. Ack deletes item and claim in one
+  transaction; an exception in the block releases the claim; a consumer that
+  dies lets its claim expire with its session lease, after its TTL.
+
+Lease loss: a consumer whose session lease is lost while it holds a claim
+loses the claim; its ack raises `ClaimLostError` and removes nothing, since
+another consumer may already have the item.
+
+Cost: `enqueue` is one round trip. `dequeue` reads a batch of candidate
+heads (one round trip) and then takes one per call (one round trip each);
+when another consumer took a candidate first, it moves on to the next one
+rather than reading again.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+from etcd3 import etcdrpc
+from etcd3.etcdrpc import kv_pb2
+
+from . import _ops as ops
+from ._commit import commit
+from ._errors import (
+    ClaimLostError,
+    EtcdPatternsError,
+    InvalidArgumentError,
+    InvalidTypeError,
+    NotAValueError,
+    QueueEmptyError,
+)
+from ._keys import (
+    Keyspace,
+    children_range,
+    decode_value,
+    encode_value,
+    is_direct_child,
+    prefix_end,
+)
+from ._retry import Deadline, check_timeout
+from ._session import Session, Sessions, check_ttl
+from ._transport import Transport
+
+# How many candidate heads one read fetches: the amortised cost of a dequeue
+# is 1 + 1/BATCH round trips.
+BATCH = 16
+# Items per transaction in the batch calls, within etcd's default
+# --max-txn-ops of 128 (each item needs up to two compares or one put, and
+# the commit's bookkeeping one more).
+CHUNK = 60
+# A waiting consumer reads again at least this often, whatever its watch says.
+RECHECK_INTERVAL = 5.0
+
+_PUT = kv_pb2.Event.PUT
+_DELETE = kv_pb2.Event.DELETE
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    key: bytes
+    value: str
+    mod_revision: int
+    claim: bytes
+
+
+class ClaimedItem:
+    """An item held by a claim, inside ``with etcd.claim(dir_key) as item:``.
+
+    Attributes:
+        key: The item's key, without the namespace.
+        value: The item's value.
+        fencing_token: The create revision of the claim: it increases with
+            every claim of the queue, so a store can reject the writes of a
+            consumer whose claim has since expired and been replaced.
+        lost: Set when the session lease that carries the claim is lost.
+    """
+
+    def __init__(
+        self,
+        *,
+        key: str,
+        value: str,
+        fencing_token: int,
+        session: Session,
+        etcd_key: bytes,
+        claim: bytes,
+    ) -> None:
+        self.key = key
+        self.value = value
+        self.fencing_token = fencing_token
+        self.lost = session.lost
+        self._etcd_key = etcd_key
+        self._claim = claim
+
+    def __repr__(self) -> str:
+        return f"<ClaimedItem {self.key!r} fencing_token={self.fencing_token}>"
+
+
+class Queue:
+    """The queue pattern over one transport, namespace and set of sessions.
+
+    Args:
+        transport: Sends requests.
+        keyspace: Maps queue names to etcd keys.
+        sessions: The sessions that record outcomes and carry claims.
+    """
+
+    def __init__(self, transport: Transport, keyspace: Keyspace, sessions: Sessions) -> None:
+        self._transport = transport
+        self._keyspace = keyspace
+        self._sessions = sessions
+        self._candidates: dict[bytes, deque[_Candidate]] = {}
+        self._lock = threading.Lock()
+        self._last_stamp = 0
+
+    # -- producing ----------------------------------------------------------
+
+    def enqueue(self, dir_key: object, value: object, *, ttl: object = None) -> str:
+        """See `EtcdPatterns.enqueue`."""
+        return self.enqueue_many(dir_key, [value], ttl=ttl, _name="value")[0]
+
+    def enqueue_many(
+        self, dir_key: object, values: object, *, ttl: object = None, _name: str = "values"
+    ) -> list[str]:
+        """See `EtcdPatterns.enqueue_many`."""
+        raw = self._keyspace.encode(dir_key, name="dir_key")
+        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+            raise InvalidTypeError(f"{_name} must be a list of str, not {type(values).__name__}")
+        encoded = [encode_value(value, name="value") for value in values]
+        lease_ttl = None if ttl is None else check_ttl(ttl)
+        keys: list[str] = []
+        for start in range(0, len(encoded), CHUNK):
+            chunk = encoded[start : start + CHUNK]
+            lease = 0 if lease_ttl is None else self._transport.lease_grant(lease_ttl).ID
+            items = [raw + b"/" + self._new_id() for _ in chunk]
+            committed = commit(
+                self._transport,
+                self._sessions.get,
+                compare=[ops.compare_version(raw, "==", 0)]
+                + [ops.compare_version(item, "==", 0) for item in items],
+                success=[
+                    ops.put(item, value, lease=lease)
+                    for item, value in zip(items, chunk, strict=True)
+                ],
+                failure=[ops.get(raw, keys_only=True)],
+            )
+            if not committed.succeeded:
+                assert committed.responses is not None  # failures always carry responses
+                if ops.kvs(committed.responses, 0):
+                    raise NotAValueError(self._keyspace.decode(raw))
+                raise EtcdPatternsError("generated queue keys collided; nothing was enqueued")
+            keys.extend(self._keyspace.decode(item) for item in items)
+        return keys
+
+    def _new_id(self) -> bytes:
+        # Nanoseconds, kept strictly increasing within the process, then
+        # random digits against other processes.
+        with self._lock:
+            self._last_stamp = max(time.time_ns(), self._last_stamp + 1)
+            stamp = self._last_stamp
+        return f"{stamp:020d}-{secrets.token_hex(4)}".encode()
+
+    # -- consuming ----------------------------------------------------------
+
+    def dequeue(self, dir_key: object, *, timeout: object = None) -> str:
+        """See `EtcdPatterns.dequeue`."""
+        raw = self._keyspace.encode(dir_key, name="dir_key")
+        deadline = Deadline(check_timeout(timeout))
+        for candidate in self._candidates_until(raw, deadline):
+            if self._take([candidate]):
+                return candidate.value
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def dequeue_many(
+        self, dir_key: object, max_items: object, *, timeout: object = None
+    ) -> list[str]:
+        """See `EtcdPatterns.dequeue_many`."""
+        raw = self._keyspace.encode(dir_key, name="dir_key")
+        if isinstance(max_items, bool) or not isinstance(max_items, int):
+            raise InvalidTypeError(f"max_items must be an int, not {max_items!r}")
+        if max_items < 1:
+            raise InvalidArgumentError(f"max_items must be >= 1, not {max_items}")
+        deadline = Deadline(check_timeout(timeout))
+        for first in self._candidates_until(raw, deadline):
+            chosen = [first, *self._more_candidates(raw, min(max_items, CHUNK) - 1)]
+            if self._take(chosen):
+                taken = [c.value for c in chosen]
+                if len(taken) < max_items:
+                    taken += self._take_available(raw, max_items - len(taken))
+                return taken
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _take_available(self, raw: bytes, wanted: int) -> list[str]:
+        """Take up to ``wanted`` more items that are there now, without waiting."""
+        taken: list[str] = []
+        while len(taken) < wanted:
+            chosen = self._more_candidates(raw, min(wanted - len(taken), CHUNK))
+            if not chosen:
+                chosen = self._read(raw, min(wanted - len(taken), CHUNK))[0]
+                if not chosen:
+                    return taken
+            if self._take(chosen):
+                taken += [c.value for c in chosen]
+        return taken
+
+    def claim(self, dir_key: object, *, ttl: object = None, timeout: object = None) -> Claim:
+        """See `EtcdPatterns.claim`."""
+        raw = self._keyspace.encode(dir_key, name="dir_key")
+        lease_ttl = None if ttl is None else check_ttl(ttl)
+        deadline = Deadline(check_timeout(timeout))
+        return Claim(self, raw, lease_ttl, deadline)
+
+    def _claim_one(self, raw: bytes, lease_ttl: int | None, deadline: Deadline) -> ClaimedItem:
+        for candidate in self._candidates_until(raw, deadline):
+
+            def put_claim(session: Session, claim: bytes = candidate.claim) -> list[Any]:
+                # The claim lives on the lease of the session that commits it.
+                return [ops.put(claim, b"claimed", lease=session.lease_id)]
+
+            committed = commit(
+                self._transport,
+                lambda: self._sessions.get(lease_ttl),
+                compare=_unchanged_and_unclaimed(candidate),
+                success=put_claim,
+                failure=[],
+            )
+            if committed.succeeded:
+                return ClaimedItem(
+                    key=self._keyspace.decode(candidate.key),
+                    value=candidate.value,
+                    fencing_token=committed.revision,
+                    session=committed.session,
+                    etcd_key=candidate.key,
+                    claim=candidate.claim,
+                )
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def ack(self, item: ClaimedItem) -> None:
+        """Delete a claimed item and its claim, if the claim is still ours."""
+        committed = commit(
+            self._transport,
+            self._sessions.get,
+            compare=[ops.compare_create(item._claim, "==", item.fencing_token)],
+            success=[ops.delete(item._etcd_key), ops.delete(item._claim)],
+            failure=[],
+        )
+        if not committed.succeeded:
+            raise ClaimLostError(
+                f"the claim on {item.key!r} expired before it was acked; the item stays queued"
+            )
+
+    def release(self, item: ClaimedItem) -> None:
+        """Give a claimed item back, at its place in the queue."""
+        request = ops.txn(
+            compare=[ops.compare_create(item._claim, "==", item.fencing_token)],
+            success=[ops.delete(item._claim)],
+            failure=[],
+        )
+        try:
+            self._transport.txn(request, write=False)
+        except EtcdPatternsError:
+            # The claim expires with its lease; until then the item waits.
+            self._sessions.get().abandon(item._claim, item.fencing_token)
+
+    # -- machinery ----------------------------------------------------------
+
+    def _candidates_until(self, raw: bytes, deadline: Deadline) -> Iterator[_Candidate]:
+        """Yield candidate heads, oldest first, waiting when there are none.
+
+        Raises:
+            QueueEmptyError: The deadline passed with no candidate.
+            NotAValueError: ``raw`` holds a value of its own.
+        """
+        while True:
+            candidate = self._next_cached(raw)
+            if candidate is not None:
+                yield candidate
+                continue
+            fresh, revision = self._read(raw, BATCH)
+            if fresh:
+                with self._lock:
+                    self._candidates.setdefault(raw, deque()).extend(fresh)
+                continue
+            remaining = deadline.remaining()
+            if remaining == 0:
+                raise QueueEmptyError(f"queue {self._keyspace.decode(raw)!r} stayed empty")
+            self._wait(raw, revision, remaining)
+
+    def _next_cached(self, raw: bytes) -> _Candidate | None:
+        with self._lock:
+            cached = self._candidates.get(raw)
+            return cached.popleft() if cached else None
+
+    def _more_candidates(self, raw: bytes, wanted: int) -> list[_Candidate]:
+        with self._lock:
+            cached = self._candidates.get(raw)
+            if not cached:
+                return []
+            return [cached.popleft() for _ in range(min(wanted, len(cached)))]
+
+    def _claims_prefix(self, raw: bytes) -> bytes:
+        return self._keyspace.internal("claims", raw.hex()) + b"/"
+
+    def _read(self, raw: bytes, wanted: int) -> tuple[list[_Candidate], int]:
+        """Up to ``wanted`` unclaimed items, oldest first, and the revision read at."""
+        start, end = children_range(raw)
+        claims = self._claims_prefix(raw)
+        limit = wanted
+        while True:
+            response = self._transport.txn(
+                ops.txn(
+                    compare=[ops.compare_version(raw, ">", 0)],
+                    success=[ops.get(raw, keys_only=True)],
+                    failure=[
+                        ops.get(start, end, oldest_first=True, limit=limit),
+                        ops.get(claims, prefix_end(claims), keys_only=True),
+                    ],
+                ),
+                write=False,
+            )
+            if response.succeeded:
+                raise NotAValueError(self._keyspace.decode(raw))
+            found = ops.kvs(response.responses, 0)
+            claimed = {kv.key[len(claims) :] for kv in ops.kvs(response.responses, 1)}
+            candidates = [
+                _Candidate(
+                    kv.key,
+                    decode_value(kv.value, key=self._keyspace.decode(kv.key)),
+                    kv.mod_revision,
+                    claims + kv.key[len(start) :],
+                )
+                for kv in found
+                if is_direct_child(raw, kv.key) and kv.key[len(start) :] not in claimed
+            ]
+            header: int = response.header.revision
+            # Deeper keys and claimed items count against the limit: read
+            # further only if they hid every item.
+            if candidates or len(found) < limit:
+                return candidates[:wanted], header
+            limit *= 2
+
+    def _take(self, chosen: list[_Candidate]) -> bool:
+        """Delete these items, exactly once, if all are still there and unclaimed."""
+        committed = commit(
+            self._transport,
+            self._sessions.get,
+            compare=[c for candidate in chosen for c in _unchanged_and_unclaimed(candidate)],
+            success=[ops.delete(candidate.key) for candidate in chosen],
+            failure=[],
+        )
+        return committed.succeeded
+
+    def _wait(self, raw: bytes, revision: int, remaining: float | None) -> None:
+        """Wait for an item to arrive or a claim to go, from ``revision`` on."""
+        start, end = children_range(raw)
+        claims = self._claims_prefix(raw)
+        watches = [
+            etcdrpc.WatchCreateRequest(
+                key=start,
+                range_end=end,
+                start_revision=revision + 1,
+                filters=[etcdrpc.WatchCreateRequest.NODELETE],
+            ),
+            etcdrpc.WatchCreateRequest(
+                key=claims,
+                range_end=prefix_end(claims),
+                start_revision=revision + 1,
+                filters=[etcdrpc.WatchCreateRequest.NOPUT],
+            ),
+        ]
+
+        def accept(event: Any) -> bool:
+            if event.type == _DELETE:
+                return True  # a claim released or expired
+            return event.type == _PUT and is_direct_child(raw, event.kv.key)
+
+        window = RECHECK_INTERVAL if remaining is None else min(RECHECK_INTERVAL, remaining)
+        self._transport.wait_event(watches, timeout=window, accept=accept)
+
+
+def _unchanged_and_unclaimed(candidate: _Candidate) -> list[Any]:
+    return [
+        ops.compare_mod(candidate.key, "==", candidate.mod_revision),
+        ops.compare_version(candidate.claim, "==", 0),
+    ]
+
+
+class Claim:
+    """Context manager of `EtcdPatterns.claim`: acks on success, releases on error."""
+
+    def __init__(self, queue: Queue, raw: bytes, lease_ttl: int | None, deadline: Deadline) -> None:
+        self._queue = queue
+        self._raw = raw
+        self._lease_ttl = lease_ttl
+        self._deadline = deadline
+        self._item: ClaimedItem | None = None
+
+    def __enter__(self) -> ClaimedItem:
+        self._item = self._queue._claim_one(self._raw, self._lease_ttl, self._deadline)
+        return self._item
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        item, self._item = self._item, None
+        if item is None:
+            return
+        if exc_type is None:
+            self._queue.ack(item)
+        else:
+            self._queue.release(item)
