@@ -284,6 +284,9 @@ class Queue:
 
     def release(self, item: ClaimedItem) -> None:
         """Give a claimed item back, at its place in the queue."""
+        with self._lock:
+            # The item is older than any cached candidate: read afresh.
+            self._candidates.pop(item._etcd_key.rpartition(b"/")[0], None)
         request = ops.txn(
             compare=[ops.compare_create(item._claim, "==", item.fencing_token)],
             success=[ops.delete(item._claim)],
@@ -338,7 +341,10 @@ class Queue:
         """Up to ``wanted`` unclaimed items, oldest first, and the revision read at."""
         start, end = children_range(raw)
         claims = self._claims_prefix(raw)
-        limit = wanted
+        # Items enqueued by one transaction share a create revision, and etcd
+        # breaks such ties arbitrarily: read a whole transaction's worth more
+        # than wanted, so that the last, possibly cut, group can be dropped.
+        limit = wanted + CHUNK
         while True:
             response = self._transport.txn(
                 ops.txn(
@@ -353,7 +359,11 @@ class Queue:
             )
             if response.succeeded:
                 raise NotAValueError(self._keyspace.decode(raw))
-            found = ops.kvs(response.responses, 0)
+            found = sorted(ops.kvs(response.responses, 0), key=_fifo_order)
+            cut = len(found) == limit
+            if cut:
+                last = found[-1].create_revision
+                found = [kv for kv in found if kv.create_revision < last] or found
             claimed = {kv.key[len(claims) :] for kv in ops.kvs(response.responses, 1)}
             candidates = [
                 _Candidate(
@@ -368,7 +378,7 @@ class Queue:
             header: int = response.header.revision
             # Deeper keys and claimed items count against the limit: read
             # further only if they hid every item.
-            if candidates or len(found) < limit:
+            if candidates or not cut:
                 return candidates[:wanted], header
             limit *= 2
 
@@ -409,6 +419,11 @@ class Queue:
 
         window = RECHECK_INTERVAL if remaining is None else min(RECHECK_INTERVAL, remaining)
         self._transport.wait_event(watches, timeout=window, accept=accept)
+
+
+def _fifo_order(kv: Any) -> tuple[int, bytes]:
+    # Within one enqueue transaction, item keys increase in enqueue order.
+    return kv.create_revision, kv.key
 
 
 def _unchanged_and_unclaimed(candidate: _Candidate) -> list[Any]:

@@ -103,6 +103,30 @@ CASES: list[tuple[str, Call, type[BaseException]]] = [
     ("try_lock name is a value", lambda p: p.try_lock("k", noop), NotALockError),
     ("locked empty name", lambda p: p.locked("").__enter__(), InvalidArgumentError),
     ("try_locked ttl str", lambda p: p.try_locked("L", ttl="x").__enter__(), InvalidTypeError),  # type: ignore[arg-type]
+    # queue
+    ("enqueue None dir", lambda p: p.enqueue(None, "v"), InvalidTypeError),  # type: ignore[arg-type]
+    ("enqueue empty dir", lambda p: p.enqueue("", "v"), InvalidArgumentError),
+    ("enqueue trailing slash", lambda p: p.enqueue("q/", "v"), InvalidArgumentError),
+    ("enqueue int value", lambda p: p.enqueue("q", 5), InvalidTypeError),  # type: ignore[arg-type]
+    ("enqueue None value", lambda p: p.enqueue("q", None), InvalidTypeError),  # type: ignore[arg-type]
+    ("enqueue non-UTF-8 value", lambda p: p.enqueue("q", b"\xff"), InvalidArgumentError),
+    ("enqueue oversized", lambda p: p.enqueue("q", BIG), ValueTooLargeError),
+    ("enqueue ttl 0", lambda p: p.enqueue("q", "v", ttl=0), InvalidArgumentError),
+    ("enqueue ttl negative", lambda p: p.enqueue("q", "v", ttl=-2), InvalidArgumentError),
+    ("enqueue ttl NaN", lambda p: p.enqueue("q", "v", ttl=float("nan")), InvalidArgumentError),
+    ("enqueue ttl str", lambda p: p.enqueue("q", "v", ttl="1"), InvalidTypeError),  # type: ignore[arg-type]
+    ("enqueue dir is a value", lambda p: p.enqueue("k", "v"), NotAValueError),
+    ("enqueue_many a str", lambda p: p.enqueue_many("q", "abc"), InvalidTypeError),
+    ("enqueue_many int item", lambda p: p.enqueue_many("q", ["a", 1]), InvalidTypeError),  # type: ignore[list-item]
+    ("dequeue empty dir", lambda p: p.dequeue("", timeout=0), InvalidArgumentError),
+    ("dequeue timeout negative", lambda p: p.dequeue("q", timeout=-1), InvalidArgumentError),
+    ("dequeue dir is a value", lambda p: p.dequeue("k", timeout=0), NotAValueError),
+    ("dequeue_many 0", lambda p: p.dequeue_many("q", 0, timeout=0), InvalidArgumentError),
+    ("dequeue_many str", lambda p: p.dequeue_many("q", "3", timeout=0), InvalidTypeError),  # type: ignore[arg-type]
+    ("dequeue_many bool", lambda p: p.dequeue_many("q", True, timeout=0), InvalidTypeError),
+    ("claim timeout NaN", lambda p: p.claim("q", timeout=float("nan")), InvalidArgumentError),
+    ("claim ttl 0", lambda p: p.claim("q", ttl=0), InvalidArgumentError),
+    ("claim dir is a value", lambda p: p.claim("k", timeout=0).__enter__(), NotAValueError),
 ]
 
 

@@ -1,0 +1,405 @@
+"""enqueue / dequeue / claim against a real etcd."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import pytest
+
+from etcd_patterns import (
+    ClaimLostError,
+    EtcdPatterns,
+    NotAValueError,
+    QueueEmptyError,
+    ValueDecodeError,
+)
+from etcd_patterns.testing import EtcdCluster, ExternalEtcd
+from tests.helpers import FaultInjector, Raw, client_with_faults, wait_until
+
+Etcd = EtcdCluster | ExternalEtcd
+
+
+@pytest.fixture
+def other(etcd: Etcd, namespace: str) -> Iterator[EtcdPatterns]:
+    """A second consumer, with its own session."""
+    with EtcdPatterns.connect(etcd.endpoints, namespace=namespace) as instance:
+        yield instance
+
+
+# -- order and layout -------------------------------------------------------------
+
+
+def test_fifo_for_a_single_consumer(patterns: EtcdPatterns) -> None:
+    values = [f"item-{i}" for i in range(200)]
+    for value in values[:50]:
+        patterns.enqueue("q", value)
+    patterns.enqueue_many("q", values[50:])
+    assert [patterns.dequeue("q", timeout=0) for _ in values] == values
+    with pytest.raises(QueueEmptyError):
+        patterns.dequeue("q", timeout=0)
+
+
+def test_items_are_direct_children_listed_in_order(patterns: EtcdPatterns, raw: Raw) -> None:
+    keys = [patterns.enqueue("q", v) for v in ("a", "b", "c")]
+    assert all(key.startswith("q/") and key.count("/") == 1 for key in keys)
+    assert keys == sorted(keys)
+    assert patterns.get_values("q") == ["a", "b", "c"]
+    raw.put("q/deeper/key", "not an item")
+    with patterns.claim("q") as item:
+        assert item.value == "a"
+        assert patterns.get_values("q") == ["a", "b", "c"]  # claims are kept elsewhere
+    assert [patterns.dequeue("q", timeout=0) for _ in range(2)] == ["b", "c"]
+    with pytest.raises(QueueEmptyError):
+        patterns.dequeue("q", timeout=0)
+
+
+def test_dequeue_many(patterns: EtcdPatterns) -> None:
+    patterns.enqueue_many("q", [str(i) for i in range(150)])
+    assert patterns.dequeue_many("q", 1) == ["0"]
+    assert patterns.dequeue_many("q", 100) == [str(i) for i in range(1, 101)]
+    assert patterns.dequeue_many("q", 100, timeout=0) == [str(i) for i in range(101, 150)]
+    with pytest.raises(QueueEmptyError):
+        patterns.dequeue_many("q", 5, timeout=0)
+
+
+def test_a_dir_key_holding_a_value_is_refused(patterns: EtcdPatterns, raw: Raw) -> None:
+    raw.put("q", "a value")
+    before = raw.revision()
+    with pytest.raises(NotAValueError):
+        patterns.enqueue("q", "x")
+    with pytest.raises(NotAValueError):
+        patterns.dequeue("q", timeout=0)
+    assert raw.revision() == before
+
+
+def test_an_undecodable_head_stays_queued(patterns: EtcdPatterns, raw: Raw) -> None:
+    raw.put("q/0001", b"\xff")
+    with pytest.raises(ValueDecodeError):
+        patterns.dequeue("q", timeout=0)
+    assert raw.value("q/0001") == b"\xff"
+
+
+# -- blocking -------------------------------------------------------------------
+
+
+def test_timeouts(patterns: EtcdPatterns) -> None:
+    started = time.monotonic()
+    with pytest.raises(QueueEmptyError) as info:
+        patterns.dequeue("q", timeout=0)
+    assert time.monotonic() - started < 0.5
+    assert isinstance(info.value, TimeoutError)
+    started = time.monotonic()
+    with pytest.raises(QueueEmptyError):
+        patterns.dequeue("q", timeout=0.5)
+    waited = time.monotonic() - started
+    assert 0.5 <= waited < 2.0
+
+
+def test_a_blocked_dequeue_wakes_on_enqueue(patterns: EtcdPatterns, other: EtcdPatterns) -> None:
+    latencies = []
+
+    def receive(into: list[tuple[str, float]]) -> None:
+        into.append((other.dequeue("q", timeout=30), time.monotonic()))
+
+    for i in range(20):
+        received: list[tuple[str, float]] = []
+        waiter = threading.Thread(target=receive, args=(received,))
+        waiter.start()
+        # Enqueue only once the consumer is blocked on its watch.
+        wait_until(lambda: _watching(other))
+        sent = time.monotonic()
+        patterns.enqueue("q", f"v{i}")
+        waiter.join(timeout=30)
+        assert received[0][0] == f"v{i}"
+        latencies.append(received[0][1] - sent)
+    print(f"dequeue wake-up after enqueue: p50 {statistics.median(latencies) * 1000:.1f} ms")
+
+
+def _watching(instance: EtcdPatterns) -> bool:
+    """Whether some thread of this process is blocked in a watch wait."""
+    for top in sys._current_frames().values():
+        frame: FrameType | None = top
+        while frame is not None:
+            if frame.f_code.co_name == "wait_event":
+                return True
+            frame = frame.f_back
+    return False
+
+
+# -- ttl ------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_an_item_with_a_ttl_expires_undelivered(patterns: EtcdPatterns, raw: Raw) -> None:
+    patterns.enqueue("q", "short-lived", ttl=1)
+    patterns.enqueue("q", "lasting")
+    assert raw.count("q/") == 2
+    wait_until(lambda: raw.count("q/") == 1, timeout=15)
+    assert patterns.dequeue("q", timeout=0) == "lasting"
+    with pytest.raises(QueueEmptyError):
+        patterns.dequeue("q", timeout=0)
+
+
+# -- exactly once, under load and under faults ------------------------------------
+
+
+def _producer(endpoints: list[str], namespace: str, name: str, count: int, start: Any) -> None:
+    with EtcdPatterns.connect(endpoints, namespace=namespace) as etcd:
+        start.wait(timeout=60)
+        for i in range(count):
+            etcd.enqueue("q", f"{name}:{i}")
+
+
+def _consumer(
+    endpoints: list[str], namespace: str, out: str, start: Any, producers_done: Any
+) -> None:
+    received = []
+    with EtcdPatterns.connect(endpoints, namespace=namespace) as etcd:
+        start.wait(timeout=60)
+        while True:
+            try:
+                received.append(etcd.dequeue("q", timeout=1))
+            except QueueEmptyError:
+                if producers_done.is_set():
+                    break
+    Path(out).write_text("\n".join(received))
+
+
+@pytest.mark.timeout(240)
+def test_every_item_exactly_once_across_processes(
+    etcd: Etcd, namespace: str, raw: Raw, tmp_path: Path
+) -> None:
+    producers, consumers, count = 3, 3, 300
+    context = multiprocessing.get_context("spawn")
+    start = context.Barrier(producers + consumers)
+    producers_done = context.Event()
+    outs = [str(tmp_path / f"consumer{i}.txt") for i in range(consumers)]
+    consuming = [
+        context.Process(
+            target=_consumer, args=(etcd.endpoints, namespace, out, start, producers_done)
+        )
+        for out in outs
+    ]
+    producing = [
+        context.Process(target=_producer, args=(etcd.endpoints, namespace, f"p{i}", count, start))
+        for i in range(producers)
+    ]
+    for process in consuming + producing:
+        process.start()
+    for process in producing:
+        process.join(timeout=200)
+    producers_done.set()
+    for process in consuming:
+        process.join(timeout=200)
+    assert [p.exitcode for p in producing + consuming] == [0] * (producers + consumers)
+
+    per_consumer = [Path(out).read_text().split("\n") for out in outs]
+    received = [item for items in per_consumer for item in items if item]
+    expected = {f"p{p}:{i}" for p in range(producers) for i in range(count)}
+    lost = expected - set(received)
+    duplicated = len(received) - len(set(received))
+    print(
+        f"received {len(received)} of {len(expected)}; lost {len(lost)}, duplicated {duplicated}; "
+        f"per consumer {[len(items) for items in per_consumer]}"
+    )
+    assert lost == set()
+    assert duplicated == 0
+    assert raw.count("q/") == 0
+    for items in per_consumer:  # each producer's items in that producer's order
+        for p in range(producers):
+            seqs = [int(i.split(":")[1]) for i in items if i.startswith(f"p{p}:")]
+            assert seqs == sorted(seqs)
+
+
+TXN = "/etcdserverpb.KV/Txn"
+
+
+def _takes_an_item(request: Any) -> bool:
+    return any(
+        op.HasField("request_delete_range") and b"/q/" in op.request_delete_range.key
+        for op in request.success
+    )
+
+
+class OneFault:
+    def __init__(self, action: str) -> None:
+        self.action = action
+        self.injected = 0
+
+    def __call__(self, method: str, request: Any) -> str:
+        if method == TXN and self.injected == 0 and _takes_an_item(request):
+            self.injected += 1
+            return self.action
+        return "pass"
+
+
+@pytest.mark.parametrize("action", ["lose-response", "hold"])
+def test_a_lost_answer_to_the_take_delivers_exactly_once(
+    etcd: Etcd, namespace: str, patterns: EtcdPatterns, raw: Raw, action: str
+) -> None:
+    fault = OneFault(action)
+    injector = FaultInjector(fault)
+    client = client_with_faults(etcd.endpoints, injector)
+    patterns.enqueue_many("q", ["first", "second"])
+    with EtcdPatterns(client, namespace=namespace) as faulty:
+        assert faulty.dequeue("q", timeout=0) == "first"
+        assert fault.injected == 1
+        late = injector.deliver_held()
+        assert not any(response.succeeded for response in late)
+        assert faulty.dequeue("q", timeout=0) == "second"
+        with pytest.raises(QueueEmptyError):
+            faulty.dequeue("q", timeout=0)
+    client.close()
+    assert raw.count("q/") == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_blocked_dequeue_survives_an_etcd_restart(namespace: str) -> None:
+    with (
+        EtcdCluster() as cluster,
+        EtcdPatterns.connect(cluster.endpoints, namespace=namespace, timeout=10) as consumer,
+        EtcdPatterns.connect(cluster.endpoints, namespace=namespace) as producer,
+    ):
+        received: list[str] = []
+        waiter = threading.Thread(target=lambda: received.append(consumer.dequeue("q", timeout=40)))
+        waiter.start()
+        wait_until(lambda: _watching(consumer))
+        cluster.nodes[0].restart()
+        producer.enqueue("q", "after the restart")
+        waiter.join(timeout=40)
+        assert received == ["after the restart"]
+
+
+# -- claim / ack ----------------------------------------------------------------
+
+
+def test_ack_removes_the_item(patterns: EtcdPatterns, raw: Raw) -> None:
+    patterns.enqueue_many("q", ["a", "b"])
+    with patterns.claim("q") as item:
+        assert item.value == "a"
+        assert item.key.startswith("q/")
+        assert not item.lost.is_set()
+    assert patterns.get_values("q") == ["b"]
+    assert raw.count(".etcd-patterns/claims/") == 0
+
+
+def test_an_exception_returns_the_item_to_its_place(patterns: EtcdPatterns) -> None:
+    patterns.enqueue_many("q", ["a", "b"])
+    seen: list[str] = []
+
+    def process() -> None:
+        with patterns.claim("q") as item:
+            seen.append(item.value)
+            raise RuntimeError("processing failed")
+
+    with pytest.raises(RuntimeError, match="processing failed"):
+        process()
+    assert seen == ["a"]
+    assert patterns.dequeue("q", timeout=0) == "a"
+    assert patterns.dequeue("q", timeout=0) == "b"
+
+
+def test_a_claimed_item_is_invisible_to_others(patterns: EtcdPatterns, other: EtcdPatterns) -> None:
+    patterns.enqueue("q", "only")
+    with patterns.claim("q") as item:
+        assert item.value == "only"
+        with pytest.raises(QueueEmptyError):
+            other.dequeue("q", timeout=0)
+        with pytest.raises(QueueEmptyError), other.claim("q", timeout=0):
+            pass
+    with pytest.raises(QueueEmptyError):
+        other.dequeue("q", timeout=0)
+
+
+def test_a_released_claim_wakes_a_waiting_consumer(
+    patterns: EtcdPatterns, other: EtcdPatterns
+) -> None:
+    patterns.enqueue("q", "retry me")
+    received: list[str] = []
+    waiter = threading.Thread(target=lambda: received.append(other.dequeue("q", timeout=30)))
+    claiming = patterns.claim("q")
+    claiming.__enter__()
+    waiter.start()
+    wait_until(lambda: _watching(other))
+    claiming.__exit__(RuntimeError, RuntimeError("give it back"), None)
+    waiter.join(timeout=30)
+    assert received == ["retry me"]
+
+
+def test_an_expired_claim_cannot_ack(patterns: EtcdPatterns, other: EtcdPatterns, raw: Raw) -> None:
+    patterns.enqueue("q", "job")
+    claiming = patterns.claim("q", ttl=3)
+    item = claiming.__enter__()
+    claims = raw.client.get_prefix(raw.key(".etcd-patterns/claims/"))
+    ((_, meta),) = list(claims)
+    raw.revoke(meta.lease_id)  # the claimer's lease is lost
+    assert item.lost.wait(timeout=10)
+    with other.claim("q", timeout=5) as again:  # another consumer gets the item
+        assert again.value == "job"
+        assert again.fencing_token > item.fencing_token
+        with pytest.raises(ClaimLostError):
+            claiming.__exit__(None, None, None)
+        assert raw.count("q/") == 1  # the stale ack removed nothing
+    assert raw.count("q/") == 0
+
+
+def _claim_and_hang(endpoints: list[str], namespace: str, ttl: int, ready: Any) -> None:
+    etcd = EtcdPatterns.connect(endpoints, namespace=namespace)
+    etcd.claim("q", ttl=ttl).__enter__()
+    ready.set()
+    threading.Event().wait()  # until SIGKILL
+
+
+@pytest.mark.timeout(60)
+def test_a_killed_consumers_item_comes_back_within_ttl(
+    etcd: Etcd, namespace: str, patterns: EtcdPatterns
+) -> None:
+    ttl = 2
+    patterns.enqueue("q", "job")
+    context = multiprocessing.get_context("spawn")
+    ready = context.Event()
+    consumer = context.Process(target=_claim_and_hang, args=(etcd.endpoints, namespace, ttl, ready))
+    consumer.start()
+    try:
+        assert ready.wait(timeout=30)
+        with pytest.raises(QueueEmptyError):
+            patterns.dequeue("q", timeout=0)
+        os.kill(consumer.pid or 0, signal.SIGKILL)
+        killed = time.monotonic()
+        assert patterns.dequeue("q", timeout=ttl + 10) == "job"
+        waited = time.monotonic() - killed
+    finally:
+        consumer.kill()
+        consumer.join()
+    print(f"claimed item back {waited:.2f}s after SIGKILL (ttl={ttl}s)")
+    assert waited <= ttl + 1
+
+
+# -- cost -----------------------------------------------------------------------
+
+
+def test_cost_in_round_trips(etcd: Etcd, patterns: EtcdPatterns) -> None:
+    patterns.enqueue("warm-up", "x")  # the session lease is granted once, on first use
+    with etcd.count_rpcs() as rpcs:
+        patterns.enqueue("q", "x")
+    assert rpcs.counts == {"etcdserverpb.KV/Txn": 1}
+    with etcd.count_rpcs() as rpcs:
+        patterns.dequeue("q", timeout=0)
+    assert rpcs.kv <= 2
+    patterns.enqueue_many("q", [str(i) for i in range(100)])
+    with etcd.count_rpcs() as rpcs:
+        for _ in range(100):
+            patterns.dequeue("q", timeout=0)
+    per_item = rpcs.kv / 100
+    print(f"amortised dequeue: {per_item:.2f} round trips per item")
+    assert per_item <= 1.2
