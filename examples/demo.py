@@ -56,11 +56,9 @@ def main() -> None:
                     if count % 50 == 0:
                         with mine.locked("report-lock", timeout=30) as held:
                             began = time.monotonic()
+                            line = f"{count} jobs, by {name}"
                             mine.transform(
-                                "report",
-                                lambda _: f"{count} jobs, by {name}",
-                                guard=held,
-                                default="",
+                                "report", lambda _, line=line: line, guard=held, default=""
                             )
                             with record:
                                 reports.append((began, time.monotonic()))
@@ -80,9 +78,8 @@ def main() -> None:
             "the queue is empty": etcd.get_values("jobs") == [],
             "report writers never overlapped": overlaps == 0,
         }
-        print(
-            f"{WORKERS} workers processed {len(processed)} jobs in {time.monotonic() - started:.1f}s"
-        )
+        elapsed = time.monotonic() - started
+        print(f"{WORKERS} workers processed {len(processed)} jobs in {elapsed:.1f}s")
         print(f"last report: {etcd.get_values('report')[0]}")
         for check, ok in checks.items():
             print(f"  {'ok  ' if ok else 'FAIL'} {check}")
