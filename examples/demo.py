@@ -12,6 +12,7 @@ import itertools
 import os
 import threading
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 
 from etcd_patterns import EtcdPatterns, QueueEmptyError
@@ -23,6 +24,10 @@ WORKERS = 4
 
 def incr(value: str) -> str:
     return str(int(value) + 1)
+
+
+def summary(count: int, name: str) -> Callable[[str], str]:
+    return lambda _: f"{count} jobs, by {name}"
 
 
 def main() -> None:
