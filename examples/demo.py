@@ -61,10 +61,7 @@ def main() -> None:
                     if count % 50 == 0:
                         with mine.locked("report-lock", timeout=30) as held:
                             began = time.monotonic()
-                            line = f"{count} jobs, by {name}"
-                            mine.transform(
-                                "report", lambda _, line=line: line, guard=held, default=""
-                            )
+                            mine.transform("report", summary(count, name), guard=held, default="")
                             with record:
                                 reports.append((began, time.monotonic()))
 
