@@ -68,6 +68,13 @@ def patterns(etcd: EtcdCluster | ExternalEtcd, namespace: str) -> Iterator[EtcdP
 
 
 @pytest.fixture
+def other(etcd: EtcdCluster | ExternalEtcd, namespace: str) -> Iterator[EtcdPatterns]:
+    """A second instance in the same namespace, as another process would have."""
+    with EtcdPatterns.connect(etcd.endpoints, namespace=namespace) as instance:
+        yield instance
+
+
+@pytest.fixture
 def raw(etcd: EtcdCluster | ExternalEtcd, namespace: str) -> Iterator[Raw]:
     """Direct etcd access inside this test's namespace, bypassing the library."""
     with Raw(etcd.endpoints, namespace) as client:

@@ -159,3 +159,27 @@ def wait_until(condition: Callable[[], bool], *, timeout: float = 20.0) -> None:
     )
     if not poll(condition):
         raise AssertionError(f"condition not met within {timeout}s")
+
+
+def run_together(work: Sequence[Callable[[], object]], *, timeout: float = 100.0) -> None:
+    """Run each callable in its own thread, all released at once by a barrier.
+
+    Joins them all, then fails if any raised or any is still running.
+    """
+    start = threading.Barrier(len(work))
+    errors: list[BaseException] = []
+
+    def run(task: Callable[[], object]) -> None:
+        try:
+            start.wait(timeout=30)
+            task()
+        except BaseException as exc:  # reported by the caller's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(task,)) for task in work]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=timeout)
+    assert not any(thread.is_alive() for thread in threads), "a worker is still running"
+    assert errors == []

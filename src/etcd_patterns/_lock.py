@@ -178,7 +178,18 @@ class Locks:
     ) -> Any:
         """See `EtcdPatterns.lock`."""
         run = _check_block(block)
-        held = self.acquire(name, ttl=ttl, timeout=timeout)
+        return self._run_holding(self.acquire(name, ttl=ttl, timeout=timeout), run)
+
+    def try_lock(self, name: object, block: object, *, ttl: object = None) -> TryLockResult[Any]:
+        """See `EtcdPatterns.try_lock`."""
+        run = _check_block(block)
+        revision, held = self.try_acquire(name, ttl=ttl)
+        if held is None:
+            return TryLockResult(revision, False, None)
+        return TryLockResult(revision, True, self._run_holding(held, run))
+
+    def _run_holding(self, held: HeldLock, run: Callable[[], Any]) -> Any:
+        """Run the block, release, and report a loss with the block's result."""
         try:
             result = run()
         except BaseException:
@@ -189,23 +200,6 @@ class Locks:
                 f"lock {held.name!r} was lost while its block ran", name=held.name, result=result
             )
         return result
-
-    def try_lock(self, name: object, block: object, *, ttl: object = None) -> TryLockResult[Any]:
-        """See `EtcdPatterns.try_lock`."""
-        run = _check_block(block)
-        revision, held = self.try_acquire(name, ttl=ttl)
-        if held is None:
-            return TryLockResult(revision, False, None)
-        try:
-            result = run()
-        except BaseException:
-            self.release(held)
-            raise
-        if not self.release(held):
-            raise LockLostError(
-                f"lock {held.name!r} was lost while its block ran", name=held.name, result=result
-            )
-        return TryLockResult(revision, True, result)
 
     # -- acquiring ----------------------------------------------------------
 
@@ -397,11 +391,7 @@ class Locks:
         with self._registry:
             if self._held.get((held._thread, raw)) is held:
                 del self._held[(held._thread, raw)]
-        request = ops.txn(
-            compare=[ops.compare_create(held.etcd_key, "==", held.fencing_token)],
-            success=[ops.delete(held.etcd_key)],
-            failure=[],
-        )
+        request = ops.delete_if_created(held.etcd_key, held.fencing_token)
         try:
             try:
                 return bool(self._transport.txn(request).succeeded)
@@ -454,44 +444,12 @@ def _check_block(block: object) -> Callable[[], Any]:
     return run
 
 
-class Locked:
-    """Context manager of `EtcdPatterns.locked`: holds the lock or raises."""
+class _Holding:
+    """Releases a held lock on leaving a ``with`` block."""
 
-    def __init__(self, locks: Locks, name: object, ttl: object, timeout: object) -> None:
+    def __init__(self, locks: Locks) -> None:
         self._locks = locks
-        self._args = (name, ttl, timeout)
         self._held: HeldLock | None = None
-
-    def __enter__(self) -> HeldLock:
-        name, ttl, timeout = self._args
-        self._held = self._locks.acquire(name, ttl=ttl, timeout=timeout)
-        return self._held
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        held, self._held = self._held, None
-        if held is None:
-            return
-        if not self._locks.release(held) and exc_type is None:
-            raise LockLostError(f"lock {held.name!r} was lost while held", name=held.name)
-
-
-class TryLocked:
-    """Context manager of `EtcdPatterns.try_locked`: a handle, or None if held elsewhere."""
-
-    def __init__(self, locks: Locks, name: object, ttl: object) -> None:
-        self._locks = locks
-        self._args = (name, ttl)
-        self._held: HeldLock | None = None
-
-    def __enter__(self) -> HeldLock | None:
-        name, ttl = self._args
-        _, self._held = self._locks.try_acquire(name, ttl=ttl)
-        return self._held
 
     def __exit__(
         self,
@@ -502,3 +460,29 @@ class TryLocked:
         held, self._held = self._held, None
         if held is not None and not self._locks.release(held) and exc_type is None:
             raise LockLostError(f"lock {held.name!r} was lost while held", name=held.name)
+
+
+class Locked(_Holding):
+    """Context manager of `EtcdPatterns.locked`: holds the lock or raises."""
+
+    def __init__(self, locks: Locks, name: object, ttl: object, timeout: object) -> None:
+        super().__init__(locks)
+        self._args = (name, ttl, timeout)
+
+    def __enter__(self) -> HeldLock:
+        name, ttl, timeout = self._args
+        self._held = self._locks.acquire(name, ttl=ttl, timeout=timeout)
+        return self._held
+
+
+class TryLocked(_Holding):
+    """Context manager of `EtcdPatterns.try_locked`: a handle, or None if held elsewhere."""
+
+    def __init__(self, locks: Locks, name: object, ttl: object) -> None:
+        super().__init__(locks)
+        self._args = (name, ttl)
+
+    def __enter__(self) -> HeldLock | None:
+        name, ttl = self._args
+        _, self._held = self._locks.try_acquire(name, ttl=ttl)
+        return self._held

@@ -106,6 +106,16 @@ def txn(compare: list[Any], success: list[Any], failure: list[Any]) -> Any:
     return etcdrpc.TxnRequest(compare=compare, success=success, failure=failure)
 
 
+def delete_if_created(key: bytes, revision: int | None) -> Any:
+    """A `TxnRequest` deleting ``key`` only if it is the incarnation created at ``revision``.
+
+    With ``revision`` None, the key is deleted whatever its incarnation.
+    Sending it twice is harmless: the second copy finds nothing to delete.
+    """
+    compare = [] if revision is None else [compare_create(key, "==", revision)]
+    return txn(compare=compare, success=[delete(key)], failure=[])
+
+
 def kvs(responses: Sequence[Any], index: int) -> list[Any]:
     """The key-values returned by the range at ``index`` of a transaction's responses."""
     found: list[Any] = list(responses[index].response_range.kvs)

@@ -287,11 +287,7 @@ class Queue:
         with self._lock:
             # The item is older than any cached candidate: read afresh.
             self._candidates.pop(item._etcd_key.rpartition(b"/")[0], None)
-        request = ops.txn(
-            compare=[ops.compare_create(item._claim, "==", item.fencing_token)],
-            success=[ops.delete(item._claim)],
-            failure=[],
-        )
+        request = ops.delete_if_created(item._claim, item.fencing_token)
         try:
             self._transport.txn(request, write=False)
         except EtcdPatternsError:

@@ -152,11 +152,7 @@ class Session:
         try:
             while pending:
                 key, revision = pending[-1]
-                request = ops.txn(
-                    compare=[] if revision is None else [ops.compare_create(key, "==", revision)],
-                    success=[ops.delete(key)],
-                    failure=[],
-                )
+                request = ops.delete_if_created(key, revision)
                 try:
                     self._transport.txn(request, write=False, deadline=Deadline(self.ttl / 3))
                 except EtcdPatternsError as exc:

@@ -7,7 +7,6 @@ sent and applied but its answer dropped, or held back and delivered late.
 from __future__ import annotations
 
 import random
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,7 +14,7 @@ import pytest
 
 from etcd_patterns import EtcdPatterns, OutcomeUnknownError
 from etcd_patterns.testing import EtcdCluster, ExternalEtcd
-from tests.helpers import FaultInjector, Raw, client_with_faults
+from tests.helpers import FaultInjector, Raw, client_with_faults, run_together
 
 TXN = "/etcdserverpb.KV/Txn"
 
@@ -128,23 +127,12 @@ def test_counter_exact_under_random_lost_answers(
     threads, rounds = 4, 25
     chaos = random.Random(7)
     faults.actions = [chaos.choice(["pass", "pass", "lose-response", "hold"]) for _ in range(400)]
-    start = threading.Barrier(threads)
-    errors: list[BaseException] = []
 
     def work() -> None:
-        try:
-            start.wait(timeout=30)
-            for _ in range(rounds):
-                faulty.transform("n", incr, default="0")
-        except BaseException as exc:  # reported by the main thread
-            errors.append(exc)
+        for _ in range(rounds):
+            faulty.transform("n", incr, default="0")
 
-    workers = [threading.Thread(target=work) for _ in range(threads)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join(timeout=100)
-    assert errors == []
+    run_together([work] * threads)
     assert raw.value("n") == str(threads * rounds).encode()
     held = faults.injector.deliver_held()
     assert not any(response.succeeded for response in held)

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,16 +24,9 @@ from etcd_patterns import (
     NotALockError,
 )
 from etcd_patterns.testing import EtcdCluster, ExternalEtcd, find_etcd_binary
-from tests.helpers import Raw, wait_until
+from tests.helpers import Raw, run_together, wait_until
 
 Etcd = EtcdCluster | ExternalEtcd
-
-
-@pytest.fixture
-def other(etcd: Etcd, namespace: str) -> Iterator[EtcdPatterns]:
-    """A second instance, as another process would have: its own session."""
-    with EtcdPatterns.connect(etcd.endpoints, namespace=namespace) as instance:
-        yield instance
 
 
 def contenders(raw: Raw, name: str = "L") -> int:
@@ -136,7 +129,6 @@ def test_threads_sharing_an_instance_exclude_each_other(patterns: EtcdPatterns, 
     inside = 0
     overlaps = 0
     guard = threading.Lock()
-    start = threading.Barrier(4)
 
     def critical() -> None:
         nonlocal inside, overlaps
@@ -149,15 +141,10 @@ def test_threads_sharing_an_instance_exclude_each_other(patterns: EtcdPatterns, 
             inside -= 1
 
     def work() -> None:
-        start.wait(timeout=30)
         for _ in range(10):
             patterns.lock("L", critical)
 
-    workers = [threading.Thread(target=work) for _ in range(4)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join(timeout=60)
+    run_together([work] * 4, timeout=60)
     assert overlaps == 0
     assert raw.value("n") == b"40"
 
@@ -453,19 +440,16 @@ def test_contended_cost_per_acquisition_is_constant(
     instances = [EtcdPatterns.connect(etcd.endpoints, namespace=namespace) for _ in range(workers)]
     for instance in instances:
         instance.lock("warm-up", lambda: None)
-    start = threading.Barrier(workers)
 
-    def work(instance: EtcdPatterns) -> None:
-        start.wait(timeout=30)
-        for _ in range(rounds):
-            instance.lock("L", lambda: None)
+    def work(instance: EtcdPatterns) -> Callable[[], None]:
+        def loop() -> None:
+            for _ in range(rounds):
+                instance.lock("L", lambda: None)
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in instances]
+        return loop
+
     with etcd.count_rpcs() as rpcs:
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=100)
+        run_together([work(instance) for instance in instances])
     for instance in instances:
         instance.close()
     per_acquisition = (rpcs.kv + rpcs.total("etcdserverpb.Watch")) / (workers * rounds)

@@ -9,7 +9,6 @@ import statistics
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -27,13 +26,6 @@ from etcd_patterns.testing import EtcdCluster, ExternalEtcd
 from tests.helpers import FaultInjector, Raw, client_with_faults, wait_until
 
 Etcd = EtcdCluster | ExternalEtcd
-
-
-@pytest.fixture
-def other(etcd: Etcd, namespace: str) -> Iterator[EtcdPatterns]:
-    """A second consumer, with its own session."""
-    with EtcdPatterns.connect(etcd.endpoints, namespace=namespace) as instance:
-        yield instance
 
 
 # -- order and layout -------------------------------------------------------------

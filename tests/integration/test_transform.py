@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import multiprocessing
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -16,7 +15,7 @@ from etcd_patterns import (
     NotAValueError,
 )
 from etcd_patterns.testing import EtcdCluster, ExternalEtcd
-from tests.helpers import Raw
+from tests.helpers import Raw, run_together
 
 
 def incr(value: str) -> str:
@@ -171,24 +170,12 @@ def test_cost_in_round_trips(
 
 def test_threads_sharing_one_instance_count_exactly(patterns: EtcdPatterns, raw: Raw) -> None:
     threads, rounds = 8, 50
-    start = threading.Barrier(threads)
-    errors: list[BaseException] = []
 
     def work() -> None:
-        try:
-            start.wait(timeout=30)
-            for _ in range(rounds):
-                patterns.transform("counter", incr, default="0")
-        except BaseException as exc:  # reported by the main thread
-            errors.append(exc)
+        for _ in range(rounds):
+            patterns.transform("counter", incr, default="0")
 
-    workers = [threading.Thread(target=work) for _ in range(threads)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join(timeout=90)
-    assert not any(worker.is_alive() for worker in workers)
-    assert errors == []
+    run_together([work] * threads, timeout=90)
     assert patterns.get_values("counter") == [str(threads * rounds)]
 
 
