@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import threading
 from collections.abc import Callable, Sequence
 from types import TracebackType
@@ -183,3 +184,22 @@ def run_together(work: Sequence[Callable[[], object]], *, timeout: float = 100.0
         thread.join(timeout=timeout)
     assert not any(thread.is_alive() for thread in threads), "a worker is still running"
     assert errors == []
+
+
+def run_processes(
+    target: Callable[..., object], args: Sequence[object], count: int, *, timeout: float = 150.0
+) -> None:
+    """Run ``target(*args, start)`` in ``count`` fresh processes, released together.
+
+    ``start`` is a barrier the target must wait on before its work. Processes
+    are spawned, not forked: forking a process that runs gRPC threads is
+    unsafe. Fails unless every process exits with status 0.
+    """
+    context = multiprocessing.get_context("spawn")
+    start = context.Barrier(count)
+    processes = [context.Process(target=target, args=(*args, start)) for _ in range(count)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=timeout)
+    assert [process.exitcode for process in processes] == [0] * count

@@ -24,7 +24,7 @@ from etcd_patterns import (
     NotALockError,
 )
 from etcd_patterns.testing import EtcdCluster, ExternalEtcd, find_etcd_binary
-from tests.helpers import Raw, run_together, wait_until
+from tests.helpers import Raw, run_processes, run_together, wait_until
 
 Etcd = EtcdCluster | ExternalEtcd
 
@@ -199,19 +199,7 @@ def test_mutual_exclusion_across_processes(
 ) -> None:
     processes, rounds = 4, 25
     log = tmp_path / "intervals.log"
-    context = multiprocessing.get_context("spawn")
-    start = context.Barrier(processes)
-    workers = [
-        context.Process(
-            target=_exclusion_worker, args=(etcd.endpoints, namespace, rounds, str(log), start)
-        )
-        for _ in range(processes)
-    ]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join(timeout=150)
-    assert [worker.exitcode for worker in workers] == [0] * processes
+    run_processes(_exclusion_worker, (etcd.endpoints, namespace, rounds, str(log)), processes)
     assert raw.value("counter") == str(processes * rounds).encode()
     intervals = sorted(
         (int(began), int(ended))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import multiprocessing
 from collections.abc import Callable
 from typing import Any
 
@@ -15,7 +14,7 @@ from etcd_patterns import (
     NotAValueError,
 )
 from etcd_patterns.testing import EtcdCluster, ExternalEtcd
-from tests.helpers import Raw, run_together
+from tests.helpers import Raw, run_processes, run_together
 
 
 def incr(value: str) -> str:
@@ -191,17 +190,7 @@ def test_processes_count_exactly(
     etcd: EtcdCluster | ExternalEtcd, namespace: str, raw: Raw
 ) -> None:
     processes, rounds = 4, 50
-    context = multiprocessing.get_context("spawn")
-    start = context.Barrier(processes)
-    workers = [
-        context.Process(target=_process_worker, args=(etcd.endpoints, namespace, rounds, start))
-        for _ in range(processes)
-    ]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join(timeout=150)
-    assert [worker.exitcode for worker in workers] == [0] * processes
+    run_processes(_process_worker, (etcd.endpoints, namespace, rounds), processes)
     assert raw.value("counter") == str(processes * rounds).encode()
 
 
