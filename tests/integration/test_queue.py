@@ -395,3 +395,41 @@ def test_cost_in_round_trips(etcd: Etcd, patterns: EtcdPatterns) -> None:
     per_item = rpcs.kv / 100
     print(f"amortised dequeue: {per_item:.2f} round trips per item")
     assert per_item <= 1.2
+
+
+def _claims(request: Any) -> bool:
+    return any(
+        op.HasField("request_put") and b"/claims/" in op.request_put.key for op in request.success
+    )
+
+
+def _acks(request: Any) -> bool:
+    return sum(op.HasField("request_delete_range") for op in request.success) == 2
+
+
+@pytest.mark.parametrize("step", ["claim", "ack"])
+@pytest.mark.parametrize("action", ["lose-response", "hold"])
+def test_lost_answers_in_claim_and_ack(
+    etcd: Etcd, namespace: str, patterns: EtcdPatterns, raw: Raw, step: str, action: str
+) -> None:
+    injected: list[str] = []
+
+    def plan(method: str, request: Any) -> str:
+        chosen = _claims if step == "claim" else _acks
+        if method == TXN and not injected and chosen(request):
+            injected.append(step)
+            return action
+        return "pass"
+
+    injector = FaultInjector(plan)
+    client = client_with_faults(etcd.endpoints, injector)
+    patterns.enqueue_many("q", ["first", "second"])
+    with EtcdPatterns(client, namespace=namespace) as faulty:
+        with faulty.claim("q", timeout=0) as item:
+            assert item.value == "first"
+            assert raw.count(".etcd-patterns/claims/") == 1  # one claim, not two
+        assert injected == [step]
+        assert not any(response.succeeded for response in injector.deliver_held())
+        assert raw.count(".etcd-patterns/claims/") == 0
+        assert faulty.get_values("q") == ["second"]
+    client.close()
