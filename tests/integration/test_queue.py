@@ -404,7 +404,8 @@ def _claims(request: Any) -> bool:
 
 
 def _acks(request: Any) -> bool:
-    return sum(op.HasField("request_delete_range") for op in request.success) == 2
+    deletes: int = sum(op.HasField("request_delete_range") for op in request.success)
+    return deletes == 2
 
 
 @pytest.mark.parametrize("step", ["claim", "ack"])
