@@ -11,8 +11,6 @@ Start with `EtcdPatterns.connect`::
 Throwaway etcd servers for tests live in `etcd_patterns.testing`.
 """
 
-import logging as _logging
-
 from ._errors import (
     ClaimLostError,
     ClosedError,
@@ -70,7 +68,3 @@ __all__ = [
     "ValueTooLargeError",
     "__version__",
 ]
-
-# A library logs, the application decides what is shown: without this,
-# Python's last-resort handler would print our warnings to stderr.
-_logging.getLogger("etcd_patterns").addHandler(_logging.NullHandler())

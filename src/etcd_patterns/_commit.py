@@ -126,7 +126,7 @@ def commit(
             try:
                 response = transport.txn(request)
             except LeaseNotFoundError:
-                current.mark_lost()
+                current.mark_lost("etcd no longer knows it")
                 continue
             except OutcomeUnknownError as exc:
                 applied_at = _resolve(transport, current, slot, token, exc)
@@ -163,7 +163,7 @@ def _resolve(
     try:
         response = transport.txn(request, write=False)
     except LeaseNotFoundError as exc:
-        session.mark_lost()
+        session.mark_lost("etcd no longer knows it")
         raise OutcomeUnknownError(f"{cause}; the session lease that could tell is gone") from exc
     except EtcdUnavailableError as exc:
         raise OutcomeUnknownError(f"{cause}; etcd stayed unavailable: {exc}") from exc

@@ -215,7 +215,7 @@ class Locks:
             try:
                 revision, predecessor, header = self._register(raw, my_key, session)
             except LeaseNotFoundError:
-                session.mark_lost()
+                session.mark_lost("etcd no longer knows it")
                 continue
             except NotALockError:
                 raise
@@ -264,7 +264,7 @@ class Locks:
             try:
                 response = self._transport.txn(request, write=False)
             except LeaseNotFoundError:
-                session.mark_lost()
+                session.mark_lost("etcd no longer knows it")
                 continue
             except BaseException:
                 session.abandon(my_key, None)

@@ -16,9 +16,9 @@ lock was released, say) is handed to `Session.abandon`; the keepalive thread
 deletes it once etcd answers again, so it never outlives its purpose by more
 than a refresh interval while the process lives.
 
-`close` stops the thread and revokes the lease, deleting its keys. Nothing is
-printed, ever: failures are logged at DEBUG level on the ``etcd_patterns``
-logger.
+`close` stops the thread and revokes the lease, deleting its keys, and
+prints nothing. Logging goes to the ``etcd_patterns`` logger: a lost lease
+at WARNING, refresh failures and cleanup at DEBUG.
 """
 
 from __future__ import annotations
@@ -108,10 +108,14 @@ class Session:
         state = "lost" if self.lost.is_set() else "alive"
         return f"<Session lease={self.lease_id:x} ttl={self.ttl} {state}>"
 
-    def mark_lost(self) -> None:
+    def mark_lost(self, reason: str) -> None:
         """Declare the lease lost: signal `lost` and stop refreshing."""
-        self.lost.set()
+        with self._lock:
+            first = not self.lost.is_set()
+            self.lost.set()
         self._stop.set()
+        if first:
+            log.warning("session lease %x (ttl %ss) lost: %s", self.lease_id, self.ttl, reason)
 
     def close(self) -> None:
         """Stop the keepalive thread and revoke the lease. Idempotent."""
@@ -188,8 +192,7 @@ class Session:
             sent = time.monotonic()
             remaining = self._expires_at - sent
             if remaining <= 0:
-                log.debug("lease %x not refreshed for %ss: lost", self.lease_id, self.ttl)
-                self.mark_lost()
+                self.mark_lost(f"not refreshed for {self.ttl}s")
                 return
             try:
                 ttl = self._transport.lease_keepalive(self.lease_id, deadline=Deadline(remaining))
@@ -200,12 +203,10 @@ class Session:
             except ClosedError:
                 return
             except Exception as exc:  # a daemon thread must not die noisily
-                log.debug("keepalive of lease %x failed: %r", self.lease_id, exc)
-                self.mark_lost()
+                self.mark_lost(f"keepalive failed: {exc!r}")
                 return
             if ttl <= 0:
-                log.debug("lease %x expired or was revoked", self.lease_id)
-                self.mark_lost()
+                self.mark_lost("etcd reports it expired or revoked")
                 return
             self._expires_at = sent + ttl
             wait = interval

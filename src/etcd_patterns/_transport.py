@@ -294,8 +294,14 @@ class Transport:
 
     def _rotate(self, failed: int) -> None:
         with self._lock:
-            if self._index == failed:
-                self._index = (failed + 1) % len(self._channels)
+            if self._index != failed or len(self._channels) == 1:
+                return
+            self._index = (failed + 1) % len(self._channels)
+        log.info(
+            "etcd endpoint %s failed; moving to %s",
+            self.endpoints[failed],
+            self.endpoints[self._index],
+        )
 
     @staticmethod
     def _client_channels_closed(exc: ValueError) -> bool:

@@ -266,12 +266,17 @@ def test_a_block_outliving_the_ttl_keeps_the_lock(
 
 
 @pytest.mark.timeout(60)
-def test_lease_loss_while_holding(patterns: EtcdPatterns, raw: Raw) -> None:
+def test_lease_loss_while_holding(
+    patterns: EtcdPatterns, raw: Raw, caplog: pytest.LogCaptureFixture
+) -> None:
     raw.put("data", "before")
     holding = patterns.locked("L", ttl=3)
     held = holding.__enter__()
     raw.revoke(held.lease_id)  # the lease dies under the holder
     assert held.lost.wait(timeout=10)
+    assert [r.levelname for r in caplog.records if f"{held.lease_id:x}" in r.getMessage()] == [
+        "WARNING"
+    ]
     assert not held.is_owner()
     with pytest.raises(LockLostError):
         patterns.transform("data", lambda v: "stale write", guard=held)
