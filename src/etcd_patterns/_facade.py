@@ -68,6 +68,7 @@ class EtcdPatterns:
         self._setup(
             client,
             owns_client=False,
+            credentials=None,
             namespace=namespace,
             timeout=timeout,
             session_ttl=session_ttl,
@@ -79,6 +80,7 @@ class EtcdPatterns:
         client: Any,
         *,
         owns_client: bool,
+        credentials: tuple[str, str] | None,
         namespace: object,
         timeout: object,
         session_ttl: object,
@@ -92,7 +94,11 @@ class EtcdPatterns:
             raise InvalidArgumentError(f"max_request_bytes must be > 0, not {max_request_bytes}")
         self._keyspace = Keyspace(namespace)
         self._transport = Transport(
-            client, timeout=wait, owns_client=owns_client, max_request_bytes=max_request_bytes
+            client,
+            timeout=wait,
+            owns_client=owns_client,
+            max_request_bytes=max_request_bytes,
+            credentials=credentials,
         )
         self._sessions = Sessions(self._transport, self._keyspace, ttl)
         self._kv = KeyValue(self._transport, self._keyspace, self._sessions.get)
@@ -156,6 +162,7 @@ class EtcdPatterns:
             self._setup(
                 client,
                 owns_client=True,
+                credentials=None if user is None or password is None else (user, password),
                 namespace=namespace,
                 timeout=wait,
                 session_ttl=session_ttl,

@@ -16,6 +16,9 @@ Guarantees:
   tells the caller to resolve the outcome.
 * With several endpoints, a connection failure moves the next attempt to the
   next endpoint.
+* Given the credentials, an expired auth token is renewed and the request
+  sent again (etcd refuses a request with a stale token before applying it).
+  python3-etcd3 authenticates once and fails from then on.
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ _REQUEST_OVERHEAD = 512
 
 DEFAULT_MAX_REQUEST_BYTES = 1_572_864  # etcd's default --max-request-bytes (1.5 MiB)
 
+_INVALID_TOKEN = "etcdserver: invalid auth token"  # noqa: S105 -- an error text, not a secret
+
 
 class Transport:
     """Sends requests over an etcd3 client's channels.
@@ -61,6 +66,7 @@ class Transport:
         owns_client: Whether `close` also closes ``client``.
         max_request_bytes: The server's ``--max-request-bytes``; larger
             writes fail with `ValueTooLargeError` before they are sent.
+        credentials: User and password, to renew an expired auth token.
     """
 
     def __init__(
@@ -70,11 +76,13 @@ class Transport:
         timeout: float,
         owns_client: bool,
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        credentials: tuple[str, str] | None = None,
     ) -> None:
         self.timeout = timeout
         self.max_request_bytes = max_request_bytes
         self._client = client
         self._owns_client = owns_client
+        self._credentials = credentials
         self._channels: list[grpc.Channel] = [ep.channel for ep in client.endpoints.values()]
         self.endpoints: tuple[str, ...] = tuple(client.endpoints)
         current = client.endpoint_in_use
@@ -204,6 +212,8 @@ class Transport:
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                 return None
+            if self._renewed_token(exc):
+                return None
             if connection_failed(exc):
                 self._rotate(index)
             error = translate(exc, endpoints=self.endpoints, write=False)
@@ -258,6 +268,8 @@ class Transport:
         try:
             return send(stub, timeout)
         except grpc.RpcError as exc:
+            if self._renewed_token(exc):
+                raise EtcdUnavailableError("the auth token had expired; renewed it") from exc
             log.debug(
                 "%s on %s failed: %s %s",
                 stub_class.__name__,
@@ -276,6 +288,25 @@ class Transport:
             if self._client_channels_closed(exc):
                 raise ClosedError("the etcd3 client was closed") from exc
             raise
+
+    def _renewed_token(self, exc: grpc.RpcError) -> bool:
+        """If ``exc`` says the auth token expired, get a new one; whether it did."""
+        if self._credentials is None or exc.code() != grpc.StatusCode.UNAUTHENTICATED:
+            return False
+        if (exc.details() or "") != _INVALID_TOKEN:
+            return False
+        user, password = self._credentials
+        _, stub = self._stub(etcdrpc.AuthStub)
+        try:
+            response = stub.Authenticate(
+                etcdrpc.AuthenticateRequest(name=user, password=password), timeout=self.timeout
+            )
+        except grpc.RpcError as auth_exc:
+            log.debug("renewing the auth token failed: %s", auth_exc.code())
+            return False
+        self._client.metadata = (("token", response.token),)
+        log.debug("renewed the auth token of user %r", user)
+        return True
 
     def _call_options(self) -> dict[str, Any]:
         # The auth token travels as metadata. The client's call credentials

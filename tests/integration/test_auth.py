@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -13,7 +14,8 @@ from etcd_patterns.testing import EtcdCluster, find_etcd_binary
 
 @pytest.fixture(scope="module")
 def secured() -> Iterator[EtcdCluster]:
-    with EtcdCluster() as cluster:
+    # Tokens expire after one idle second, so that tests can outlive them.
+    with EtcdCluster(extra_args=["--auth-token-ttl=1"]) as cluster:
         etcdctl = [find_etcd_binary("etcdctl"), f"--endpoints={cluster.endpoints[0]}"]
         for command in (
             ["user", "add", "root:rootpw"],
@@ -46,5 +48,52 @@ def test_outside_its_prefix_it_is_denied(secured: EtcdCluster) -> None:
 
 
 def test_a_wrong_password_is_refused_at_connect(secured: EtcdCluster) -> None:
-    with pytest.raises(PermissionDeniedError, match="authentication failed"):
-        EtcdPatterns.connect(secured.endpoints, user="app", password="wrong")
+    with pytest.raises(PermissionDeniedError, match="authentication failed") as info:
+        EtcdPatterns.connect(secured.endpoints, user="app", password="s3cret-guess")
+    assert "s3cret-guess" not in str(info.value)
+    assert "s3cret-guess" not in repr(info.value.__cause__)
+
+
+def test_every_pattern_works_inside_the_prefix(secured: EtcdCluster) -> None:
+    with EtcdPatterns.connect(
+        secured.endpoints, user="app", password="apppw", namespace="/app/"
+    ) as etcd:
+        assert etcd.lock("L", lambda: etcd.try_transform("n", lambda v: "1", default="0")) == (
+            True,
+            "1",
+        )
+        assert etcd.try_lock("L", lambda: "held").value == "held"
+        etcd.enqueue_many("q", ["a", "b", "c"])
+        assert etcd.dequeue("q") == "a"
+        assert etcd.dequeue_many("q", 1) == ["b"]
+        with etcd.claim("q") as item:
+            assert item.value == "c"
+        assert etcd.get_values("q") == []
+
+
+def test_an_expired_token_is_renewed(secured: EtcdCluster) -> None:
+    with EtcdPatterns.connect(
+        secured.endpoints, user="app", password="apppw", namespace="/app/"
+    ) as etcd:
+        etcd.transform("n", lambda v: "1", default="")
+        threading.Event().wait(3)  # idle for longer than the token lives
+        assert etcd.transform("n", lambda v: v + "1") == "11"
+
+
+@pytest.mark.timeout(60)
+def test_a_long_wait_outlives_its_token(secured: EtcdCluster) -> None:
+    with (
+        EtcdPatterns.connect(
+            secured.endpoints, user="app", password="apppw", namespace="/app/"
+        ) as consumer,
+        EtcdPatterns.connect(
+            secured.endpoints, user="app", password="apppw", namespace="/app/"
+        ) as producer,
+    ):
+        received: list[str] = []
+        waiter = threading.Thread(target=lambda: received.append(consumer.dequeue("w", timeout=30)))
+        waiter.start()
+        threading.Event().wait(3)  # the consumer's token expires while it waits
+        producer.enqueue("w", "late item")
+        waiter.join(timeout=30)
+        assert received == ["late item"]
