@@ -283,6 +283,12 @@ def _translate_status(
     code: grpc.StatusCode | None, details: str, *, where: str, write: bool
 ) -> EtcdPatternsError:
     name = code.name if code is not None else "UNKNOWN"
+    if "andshake failed" in details:
+        # A certificate problem does not go away by itself: say so at once.
+        return PermissionDeniedError(
+            f"TLS handshake with etcd at {where} failed (check ca_cert, cert_key and "
+            f"cert_cert): {details}"
+        )
     if never_sent(code, details):
         return EtcdUnavailableError(f"etcd at {where} is unavailable: {details} ({name})")
     if code in (

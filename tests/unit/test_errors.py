@@ -40,6 +40,13 @@ U = grpc.StatusCode
         (U.UNAVAILABLE, "etcdserver: no leader", True, EtcdUnavailableError),
         (U.RESOURCE_EXHAUSTED, "etcdserver: too many requests", True, EtcdUnavailableError),
         (U.UNAVAILABLE, "Socket closed", True, OutcomeUnknownError),
+        (
+            U.UNAVAILABLE,
+            "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:1: "
+            "Tls handshake failed (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: BAD_CERTIFICATE",
+            False,
+            PermissionDeniedError,
+        ),
         (U.UNAVAILABLE, "etcdserver: leader changed", True, OutcomeUnknownError),
         (U.DEADLINE_EXCEEDED, "Deadline Exceeded", True, OutcomeUnknownError),
         (U.UNAVAILABLE, "etcdserver: request timed out", True, OutcomeUnknownError),
