@@ -30,6 +30,7 @@ from ._errors import (
     OutcomeUnknownError,
     PermissionDeniedError,
     QueueEmptyError,
+    QuotaExceededError,
     ValueDecodeError,
     ValueTooLargeError,
 )
@@ -62,6 +63,7 @@ __all__ = [
     "OutcomeUnknownError",
     "PermissionDeniedError",
     "QueueEmptyError",
+    "QuotaExceededError",
     "TryLockResult",
     "TryTransformResult",
     "ValueDecodeError",

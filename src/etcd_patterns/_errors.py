@@ -23,7 +23,8 @@ and every wait that runs out of time raises a `TimeoutError`::
     │   └── OutcomeUnknownError                a write may or may not have applied
     ├── PermissionDeniedError                  authentication or role check failed
     └── EtcdError                              any other error reported by etcd
-        └── LeaseNotFoundError                 the lease expired or was revoked
+        ├── LeaseNotFoundError                 the lease expired or was revoked
+        └── QuotaExceededError                 etcd's database is full
 
 `translate` turns a `grpc.RpcError` (or an `etcd3.exceptions` error) into one
 of these, always raised ``from`` the original so the cause stays visible.
@@ -55,6 +56,7 @@ __all__ = [
     "OutcomeUnknownError",
     "PermissionDeniedError",
     "QueueEmptyError",
+    "QuotaExceededError",
     "ValueDecodeError",
     "ValueTooLargeError",
     "translate",
@@ -207,6 +209,15 @@ class LeaseNotFoundError(EtcdError):
     """The lease expired or was revoked."""
 
 
+class QuotaExceededError(EtcdError):
+    """etcd's database reached its quota (``--quota-backend-bytes``).
+
+    etcd then raises its NOSPACE alarm and refuses every transaction, even a
+    read-only one, until space is freed (delete keys, compact, defragment)
+    and the alarm is disarmed (``etcdctl alarm disarm``).
+    """
+
+
 # etcd's own error strings (server/etcdserver/api/v3rpc/rpctypes).
 _NO_LEADER = "etcdserver: no leader"
 _TOO_MANY_REQUESTS = "etcdserver: too many requests"
@@ -214,6 +225,7 @@ _NOT_CAPABLE = "etcdserver: not capable"
 _REQUEST_TOO_LARGE = "etcdserver: request is too large"
 _LEASE_NOT_FOUND = "etcdserver: requested lease not found"
 _AUTH_FAILED = "etcdserver: authentication failed"
+_NO_SPACE = "etcdserver: mvcc: database space exceeded"
 
 # gRPC's wording when no connection could be made, so nothing was sent.
 _NOT_CONNECTED = (
@@ -300,6 +312,12 @@ def _translate_status(
         return ValueTooLargeError(f"request rejected as too large by etcd at {where}: {details}")
     if details == _LEASE_NOT_FOUND:
         return LeaseNotFoundError(details, code=code)
+    if details == _NO_SPACE:
+        return QuotaExceededError(
+            f"etcd at {where} is out of space (its NOSPACE alarm is raised): free space, "
+            "compact and defragment, then run 'etcdctl alarm disarm'",
+            code=code,
+        )
     if code in _AMBIGUOUS_CODES:
         if write:
             return OutcomeUnknownError(
