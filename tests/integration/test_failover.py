@@ -1,13 +1,15 @@
-"""Transforms keep working, exactly, while members of a 3-node cluster die."""
+"""Transforms and waits keep working, exactly, while members of a 3-node cluster die."""
 
 from __future__ import annotations
 
 import threading
+from contextlib import ExitStack
 
 import pytest
 
 from etcd_patterns import EtcdPatterns
 from etcd_patterns.testing import EtcdCluster
+from tests.helpers import wait_until
 
 
 def incr(value: str) -> str:
@@ -63,3 +65,33 @@ def test_counter_is_exact_while_each_member_is_killed_in_turn(namespace: str) ->
                 worker.join(timeout=30)
         assert errors == []
         assert etcd.get_values("counter") == [str(done)]
+
+
+@pytest.mark.chaos
+@pytest.mark.timeout(120)
+def test_waits_keep_their_place_while_members_die(namespace: str) -> None:
+    with EtcdCluster(size=3) as cluster, ExitStack() as stack:
+        holder, first, second, consumer = (
+            stack.enter_context(EtcdPatterns.connect(cluster.endpoints, namespace=namespace))
+            for _ in range(4)
+        )
+        order: list[str] = []
+        received: list[str] = []
+        threads = [
+            threading.Thread(target=first.lock, args=("L", lambda: order.append("first"))),
+            threading.Thread(target=second.lock, args=("L", lambda: order.append("second"))),
+            threading.Thread(target=lambda: received.append(consumer.dequeue("q", timeout=60))),
+        ]
+        with holder.locked("L"):
+            for waiters, thread in enumerate(threads[:2], start=2):
+                thread.start()
+                wait_until(lambda: len(holder.get_values("L")) == waiters)  # noqa: B023
+            threads[2].start()
+            for node in cluster.nodes:  # so every waiter's member dies at some point
+                node.kill()
+                node.restart()
+        holder.enqueue("q", "after the failovers")
+        for thread in threads:
+            thread.join(timeout=60)
+        assert order == ["first", "second"]
+        assert received == ["after the failovers"]
