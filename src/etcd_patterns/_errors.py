@@ -227,6 +227,10 @@ _LEASE_NOT_FOUND = "etcdserver: requested lease not found"
 _AUTH_FAILED = "etcdserver: authentication failed"
 _NO_SPACE = "etcdserver: mvcc: database space exceeded"
 
+# gRPC's wording when TLS fails: during the handshake, or (TLS 1.3) when the
+# server's rejection of the client's certificate arrives just after it.
+_TLS_FAILURES = ("andshake failed", "TSI_", "SSL_ERROR")
+
 # gRPC's wording when no connection could be made, so nothing was sent.
 _NOT_CONNECTED = (
     "failed to connect to all addresses",
@@ -295,7 +299,7 @@ def _translate_status(
     code: grpc.StatusCode | None, details: str, *, where: str, write: bool
 ) -> EtcdPatternsError:
     name = code.name if code is not None else "UNKNOWN"
-    if "andshake failed" in details:
+    if any(sign in details for sign in _TLS_FAILURES):
         # A certificate problem does not go away by itself: say so at once.
         return PermissionDeniedError(
             f"TLS handshake with etcd at {where} failed (check ca_cert, cert_key and "

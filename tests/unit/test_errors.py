@@ -47,6 +47,13 @@ U = grpc.StatusCode
             False,
             PermissionDeniedError,
         ),
+        (
+            U.UNAVAILABLE,
+            "failed to connect to all addresses; last error: UNAVAILABLE: "
+            "ipv4:127.0.0.1:1: Unwrap failed (TSI_DATA_CORRUPTED)",
+            True,
+            PermissionDeniedError,
+        ),
         (U.UNAVAILABLE, "etcdserver: leader changed", True, OutcomeUnknownError),
         (U.DEADLINE_EXCEEDED, "Deadline Exceeded", True, OutcomeUnknownError),
         (U.UNAVAILABLE, "etcdserver: request timed out", True, OutcomeUnknownError),
