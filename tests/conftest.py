@@ -1,14 +1,13 @@
 """Fixtures shared by every test: a real etcd and a fresh namespace per test.
 
-The etcd is started once per session by `etcd_patterns.testing`, unless
-ETCD_ENDPOINTS names a cluster to use instead.
+They stand on the fixtures that etcd-patterns' own pytest plugin gives every
+user (`etcd_patterns.pytest_plugin`): the etcd is started once per session,
+unless ETCD_ENDPOINTS names a cluster to use instead.
 """
 
 from __future__ import annotations
 
-import re
 import subprocess
-import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -21,6 +20,8 @@ from etcd_patterns.testing import (
     find_etcd_binary,
 )
 from tests.helpers import Raw
+
+pytest_plugins = ["pytester"]
 
 
 def pytest_report_header() -> str:
@@ -35,14 +36,9 @@ def pytest_report_header() -> str:
 
 
 @pytest.fixture(scope="session")
-def etcd() -> Iterator[EtcdCluster | ExternalEtcd]:
-    """The etcd every test shares: external if ETCD_ENDPOINTS is set."""
-    external = external_from_environment()
-    if external is not None:
-        yield external
-        return
-    with EtcdCluster(size=1) as cluster:
-        yield cluster
+def etcd(etcd_server: EtcdCluster | ExternalEtcd) -> EtcdCluster | ExternalEtcd:
+    """The etcd every test shares: the plugin's, external if ETCD_ENDPOINTS is set."""
+    return etcd_server
 
 
 @pytest.fixture
@@ -54,17 +50,15 @@ def local_etcd(etcd: EtcdCluster | ExternalEtcd) -> EtcdCluster:
 
 
 @pytest.fixture
-def namespace(request: pytest.FixtureRequest) -> str:
+def namespace(etcd_namespace: str) -> str:
     """A key prefix no other test uses."""
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.name)[:60]
-    return f"/tests/{name}/{uuid.uuid4().hex[:8]}/"
+    return etcd_namespace
 
 
 @pytest.fixture
-def patterns(etcd: EtcdCluster | ExternalEtcd, namespace: str) -> Iterator[EtcdPatterns]:
+def patterns(etcd_patterns: EtcdPatterns) -> EtcdPatterns:
     """A connected instance confined to this test's namespace."""
-    with EtcdPatterns.connect(etcd.endpoints, namespace=namespace) as instance:
-        yield instance
+    return etcd_patterns
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,10 +17,10 @@ from etcd_patterns.testing import (
 )
 
 
-@pytest.fixture(scope="module")
-def cluster3() -> Iterator[EtcdCluster]:
-    with EtcdCluster(size=3) as cluster:
-        yield cluster
+@pytest.fixture
+def cluster3(etcd_cluster: EtcdCluster) -> EtcdCluster:
+    """The plugin's 3-node cluster (started once, on first use)."""
+    return etcd_cluster
 
 
 def process_exists(pid: int) -> bool:
