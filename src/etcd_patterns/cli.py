@@ -1,0 +1,201 @@
+"""``etcd-patterns``: the patterns from the shell, for scripts and operators.
+
+    etcd-patterns get KEY
+    etcd-patterns transform KEY (--set VALUE | --incr N)
+    etcd-patterns lock KEY [--ttl S] [--timeout S] -- CMD...
+    etcd-patterns try-lock KEY [--ttl S] -- CMD...
+    etcd-patterns enqueue DIR VALUE [--ttl S]
+    etcd-patterns dequeue DIR [--timeout S]
+    etcd-patterns claim DIR [--ttl S] [--timeout S] -- CMD...
+
+Connection options come before the subcommand: ``--endpoints`` (default
+``$ETCD_ENDPOINTS``, then ``127.0.0.1:2379``), ``--namespace``,
+``--request-timeout``, ``--user`` with ``$ETCD_PASSWORD``, and ``--cacert``,
+``--cert``, ``--key`` for TLS.
+
+Exit status: 0 on success; a command's own status for ``lock``,
+``try-lock`` and ``claim``; 75 (``EX_TEMPFAIL``) when a lock is held or a
+wait timed out, so a script can try again later; 69 (``EX_UNAVAILABLE``)
+when etcd cannot be reached; 2 for bad usage; 1 for any other error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+
+from ._errors import EtcdPatternsError, EtcdUnavailableError, QueueEmptyError
+from ._facade import DEFAULT_TIMEOUT, EtcdPatterns
+
+__all__ = ["main"]
+
+EX_TEMPFAIL = 75
+EX_UNAVAILABLE = 69
+
+
+class _CommandFailed(Exception):
+    """Raised inside a claim so that a failed command releases the item."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="etcd-patterns", description="Coordination patterns on etcd, from the shell."
+    )
+    parser.add_argument("--endpoints", help="host:port[,host:port...] (default: $ETCD_ENDPOINTS)")
+    parser.add_argument("--namespace", default=None, help="a prefix for every key")
+    parser.add_argument(
+        "--request-timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        help=f"seconds to wait for etcd on each request (default {DEFAULT_TIMEOUT})",
+    )
+    parser.add_argument("--user", help="etcd user; the password is read from $ETCD_PASSWORD")
+    parser.add_argument("--cacert", help="CA certificate file; enables TLS")
+    parser.add_argument("--cert", dest="tls_cert", help="client certificate file")
+    parser.add_argument("--key", dest="tls_key", help="client key file")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    get = commands.add_parser("get", help="print a key's value, or a directory's values")
+    get.add_argument("key")
+
+    transform = commands.add_parser("transform", help="compare-and-swap set or increment")
+    transform.add_argument("key")
+    change = transform.add_mutually_exclusive_group(required=True)
+    change.add_argument("--set", dest="value", help="the new value")
+    change.add_argument("--incr", type=int, help="add N to an integer value (missing: 0)")
+
+    for name, help_text in (("lock", "run CMD under the lock"), ("try-lock", "run CMD if free")):
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument("key")
+        sub.add_argument("--ttl", type=float, help="lease TTL in seconds")
+        if name == "lock":
+            sub.add_argument("--timeout", type=float, help="seconds to wait for the lock")
+        sub.usage = f"etcd-patterns [options] {name} KEY [options] -- CMD [ARGS...]"
+
+    enqueue = commands.add_parser("enqueue", help="append a value to a queue; prints its key")
+    enqueue.add_argument("dir")
+    enqueue.add_argument("value")
+    enqueue.add_argument("--ttl", type=float, help="the item vanishes after TTL seconds")
+
+    dequeue = commands.add_parser("dequeue", help="take the oldest value of a queue")
+    dequeue.add_argument("dir")
+    dequeue.add_argument("--timeout", type=float, help="seconds to wait (default: forever)")
+
+    claim = commands.add_parser("claim", help="pipe the oldest item to CMD; ack if it succeeds")
+    claim.add_argument("dir")
+    claim.add_argument("--ttl", type=float, help="lease TTL of the claim in seconds")
+    claim.add_argument("--timeout", type=float, help="seconds to wait (default: forever)")
+    claim.usage = "etcd-patterns [options] claim DIR [options] -- CMD [ARGS...]"
+    return parser
+
+
+def _connect(args: argparse.Namespace) -> EtcdPatterns:
+    return EtcdPatterns.connect(
+        args.endpoints,
+        timeout=args.request_timeout,
+        namespace=args.namespace,
+        ca_cert=args.cacert,
+        cert_cert=args.tls_cert,
+        cert_key=args.tls_key,
+        user=args.user,
+        password=os.environ.get("ETCD_PASSWORD") if args.user else None,
+    )
+
+
+def _get(etcd: EtcdPatterns, args: argparse.Namespace) -> int:
+    for value in etcd.get_values(args.key):
+        print(value)
+    return 0
+
+
+def _transform(etcd: EtcdPatterns, args: argparse.Namespace) -> int:
+    if args.value is not None:
+        print(etcd.transform(args.key, lambda _: args.value, default=""))
+    else:
+        print(etcd.transform(args.key, lambda v: str(int(v) + args.incr), default="0"))
+    return 0
+
+
+def _lock(etcd: EtcdPatterns, args: argparse.Namespace) -> int:
+    holding = (
+        etcd.locked(args.key, ttl=args.ttl, timeout=args.timeout)
+        if args.command == "lock"
+        else etcd.try_locked(args.key, ttl=args.ttl)
+    )
+    with holding as held:
+        if held is None:
+            print(f"etcd-patterns: lock {args.key!r} is held", file=sys.stderr)
+            return EX_TEMPFAIL
+        env = dict(os.environ)
+        env["ETCD_LOCK_KEY"] = etcd.namespace + held.key  # as etcdctl lock sets them
+        env["ETCD_LOCK_REV"] = str(held.fencing_token)
+        return subprocess.call(args.cmd, env=env)
+
+
+def _enqueue(etcd: EtcdPatterns, args: argparse.Namespace) -> int:
+    print(etcd.enqueue(args.dir, args.value, ttl=args.ttl))
+    return 0
+
+
+def _dequeue(etcd: EtcdPatterns, args: argparse.Namespace) -> int:
+    print(etcd.dequeue(args.dir, timeout=args.timeout))
+    return 0
+
+
+def _claim(etcd: EtcdPatterns, args: argparse.Namespace) -> int:
+    try:
+        with etcd.claim(args.dir, ttl=args.ttl, timeout=args.timeout) as item:
+            status = subprocess.run(args.cmd, input=item.value, text=True, check=False)
+            if status.returncode:
+                raise _CommandFailed(status.returncode)
+    except _CommandFailed as failed:
+        return failed.status
+    return 0
+
+
+_HANDLERS = {
+    "get": _get,
+    "transform": _transform,
+    "lock": _lock,
+    "try-lock": _lock,
+    "enqueue": _enqueue,
+    "dequeue": _dequeue,
+    "claim": _claim,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    parser = _parser()
+    words = list(sys.argv[1:] if argv is None else argv)
+    # Everything after the first "--" is the command to run, untouched.
+    split = words.index("--") if "--" in words else len(words)
+    args = parser.parse_args(words[:split])
+    args.cmd = words[split + 1 :]
+    if args.command in ("lock", "try-lock", "claim") and not args.cmd:
+        parser.error(f"{args.command} needs a command after --")
+    try:
+        with _connect(args) as etcd:
+            return _HANDLERS[args.command](etcd, args)
+    except (TimeoutError, QueueEmptyError) as exc:
+        print(f"etcd-patterns: {exc}", file=sys.stderr)
+        return EX_TEMPFAIL
+    except EtcdUnavailableError as exc:
+        print(f"etcd-patterns: {exc}", file=sys.stderr)
+        return EX_UNAVAILABLE
+    except (EtcdPatternsError, ValueError, TypeError, OSError) as exc:
+        print(f"etcd-patterns: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
