@@ -14,7 +14,7 @@ WITH_ETCD = if [ -z "$${ETCD_BIN:-}" ] && [ -x $(ETCD_HOME)/usr/bin/etcd ]; then
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,lint]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,lint,demo]'
 	touch $(STAMP)
 
 $(ETCD_STAMP): scripts/fetch-etcd | $(STAMP)
