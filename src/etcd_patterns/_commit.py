@@ -153,23 +153,41 @@ def commit(
 def _resolve(
     transport: Transport, session: Session, slot: Slot, token: bytes, cause: OutcomeUnknownError
 ) -> int | None:
-    """Decide a write whose answer was lost; the revision it applied at, or None."""
+    """Decide a write whose answer was lost; the revision it applied at, or None.
+
+    ``slot.token`` still holds the value the write required the slot to have.
+    The fence is itself guarded by that value, so that a copy of this
+    transaction delivered late, after the slot has moved on, changes nothing.
+    """
     fence = _token()
     request = ops.txn(
         compare=[ops.compare_value(slot.key, "==", token)],
         success=[ops.get(slot.key)],
-        failure=[ops.put(slot.key, fence, lease=session.lease_id)],
+        failure=[
+            ops.nested(
+                compare=[_slot_holds(slot)],
+                success=[ops.put(slot.key, fence, lease=session.lease_id)],
+                failure=[ops.get(slot.key)],
+            )
+        ],
     )
     try:
         response = transport.txn(request, write=False)
     except LeaseNotFoundError as exc:
         session.mark_lost("etcd no longer knows it")
         raise OutcomeUnknownError(f"{cause}; the session lease that could tell is gone") from exc
-    except EtcdUnavailableError as exc:
-        raise OutcomeUnknownError(f"{cause}; etcd stayed unavailable: {exc}") from exc
+    except Exception as exc:
+        raise OutcomeUnknownError(f"{cause}; and settling it failed: {exc}") from exc
     if response.succeeded:
         slot.token = token.decode("ascii")
         revision: int = ops.kvs(response.responses, 0)[0].mod_revision
         return revision
-    slot.token = fence.decode("ascii")
+    inner = response.responses[0].response_txn
+    if inner.succeeded:
+        slot.token = fence.decode("ascii")
+    else:
+        # The slot holds neither the write's token nor the value the write
+        # required: an earlier fence already shut the write out.
+        found = ops.kvs(inner.responses, 0)
+        slot.token = found[0].value.decode("ascii") if found else None
     return None

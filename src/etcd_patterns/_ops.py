@@ -106,6 +106,11 @@ def txn(compare: list[Any], success: list[Any], failure: list[Any]) -> Any:
     return etcdrpc.TxnRequest(compare=compare, success=success, failure=failure)
 
 
+def nested(compare: list[Any], success: list[Any], failure: list[Any]) -> Any:
+    """A transaction inside a transaction's branch (etcd 3.3 and later)."""
+    return etcdrpc.RequestOp(request_txn=txn(compare, success, failure))
+
+
 def delete_if_created(key: bytes, revision: int | None) -> Any:
     """A `TxnRequest` deleting ``key`` only if it is the incarnation created at ``revision``.
 

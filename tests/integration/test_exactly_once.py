@@ -7,7 +7,7 @@ sent and applied but its answer dropped, or held back and delivered late.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -138,3 +138,42 @@ def test_counter_exact_under_random_lost_answers(
     assert not any(response.succeeded for response in held)
     assert raw.value("n") == str(threads * rounds).encode()
     print(f"faults injected: {len(faults.on_fault)}, late deliveries rejected: {len(held)}")
+
+
+def is_resolution(request: Any) -> bool:
+    """The transaction that settles a write whose answer was lost."""
+    return (
+        len(request.compare) == 1
+        and len(request.success) == 1
+        and request.success[0].HasField("request_range")
+        and b".etcd-patterns/slots/" in request.success[0].request_range.key
+    )
+
+
+def test_a_late_copy_of_a_resolution_changes_nothing(
+    faulty: EtcdPatterns, faults: Faults, raw: Raw
+) -> None:
+    raw.put("n", "0")
+    steps: list[tuple[Callable[[str, Any], bool], str]] = [
+        (lambda m, r: writes_user_key(m, r, faults.namespace), "lose-response"),
+        (lambda m, r: m == TXN and is_resolution(r), "hold"),  # retried, and delivered later
+    ]
+
+    def plan(method: str, request: Any) -> str:
+        if steps and steps[0][0](method, request):
+            return steps.pop(0)[1]
+        return "pass"
+
+    faults.injector.plan = plan
+    assert faulty.transform("n", incr) == "1"
+    assert steps == []
+    # The next write on the same slot loses its answer too; before it is
+    # settled, the first resolution's lost copy finally reaches etcd.
+    steps.append((lambda m, r: writes_user_key(m, r, faults.namespace), "lose-response"))
+
+    def deliver_the_late_copy(_: Any) -> None:
+        faults.injector.deliver_held()
+
+    faults.injector.on_lost_response = deliver_the_late_copy
+    assert faulty.transform("n", incr) == "2"
+    assert raw.value("n") == b"2"
