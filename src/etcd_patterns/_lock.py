@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import secrets
 import socket
 import threading
 from collections.abc import Callable
@@ -54,10 +55,10 @@ from etcd3 import etcdrpc, transactions
 from etcd3.etcdrpc import kv_pb2
 
 from . import _ops as ops
+from ._commit import commit
 from ._errors import (
     EtcdPatternsError,
     InvalidTypeError,
-    LeaseNotFoundError,
     LockLostError,
     LockReentryError,
     LockTimeoutError,
@@ -170,6 +171,7 @@ class Locks:
         self._held: dict[tuple[int, bytes], HeldLock] = {}
         self._registry = threading.Lock()
         self._sequence = itertools.count(1)
+        self._instance = secrets.token_hex(8)
 
     # -- the patterns -------------------------------------------------------
 
@@ -210,18 +212,14 @@ class Locks:
         deadline = Deadline(check_timeout(timeout))
         self._check_reentry(raw)
         while True:
-            session = self._sessions.get(lease_ttl)
-            my_key = self._contender_key(raw, session)
+            my_key = self._contender_key(raw)
             try:
-                revision, predecessor, header = self._register(raw, my_key, session)
-            except LeaseNotFoundError:
-                session.mark_lost("etcd no longer knows it")
-                continue
+                revision, predecessor, header, session = self._register(raw, my_key, lease_ttl)
             except NotALockError:
                 raise
             except BaseException:
-                # The put may have applied: never leave a contender behind.
-                session.abandon(my_key, None)
+                # Unsettled: the put may yet apply. Never leave a contender behind.
+                self._sessions.get(lease_ttl).abandon(my_key, None)
                 raise
             try:
                 if self._wait_turn(
@@ -248,67 +246,68 @@ class Locks:
         lease_ttl = None if ttl is None else check_ttl(ttl)
         self._check_reentry(raw)
         start, end = children_range(raw)
-        while True:
-            session = self._sessions.get(lease_ttl)
-            my_key = self._contender_key(raw, session)
+        my_key = self._contender_key(raw)
+        try:
             # Free means no contender at all: an empty range compares as a
             # key with create revision 0.
-            request = ops.txn(
+            committed = commit(
+                self._transport,
+                lambda: self._sessions.get(lease_ttl),
                 compare=[
                     ops.compare_create(start, "==", 0, range_end=end),
                     ops.compare_version(raw, "==", 0),
                 ],
-                success=[ops.put(my_key, _holder_info(), lease=session.lease_id)],
-                failure=[ops.get(start, end, oldest_first=True, limit=1), ops.get(raw)],
+                success=lambda session: [ops.put(my_key, _holder_info(), lease=session.lease_id)],
+                failure=[ops.get(raw, keys_only=True)],
             )
-            try:
-                response = self._transport.txn(request, write=False)
-            except LeaseNotFoundError:
-                session.mark_lost("etcd no longer knows it")
-                continue
-            except BaseException:
-                session.abandon(my_key, None)
-                raise
-            revision: int = response.header.revision
-            if response.succeeded:
-                return revision, self._hold(raw, my_key, revision, session)
-            if ops.kvs(response.responses, 1):
-                raise self._not_a_lock(raw)
-            (holder,) = ops.kvs(response.responses, 0) or [None]
-            if holder is not None and holder.key == my_key:
-                # A retry after a lost answer: the first attempt did acquire.
-                return revision, self._hold(raw, my_key, holder.create_revision, session)
-            return revision, None
+        except BaseException:
+            self._sessions.get(lease_ttl).abandon(my_key, None)
+            raise
+        if committed.succeeded:
+            return committed.revision, self._hold(
+                raw, my_key, committed.revision, committed.session
+            )
+        assert committed.responses is not None  # failures always carry responses
+        if ops.kvs(committed.responses, 0):
+            raise self._not_a_lock(raw)
+        return committed.revision, None
 
-    def _register(self, raw: bytes, my_key: bytes, session: Session) -> tuple[int, Any | None, int]:
+    def _register(
+        self, raw: bytes, my_key: bytes, lease_ttl: int | None
+    ) -> tuple[int, Any | None, int, Session]:
         """Write my key and read my predecessor in one round trip.
+
+        The write goes through the exactly-once commit: a copy of it that
+        etcd receives late can never create my key a second time (after I
+        released it, say), which would leave a contender that nobody owns.
 
         Returns:
             My key's create revision, my predecessor's key-value (None if I
-            hold the lock), and the revision the answer reflects.
+            hold the lock), the revision the answer reflects, and the
+            session whose lease my key carries.
         """
         start, end = children_range(raw)
-        request = ops.txn(
-            compare=[ops.compare_create(my_key, "==", 0), ops.compare_version(raw, "==", 0)],
+        committed = commit(
+            self._transport,
+            lambda: self._sessions.get(lease_ttl),
+            compare=[ops.compare_version(raw, "==", 0)],
             # The range runs before the put, so it sees the newest key
             # created before mine.
-            success=[
+            success=lambda session: [
                 ops.get(start, end, newest_first=True, limit=1, keys_only=True),
                 ops.put(my_key, _holder_info(), lease=session.lease_id),
             ],
-            failure=[ops.get(raw), ops.get(my_key)],
+            failure=[ops.get(raw, keys_only=True)],
         )
-        # Safe to repeat: a second copy finds my key and changes nothing.
-        response = self._transport.txn(request, write=False)
-        header: int = response.header.revision
-        if response.succeeded:
-            (predecessor,) = ops.kvs(response.responses, 0) or [None]
-            return header, predecessor, header
-        if ops.kvs(response.responses, 0):
+        if not committed.succeeded:
             raise self._not_a_lock(raw)
-        (mine,) = ops.kvs(response.responses, 1)
-        _, predecessor, header = self._check_turn(raw, my_key, mine.create_revision)
-        return mine.create_revision, predecessor, header
+        revision = committed.revision
+        if committed.responses is None:
+            # Settled after a lost answer: read what the answer would have said.
+            _, predecessor, header = self._check_turn(raw, my_key, revision)
+            return revision, predecessor, header, committed.session
+        (predecessor,) = ops.kvs(committed.responses, 0) or [None]
+        return revision, predecessor, revision, committed.session
 
     def _check_turn(self, raw: bytes, my_key: bytes, revision: int) -> tuple[bool, Any | None, int]:
         """Whether my key exists, and my current predecessor, in one round trip."""
@@ -414,10 +413,10 @@ class Locks:
 
     # -- helpers ------------------------------------------------------------
 
-    def _contender_key(self, raw: bytes, session: Session) -> bytes:
-        # The lease in the name, as etcd's own clients do; the sequence keeps
-        # the keys of threads that share a session apart.
-        return raw + f"/{session.lease_id:x}-{next(self._sequence)}".encode()
+    def _contender_key(self, raw: bytes) -> bytes:
+        # Unique to this instance and attempt, and known before the session
+        # that will carry it, so that an unsettled attempt can be withdrawn.
+        return raw + f"/{self._instance}-{next(self._sequence)}".encode()
 
     def _check_reentry(self, raw: bytes) -> None:
         with self._registry:

@@ -28,6 +28,7 @@ class Plan:
     def __init__(self) -> None:
         self.lose: dict[str, int] = {}
         self.lost: list[str] = []
+        self.action = "lose-response"
 
     def __call__(self, method: str, request: Any) -> str:
         if method != TXN:
@@ -36,7 +37,7 @@ class Plan:
             if self.lose.get(op) and touches_lock(request, field):
                 self.lose[op] -= 1
                 self.lost.append(op)
-                return "lose-response"
+                return self.action
         return "pass"
 
 
@@ -46,8 +47,15 @@ def plan() -> Plan:
 
 
 @pytest.fixture
-def faulty(etcd: EtcdCluster | ExternalEtcd, namespace: str, plan: Plan) -> Iterator[EtcdPatterns]:
-    client = client_with_faults(etcd.endpoints, FaultInjector(plan))
+def injector(plan: Plan) -> FaultInjector:
+    return FaultInjector(plan)
+
+
+@pytest.fixture
+def faulty(
+    etcd: EtcdCluster | ExternalEtcd, namespace: str, injector: FaultInjector
+) -> Iterator[EtcdPatterns]:
+    client = client_with_faults(etcd.endpoints, injector)
     with EtcdPatterns(client, namespace=namespace) as patterns:
         yield patterns
     client.close()
@@ -59,6 +67,22 @@ def test_lost_answer_to_the_registration(faulty: EtcdPatterns, plan: Plan, raw: 
         assert raw.count("L/") == 1  # the retry found its key; no second contender
         assert raw.get(held.key).create_revision == held.fencing_token
     assert plan.lost == ["put"]
+    assert raw.count("L/") == 0
+
+
+@pytest.mark.parametrize("attempt", ["lock", "try_lock"])
+def test_a_late_copy_of_an_acquisition_leaves_no_contender(
+    faulty: EtcdPatterns, plan: Plan, injector: FaultInjector, raw: Raw, attempt: str
+) -> None:
+    plan.lose["put"] = 1
+    plan.action = "hold"  # the first attempt reaches etcd only after the lock was released
+    if attempt == "lock":
+        assert faulty.lock("L", lambda: "ran") == "ran"
+    else:
+        assert faulty.try_lock("L", lambda: "ran").value == "ran"
+    assert plan.lost == ["put"]
+    (late,) = injector.deliver_held()
+    assert not late.succeeded
     assert raw.count("L/") == 0
 
 
