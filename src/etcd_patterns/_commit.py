@@ -125,7 +125,13 @@ def commit(
             )
             try:
                 response = transport.txn(request)
-            except LeaseNotFoundError:
+            except LeaseNotFoundError as exc:
+                # Nothing was applied. Whose lease was it? The caller's
+                # operations may carry a lease of their own.
+                if transport.lease_time_to_live(current.lease_id) > 0:
+                    raise LeaseNotFoundError(
+                        "a lease that the write attaches to a key has expired; nothing was written"
+                    ) from exc
                 current.mark_lost("etcd no longer knows it")
                 continue
             except OutcomeUnknownError as exc:

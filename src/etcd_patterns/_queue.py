@@ -40,6 +40,7 @@ rather than reading again.
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import threading
 import time
@@ -61,6 +62,7 @@ from ._errors import (
     InvalidTypeError,
     NotAValueError,
     QueueEmptyError,
+    ValueDecodeError,
 )
 from ._keys import (
     Keyspace,
@@ -219,22 +221,22 @@ class Queue:
             if self._take(chosen):
                 taken = [c.value for c in chosen]
                 if len(taken) < max_items:
-                    taken += self._take_available(raw, max_items - len(taken))
+                    # What is taken is ours: hand it over rather than drop it.
+                    with contextlib.suppress(EtcdPatternsError):
+                        self._take_available(raw, max_items, taken)
                 return taken
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _take_available(self, raw: bytes, wanted: int) -> list[str]:
-        """Take up to ``wanted`` more items that are there now, without waiting."""
-        taken: list[str] = []
+    def _take_available(self, raw: bytes, wanted: int, taken: list[str]) -> None:
+        """Add to ``taken``, as they are taken, items there now, up to ``wanted`` in all."""
         while len(taken) < wanted:
             chosen = self._more_candidates(raw, min(wanted - len(taken), CHUNK))
             if not chosen:
                 chosen = self._read(raw, min(wanted - len(taken), CHUNK))[0]
                 if not chosen:
-                    return taken
+                    return
             if self._take(chosen):
                 taken += [c.value for c in chosen]
-        return taken
 
     def claim(self, dir_key: object, *, ttl: object = None, timeout: object = None) -> Claim:
         """See `EtcdPatterns.claim`."""
@@ -361,16 +363,19 @@ class Queue:
                 last = found[-1].create_revision
                 found = [kv for kv in found if kv.create_revision < last] or found
             claimed = {kv.key[len(claims) :] for kv in ops.kvs(response.responses, 1)}
-            candidates = [
-                _Candidate(
-                    kv.key,
-                    decode_value(kv.value, key=self._keyspace.decode(kv.key)),
-                    kv.mod_revision,
-                    claims + kv.key[len(start) :],
+            candidates: list[_Candidate] = []
+            for kv in found:
+                if not is_direct_child(raw, kv.key) or kv.key[len(start) :] in claimed:
+                    continue
+                try:
+                    value = decode_value(kv.value, key=self._keyspace.decode(kv.key))
+                except ValueDecodeError:
+                    if candidates:
+                        break  # serve the items before it; it will be the head next time
+                    raise
+                candidates.append(
+                    _Candidate(kv.key, value, kv.mod_revision, claims + kv.key[len(start) :])
                 )
-                for kv in found
-                if is_direct_child(raw, kv.key) and kv.key[len(start) :] not in claimed
-            ]
             header: int = response.header.revision
             # Deeper keys and claimed items count against the limit: read
             # further only if they hid every item.

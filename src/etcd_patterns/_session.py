@@ -150,15 +150,20 @@ class Session:
             self._abandoned.append((key, create_revision))
 
     def delete_abandoned(self) -> None:
-        """Try once to delete every abandoned key; keep those etcd did not confirm."""
+        """Try once to delete every abandoned key; keep those etcd did not confirm.
+
+        Spends at most a third of the TTL, so that a backlog never delays the
+        next keepalive long enough to lose the lease.
+        """
+        budget = Deadline(self.ttl / 3)
         with self._lock:
             pending, self._abandoned = self._abandoned, []
         try:
-            while pending:
+            while pending and not budget.expired():
                 key, revision = pending[-1]
                 request = ops.delete_if_created(key, revision)
                 try:
-                    self._transport.txn(request, write=False, deadline=Deadline(self.ttl / 3))
+                    self._transport.txn(request, write=False, deadline=budget)
                 except EtcdPatternsError as exc:
                     log.debug("abandoned key %r not deleted yet: %s", key, exc)
                     break

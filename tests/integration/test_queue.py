@@ -18,6 +18,7 @@ import pytest
 from etcd_patterns import (
     ClaimLostError,
     EtcdPatterns,
+    LeaseNotFoundError,
     NotAValueError,
     QueueEmptyError,
     ValueDecodeError,
@@ -434,3 +435,58 @@ def test_lost_answers_in_claim_and_ack(
         assert raw.count(".etcd-patterns/claims/") == 0
         assert faulty.get_values("q") == ["second"]
     client.close()
+
+
+def test_dequeue_many_serves_the_good_items_before_a_bad_one(
+    patterns: EtcdPatterns, raw: Raw
+) -> None:
+    patterns.enqueue_many("q", [str(i) for i in range(10)])
+    assert patterns.dequeue("q") == "0"  # caches the heads behind it
+    raw.put("q/zzz", b"\xff")  # newest, not UTF-8
+    assert patterns.dequeue_many("q", 20) == [str(i) for i in range(1, 10)]
+    assert raw.count("q/") == 1  # the bad item stays, for someone to look at
+    with pytest.raises(ValueDecodeError):
+        patterns.dequeue("q", timeout=0)
+
+
+def test_dequeue_many_keeps_what_it_took_when_etcd_fails_midway(
+    etcd: Etcd, namespace: str, patterns: EtcdPatterns, raw: Raw
+) -> None:
+    took: list[int] = []
+
+    def plan(method: str, request: Any) -> str:
+        if method != TXN:
+            return "pass"
+        if took and request.failure and request.failure[0].HasField("request_range"):
+            return "hold"  # every read after the first take fails
+        if _takes_an_item(request):
+            took.append(1)
+        return "pass"
+
+    client = client_with_faults(etcd.endpoints, FaultInjector(plan))
+    patterns.enqueue_many("q", [str(i) for i in range(5)])
+    with EtcdPatterns(client, namespace=namespace, timeout=1) as faulty:
+        assert faulty.dequeue_many("q", 10) == [str(i) for i in range(5)]
+    client.close()
+    assert raw.count("q/") == 0
+
+
+def test_an_items_expired_lease_is_not_blamed_on_the_session(
+    etcd: Etcd, namespace: str, raw: Raw
+) -> None:
+    def plan(method: str, request: Any) -> str:
+        if method == TXN:
+            for op in request.success:
+                if op.HasField("request_put") and b"/q/" in op.request_put.key:
+                    raw.revoke(op.request_put.lease)  # the item's ttl runs out first
+                    break
+        return "pass"
+
+    client = client_with_faults(etcd.endpoints, FaultInjector(plan))
+    with EtcdPatterns(client, namespace=namespace) as faulty, faulty.locked("L") as held:
+        with pytest.raises(LeaseNotFoundError, match="nothing was written"):
+            faulty.enqueue("q", "short-lived", ttl=5)
+        assert not held.lost.is_set()
+        assert held.is_owner()
+    client.close()
+    assert raw.count("q/") == 0
