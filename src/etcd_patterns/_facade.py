@@ -312,9 +312,8 @@ class EtcdPatterns:
         Raises:
             ConflictError: Other writers kept winning until ``timeout``
                 (a `TimeoutError`).
-            KeyNotFoundError, NotAValueError, InvalidTypeError,
-            ValueTooLargeError, EtcdUnavailableError, OutcomeUnknownError,
-            LockLostError: As for `try_transform`.
+            EtcdPatternsError: The other errors of `try_transform`, in the
+                same cases.
         """
         return self._kv.transform(key, fn, default=default, timeout=timeout, guard=guard)
 
@@ -375,8 +374,9 @@ class EtcdPatterns:
             block's result. ``revision`` is the etcd revision of the attempt.
 
         Raises:
-            LockLostError, LockReentryError, NotALockError,
-            EtcdUnavailableError: As for `lock`.
+            LockLostError: The lock was lost while the block ran.
+            EtcdPatternsError: The other errors of `lock`, but for the
+                timeout, in the same cases.
         """
         result: TryLockResult[T] = self._locks.try_lock(key, block, ttl=ttl)
         return result
@@ -437,7 +437,7 @@ class EtcdPatterns:
             The items' keys, in order.
 
         Raises:
-            As for `enqueue`.
+            EtcdPatternsError: As `enqueue` raises, in the same cases.
         """
         return self._queue.enqueue_many(dir_key, values, ttl=ttl)
 
@@ -473,7 +473,8 @@ class EtcdPatterns:
 
         Raises:
             InvalidArgumentError: ``max_items`` < 1.
-            QueueEmptyError, NotAValueError: As for `dequeue`.
+            QueueEmptyError: No item within ``timeout``.
+            NotAValueError: ``dir_key`` itself holds a value.
         """
         return self._queue.dequeue_many(dir_key, max_items, timeout=timeout)
 
