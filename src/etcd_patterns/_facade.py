@@ -16,7 +16,7 @@ from ._errors import InvalidArgumentError, InvalidTypeError
 from ._keys import Keyspace
 from ._kv import KeyValue, Transform, TryTransformResult
 from ._lock import HeldLock, Locked, Locks, TryLocked, TryLockResult
-from ._queue import Claim, Queue
+from ._queue import PREFETCH, Claim, Queue
 from ._retry import check_timeout
 from ._session import Sessions, check_ttl
 from ._transport import DEFAULT_MAX_REQUEST_BYTES, Transport
@@ -50,6 +50,8 @@ class EtcdPatterns:
             how soon etcd frees what a crashed process held.
         max_request_bytes: The server's ``--max-request-bytes``. Larger
             writes fail with `ValueTooLargeError` before anything is sent.
+        prefetch: How many queue heads `dequeue` reads at once and then
+            takes one per call (default 16); 1 reads before every take.
 
     Example:
         >>> with EtcdPatterns.connect("127.0.0.1:2379", namespace="/app/") as etcd:
@@ -64,11 +66,13 @@ class EtcdPatterns:
         timeout: float = DEFAULT_TIMEOUT,
         session_ttl: float = DEFAULT_SESSION_TTL,
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        prefetch: int = PREFETCH,
     ) -> None:
         self._setup(
             client,
             owns_client=False,
             credentials=None,
+            prefetch=prefetch,
             namespace=namespace,
             timeout=timeout,
             session_ttl=session_ttl,
@@ -85,6 +89,7 @@ class EtcdPatterns:
         timeout: object,
         session_ttl: object,
         max_request_bytes: object,
+        prefetch: object,
     ) -> None:
         wait = _check_request_timeout(timeout)
         ttl = check_ttl(session_ttl, name="session_ttl")
@@ -92,6 +97,10 @@ class EtcdPatterns:
             raise InvalidTypeError(f"max_request_bytes must be an int, not {max_request_bytes!r}")
         if max_request_bytes <= 0:
             raise InvalidArgumentError(f"max_request_bytes must be > 0, not {max_request_bytes}")
+        if isinstance(prefetch, bool) or not isinstance(prefetch, int):
+            raise InvalidTypeError(f"prefetch must be an int, not {prefetch!r}")
+        if prefetch < 1:
+            raise InvalidArgumentError(f"prefetch must be >= 1, not {prefetch}")
         self._keyspace = Keyspace(namespace)
         self._transport = Transport(
             client,
@@ -103,7 +112,7 @@ class EtcdPatterns:
         self._sessions = Sessions(self._transport, self._keyspace, ttl)
         self._kv = KeyValue(self._transport, self._keyspace, self._sessions.get)
         self._locks = Locks(self._transport, self._keyspace, self._sessions)
-        self._queue = Queue(self._transport, self._keyspace, self._sessions)
+        self._queue = Queue(self._transport, self._keyspace, self._sessions, prefetch=prefetch)
 
     @classmethod
     def connect(
@@ -119,6 +128,7 @@ class EtcdPatterns:
         user: str | None = None,
         password: str | None = None,
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        prefetch: int = PREFETCH,
     ) -> EtcdPatterns:
         """Connect to etcd with a client that the instance owns and closes.
 
@@ -136,6 +146,7 @@ class EtcdPatterns:
             user: User name for etcd authentication.
             password: Password for etcd authentication.
             max_request_bytes: See `EtcdPatterns`.
+            prefetch: See `EtcdPatterns`.
 
         Returns:
             A connected instance. No request is sent until it is used,
@@ -167,6 +178,7 @@ class EtcdPatterns:
                 timeout=wait,
                 session_ttl=session_ttl,
                 max_request_bytes=max_request_bytes,
+                prefetch=prefetch,
             )
         except BaseException:
             client.close()

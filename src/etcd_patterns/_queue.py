@@ -76,9 +76,9 @@ from ._retry import Deadline, check_timeout
 from ._session import Session, Sessions, check_ttl
 from ._transport import Transport
 
-# How many candidate heads one read fetches: the amortised cost of a dequeue
-# is 1 + 1/BATCH round trips.
-BATCH = 16
+# How many candidate heads one read fetches, by default: the amortised cost
+# of a dequeue is 1 + 1/PREFETCH round trips.
+PREFETCH = 16
 # Items per transaction in the batch calls, within etcd's default
 # --max-txn-ops of 128 (each item needs up to two compares or one put, and
 # the commit's bookkeeping one more).
@@ -138,12 +138,22 @@ class Queue:
         transport: Sends requests.
         keyspace: Maps queue names to etcd keys.
         sessions: The sessions that record outcomes and carry claims.
+        prefetch: How many candidate heads one read fetches; 1 reads the
+            queue before every take.
     """
 
-    def __init__(self, transport: Transport, keyspace: Keyspace, sessions: Sessions) -> None:
+    def __init__(
+        self,
+        transport: Transport,
+        keyspace: Keyspace,
+        sessions: Sessions,
+        *,
+        prefetch: int = PREFETCH,
+    ) -> None:
         self._transport = transport
         self._keyspace = keyspace
         self._sessions = sessions
+        self._prefetch = prefetch
         self._candidates: dict[bytes, deque[_Candidate]] = {}
         self._lock = threading.Lock()
         self._last_stamp = 0
@@ -310,7 +320,7 @@ class Queue:
             if candidate is not None:
                 yield candidate
                 continue
-            fresh, revision = self._read(raw, BATCH)
+            fresh, revision = self._read(raw, self._prefetch)
             if fresh:
                 with self._lock:
                     self._candidates.setdefault(raw, deque()).extend(fresh)

@@ -165,6 +165,8 @@ def test_bad_input_raises_and_changes_nothing(
         {"namespace": b"\xff"},
         {"max_request_bytes": 0},
         {"max_request_bytes": "1"},
+        {"prefetch": 0},
+        {"prefetch": 2.5},
     ],
     ids=repr,
 )

@@ -490,3 +490,12 @@ def test_an_items_expired_lease_is_not_blamed_on_the_session(
         assert held.is_owner()
     client.close()
     assert raw.count("q/") == 0
+
+
+def test_without_prefetch_every_dequeue_reads_first(etcd: Etcd, namespace: str) -> None:
+    with EtcdPatterns.connect(etcd.endpoints, namespace=namespace, prefetch=1) as etcd_one:
+        etcd_one.enqueue_many("q", [str(i) for i in range(10)])
+        with etcd.count_rpcs() as rpcs:
+            taken = [etcd_one.dequeue("q", timeout=0) for _ in range(10)]
+    assert taken == [str(i) for i in range(10)]
+    assert rpcs.kv == 20
