@@ -352,13 +352,33 @@ class Locks:
             if session.lost.is_set():
                 return False
             watch = etcdrpc.WatchCreateRequest(
-                key=predecessor.key,
-                start_revision=header + 1,
-                filters=[etcdrpc.WatchCreateRequest.NOPUT],
+                key=predecessor.key, filters=[etcdrpc.WatchCreateRequest.NOPUT]
             )
             window = RECHECK_INTERVAL if remaining is None else min(RECHECK_INTERVAL, remaining)
-            self._transport.wait_event([watch], timeout=window, accept=lambda e: e.type == _DELETE)
-            exists, predecessor, header = self._check_turn(raw, my_key, revision)
+            turn: list[tuple[bool, Any | None, int]] = []
+
+            def changed(
+                waited_on: Any = predecessor, turn: list[tuple[bool, Any | None, int]] = turn
+            ) -> bool:
+                # Etcd moved on between my read and the watch: read my turn
+                # afresh, and keep the answer if it is news.
+                state = self._check_turn(raw, my_key, revision)
+                exists, current, _ = state
+                if exists and current is not None and current.key == waited_on.key:
+                    return False
+                turn.append(state)
+                return True
+
+            self._transport.wait_event(
+                [watch],
+                timeout=window,
+                accept=lambda e: e.type == _DELETE,
+                read_at=header,
+                changed=changed,
+            )
+            exists, predecessor, header = (
+                turn[0] if turn else self._check_turn(raw, my_key, revision)
+            )
             if not exists:
                 return False
         return True

@@ -410,16 +410,10 @@ class Queue:
         claims = self._claims_prefix(raw)
         watches = [
             etcdrpc.WatchCreateRequest(
-                key=start,
-                range_end=end,
-                start_revision=revision + 1,
-                filters=[etcdrpc.WatchCreateRequest.NODELETE],
+                key=start, range_end=end, filters=[etcdrpc.WatchCreateRequest.NODELETE]
             ),
             etcdrpc.WatchCreateRequest(
-                key=claims,
-                range_end=prefix_end(claims),
-                start_revision=revision + 1,
-                filters=[etcdrpc.WatchCreateRequest.NOPUT],
+                key=claims, range_end=prefix_end(claims), filters=[etcdrpc.WatchCreateRequest.NOPUT]
             ),
         ]
 
@@ -429,7 +423,13 @@ class Queue:
             return event.type == _PUT and is_direct_child(raw, event.kv.key)
 
         window = RECHECK_INTERVAL if remaining is None else min(RECHECK_INTERVAL, remaining)
-        self._transport.wait_event(watches, timeout=window, accept=accept)
+        self._transport.wait_event(
+            watches,
+            timeout=window,
+            accept=accept,
+            read_at=revision,
+            changed=lambda: bool(self._read(raw, 1)[0]),
+        )
 
 
 def _fifo_order(kv: Any) -> tuple[int, bytes]:

@@ -175,20 +175,36 @@ class Transport:
         return ttl
 
     def wait_event(
-        self, creates: Sequence[Any], *, timeout: float, accept: Callable[[Any], bool]
+        self,
+        creates: Sequence[Any],
+        *,
+        timeout: float,
+        accept: Callable[[Any], bool],
+        read_at: int,
+        changed: Callable[[], bool],
     ) -> Any | None:
         """Watch until an event that ``accept`` approves, for at most ``timeout``.
 
         Opens one watch stream on the current endpoint, with one watch per
-        `WatchCreateRequest` in ``creates`` (each should name a start
-        revision, so that nothing between the caller's read and the watch is
-        missed).
+        `WatchCreateRequest` in ``creates``. The watches start at the current
+        revision: a watch that starts in the past is served from history,
+        which etcd replays only every 100 ms, and a lock handoff must not
+        wait for that. To miss nothing between the caller's read (at
+        ``read_at``) and the watches, ``changed()`` is asked once they exist,
+        if etcd has moved on since that read.
+
+        Args:
+            creates: The watches, without a start revision.
+            timeout: How long to wait.
+            accept: Whether an event is the one waited for.
+            read_at: The revision of the caller's last read.
+            changed: Whether what the caller waits for may have happened
+                already; it reads etcd afresh.
 
         Returns:
-            The first accepted event; None when the time ran out, the watch
-            was cancelled (for instance, its start revision was compacted)
-            or the connection failed. On None the caller re-reads the state
-            it waits on, and watches again.
+            The first accepted event; None when ``changed()`` said so, the
+            time ran out, the watch was cancelled or the connection failed.
+            On None the caller re-reads the state it waits on.
 
         Raises:
             PermissionDeniedError, EtcdError: etcd refused the watch.
@@ -202,9 +218,15 @@ class Transport:
             **self._call_options(),
         )
         try:
+            created = 0
             for response in call:
                 if response.canceled or response.compact_revision:
                     return None
+                if response.created:
+                    created += 1
+                    if created == len(creates) and response.header.revision > read_at and changed():
+                        return None
+                    continue
                 for event in response.events:
                     if accept(event):
                         return event

@@ -447,4 +447,7 @@ def test_contended_cost_per_acquisition_is_constant(
         instance.close()
     per_acquisition = (rpcs.kv + rpcs.total("etcdserverpb.Watch")) / (workers * rounds)
     print(f"{workers} contenders: {per_acquisition:.2f} RPCs per acquisition, {dict(rpcs.counts)}")
-    assert per_acquisition <= 4.5
+    # register, watch, a re-read if etcd moved on before the watch existed,
+    # the re-read after the predecessor left, release: at most 5, whatever
+    # the number of waiters.
+    assert per_acquisition <= 5
