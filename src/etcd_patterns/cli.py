@@ -11,7 +11,8 @@
 Connection options come before the subcommand: ``--endpoints`` (default
 ``$ETCD_ENDPOINTS``, then ``127.0.0.1:2379``), ``--namespace``,
 ``--request-timeout``, ``--user`` with ``$ETCD_PASSWORD``, and ``--cacert``,
-``--cert``, ``--key`` for TLS.
+``--cert``, ``--key`` for TLS. An error is one line on stderr; ``--debug``
+shows its traceback.
 
 Exit status: 0 on success; a command's own status for ``lock``,
 ``try-lock`` and ``claim``; 75 (``EX_TEMPFAIL``) when a lock is held or a
@@ -25,6 +26,7 @@ import argparse
 import os
 import subprocess
 import sys
+import traceback
 from collections.abc import Sequence
 
 from ._errors import EtcdPatternsError, EtcdUnavailableError, QueueEmptyError
@@ -60,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--cacert", help="CA certificate file; enables TLS")
     parser.add_argument("--cert", dest="tls_cert", help="client certificate file")
     parser.add_argument("--key", dest="tls_key", help="client key file")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     commands = parser.add_subparsers(dest="command", required=True)
 
     get = commands.add_parser("get", help="print a key's value, or a directory's values")
@@ -184,17 +187,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with _connect(args) as etcd:
             return _HANDLERS[args.command](etcd, args)
-    except (TimeoutError, QueueEmptyError) as exc:
-        print(f"etcd-patterns: {exc}", file=sys.stderr)
-        return EX_TEMPFAIL
-    except EtcdUnavailableError as exc:
-        print(f"etcd-patterns: {exc}", file=sys.stderr)
-        return EX_UNAVAILABLE
-    except (EtcdPatternsError, ValueError, TypeError, OSError) as exc:
-        print(f"etcd-patterns: {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         return 130
+    except (EtcdPatternsError, ValueError, TypeError, OSError) as exc:
+        if args.debug:
+            traceback.print_exc()
+        else:
+            print(f"etcd-patterns: {exc}", file=sys.stderr)
+        if isinstance(exc, (TimeoutError, QueueEmptyError)):
+            return EX_TEMPFAIL
+        return EX_UNAVAILABLE if isinstance(exc, EtcdUnavailableError) else 1
 
 
 if __name__ == "__main__":

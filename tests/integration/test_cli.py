@@ -123,3 +123,11 @@ def test_unreachable_etcd_exits_69() -> None:
     )
     assert result.returncode == 69
     assert "127.0.0.1:1" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1  # one line
+
+
+def test_debug_shows_the_traceback(etcd: Etcd, namespace: str) -> None:
+    result = cli(etcd, namespace, "--debug", "get", "")
+    assert result.returncode == 1
+    assert "Traceback" in result.stderr
