@@ -109,6 +109,8 @@ def commit(
         EtcdUnavailableError: etcd was unreachable and nothing was applied.
         OutcomeUnknownError: The outcome could not be determined because the
             session lease was lost as well.
+        LeaseNotFoundError: A lease that the caller's operations attach had
+            expired; nothing was applied.
     """
     # Every round but the last ends with a definite answer from etcd (a
     # fence, a lost lease, a resynchronised slot), so etcd is up; the bound
@@ -191,9 +193,14 @@ def _resolve(
     inner = response.responses[0].response_txn
     if inner.succeeded:
         slot.token = fence.decode("ascii")
-    else:
-        # The slot holds neither the write's token nor the value the write
-        # required: an earlier fence already shut the write out.
-        found = ops.kvs(inner.responses, 0)
-        slot.token = found[0].value.decode("ascii") if found else None
+        return None
+    found = ops.kvs(inner.responses, 0)
+    if not found:
+        # The slot is gone, so its lease is: whether the write applied
+        # before that is evidence lost with it.
+        session.mark_lost("its bookkeeping key is gone")
+        raise OutcomeUnknownError(f"{cause}; the session lease that could tell is gone")
+    # The slot holds neither the write's token nor the value the write
+    # required: an earlier fence already shut the write out.
+    slot.token = found[0].value.decode("ascii")
     return None

@@ -103,10 +103,13 @@ def test_try_transform_also_resolves(faulty: EtcdPatterns, faults: Faults, raw: 
     assert raw.value("n") == b"7"
 
 
+@pytest.mark.parametrize("slot", ["fresh", "used before"])
 def test_lost_answer_and_lost_lease_is_reported_not_guessed(
-    faulty: EtcdPatterns, faults: Faults, raw: Raw
+    faulty: EtcdPatterns, faults: Faults, raw: Raw, slot: str
 ) -> None:
     raw.put("n", "0")
+    if slot == "used before":
+        faulty.transform("other", incr, default="0")  # the slot now holds a token
     faults.actions = ["lose-response"]
 
     def revoke_session_lease(request: Any) -> None:
