@@ -219,7 +219,7 @@ class Locks:
                 raise
             except BaseException:
                 # Unsettled: the put may yet apply. Never leave a contender behind.
-                self._sessions.get(lease_ttl).abandon(my_key, None)
+                self._sessions.abandon(lease_ttl, my_key, None)
                 raise
             try:
                 if self._wait_turn(
@@ -261,7 +261,7 @@ class Locks:
                 failure=[ops.get(raw, keys_only=True)],
             )
         except BaseException:
-            self._sessions.get(lease_ttl).abandon(my_key, None)
+            self._sessions.abandon(lease_ttl, my_key, None)
             raise
         if committed.succeeded:
             return committed.revision, self._hold(

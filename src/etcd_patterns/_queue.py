@@ -124,6 +124,7 @@ class ClaimedItem:
         self.value = value
         self.fencing_token = fencing_token
         self.lost = session.lost
+        self._session = session
         self._etcd_key = etcd_key
         self._claim = claim
 
@@ -303,8 +304,8 @@ class Queue:
         try:
             self._transport.txn(request, write=False)
         except EtcdPatternsError:
-            # The claim expires with its lease; until then the item waits.
-            self._sessions.get().abandon(item._claim, item.fencing_token)
+            # The claim's session deletes it once etcd answers again.
+            item._session.abandon(item._claim, item.fencing_token)
 
     # -- machinery ----------------------------------------------------------
 
@@ -316,9 +317,9 @@ class Queue:
             NotAValueError: ``raw`` holds a value of its own.
         """
         while True:
-            candidate = self._next_cached(raw)
-            if candidate is not None:
-                yield candidate
+            cached = self._more_candidates(raw, 1)
+            if cached:
+                yield cached[0]
                 continue
             fresh, revision = self._read(raw, self._prefetch)
             if fresh:
@@ -329,11 +330,6 @@ class Queue:
             if remaining == 0:
                 raise QueueEmptyError(f"queue {self._keyspace.decode(raw)!r} stayed empty")
             self._wait(raw, revision, remaining)
-
-    def _next_cached(self, raw: bytes) -> _Candidate | None:
-        with self._lock:
-            cached = self._candidates.get(raw)
-            return cached.popleft() if cached else None
 
     def _more_candidates(self, raw: bytes, wanted: int) -> list[_Candidate]:
         with self._lock:

@@ -252,6 +252,17 @@ class Sessions:
             session.close()
         return fresh
 
+    def abandon(self, ttl: int | None, key: bytes, create_revision: int | None) -> None:
+        """Hand ``key``, written under the session for ``ttl``, to that session to delete.
+
+        Never creates a session: if that one is gone, so is its lease, and
+        with it the key.
+        """
+        with self._lock:
+            session = self._sessions.get(self.default_ttl if ttl is None else ttl)
+        if session is not None and not session.lost.is_set():
+            session.abandon(key, create_revision)
+
     def close(self) -> None:
         """Close every session. Idempotent."""
         with self._lock:
