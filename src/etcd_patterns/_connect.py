@@ -23,12 +23,18 @@ DEFAULT_ENDPOINT = "127.0.0.1:2379"
 ENDPOINTS_VARIABLE = "ETCD_ENDPOINTS"
 
 # Unlimited responses, so that a large directory can be read in one range;
-# and gRPC keepalive pings (no more often than etcd's default
-# --grpc-keepalive-min-time of 5 s allows) to notice a dead connection.
+# gRPC keepalive pings (no more often than etcd's default
+# --grpc-keepalive-min-time of 5 s allows) to notice a dead connection; and
+# reconnection attempts at least every second: gRPC's default backoff grows
+# to two minutes, during which a channel fails every request with its last
+# error although etcd is back.
 _CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", -1),
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1_000),
 ]
 
 # python3-etcd3 shuns an endpoint for this long after an error. The transport
