@@ -101,11 +101,16 @@ class FaultInjector(grpc.UnaryUnaryClientInterceptor):
       before the answer came;
     * ``"hold"``: do not send it yet, and raise as if the connection dropped;
       the request is kept in `held` so that the test can deliver it later.
+
+    ``error`` makes what is raised in place of an answer: a dropped
+    connection by default, or ``KeyboardInterrupt`` for a Ctrl-C that
+    arrives while the request is in flight.
     """
 
     def __init__(self, plan: Callable[[str, Any], str]) -> None:
         self.plan = plan
         self.on_lost_response: Callable[[Any], None] | None = None
+        self.error: Callable[[], BaseException] = LostResponse
         self.held: list[tuple[Callable[..., Any], Any, Any]] = []
         self.lock = threading.Lock()
 
@@ -116,13 +121,13 @@ class FaultInjector(grpc.UnaryUnaryClientInterceptor):
         if action == "hold":
             with self.lock:
                 self.held.append((continuation, client_call_details, request))
-            raise LostResponse()
+            raise self.error()
         outcome = continuation(client_call_details, request)
         if action == "lose-response":
             outcome.result()  # wait until etcd has answered, then drop the answer
             if self.on_lost_response is not None:
                 self.on_lost_response(request)
-            raise LostResponse()
+            raise self.error()
         return outcome
 
     def deliver_held(self) -> list[Any]:

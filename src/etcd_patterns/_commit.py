@@ -28,6 +28,13 @@ the lease was lost while the outcome was unknown, the slot's evidence is gone
 with it, and `OutcomeUnknownError` is raised: the one case this protocol
 cannot decide.
 
+Interruption: if the caller's thread is interrupted while the write is in
+flight (Ctrl-C, or another exception raised by a signal handler), the write
+is settled the same way before the interruption goes on: one resolving
+transaction, bounded by the session's `CLEANUP_TIMEOUT`. Once it answers, a
+copy of the write that etcd receives late can never apply, so the caller
+can withdraw what the write may have created, by name, for good.
+
 Cost: no extra round trip on the normal path. The slot adds one compare and
 one put to the caller's transaction. Resolution costs one more round trip.
 
@@ -38,14 +45,21 @@ twice that.
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from . import _ops as ops
-from ._errors import EtcdUnavailableError, LeaseNotFoundError, OutcomeUnknownError
-from ._session import Session, Slot
+from ._errors import (
+    EtcdPatternsError,
+    EtcdUnavailableError,
+    LeaseNotFoundError,
+    OutcomeUnknownError,
+)
+from ._retry import Deadline
+from ._session import CLEANUP_TIMEOUT, Session, Slot
 from ._transport import Transport
 
 
@@ -141,6 +155,11 @@ def commit(
                 if applied_at is not None:
                     return Committed(True, applied_at, None, current)
                 continue
+            except EtcdPatternsError:
+                raise  # the transport proved that nothing was applied
+            except BaseException as interruption:
+                _settle_interrupted(transport, current, slot, token, interruption)
+                raise
             if response.succeeded:
                 slot.token = token.decode("ascii")
                 return Committed(True, response.header.revision, response.responses[:-1], current)
@@ -158,8 +177,24 @@ def commit(
     )
 
 
+def _settle_interrupted(
+    transport: Transport, session: Session, slot: Slot, token: bytes, interruption: BaseException
+) -> None:
+    """Shut out a write whose sender was interrupted, if it has not applied."""
+    cause = OutcomeUnknownError(f"the write was interrupted by {interruption!r}")
+    # If etcd does not answer in time, the interruption goes on regardless.
+    with contextlib.suppress(OutcomeUnknownError):
+        _resolve(transport, session, slot, token, cause, deadline=Deadline(CLEANUP_TIMEOUT))
+
+
 def _resolve(
-    transport: Transport, session: Session, slot: Slot, token: bytes, cause: OutcomeUnknownError
+    transport: Transport,
+    session: Session,
+    slot: Slot,
+    token: bytes,
+    cause: OutcomeUnknownError,
+    *,
+    deadline: Deadline | None = None,
 ) -> int | None:
     """Decide a write whose answer was lost; the revision it applied at, or None.
 
@@ -180,7 +215,7 @@ def _resolve(
         ],
     )
     try:
-        response = transport.txn(request, write=False)
+        response = transport.txn(request, write=False, deadline=deadline)
     except LeaseNotFoundError as exc:
         session.mark_lost("etcd no longer knows it")
         raise OutcomeUnknownError(f"{cause}; the session lease that could tell is gone") from exc

@@ -215,11 +215,8 @@ class Locks:
             my_key = self._contender_key(raw)
             try:
                 revision, predecessor, header, session = self._register(raw, my_key, lease_ttl)
-            except NotALockError:
-                raise
-            except BaseException:
-                # Unsettled: the put may yet apply. Never leave a contender behind.
-                self._sessions.abandon(lease_ttl, my_key, None)
+            except BaseException as exc:
+                self._withdraw_unsettled(lease_ttl, my_key, exc)
                 raise
             try:
                 if self._wait_turn(
@@ -260,8 +257,8 @@ class Locks:
                 success=lambda session: [ops.put(my_key, _holder_info(), lease=session.lease_id)],
                 failure=[ops.get(raw, keys_only=True)],
             )
-        except BaseException:
-            self._sessions.abandon(lease_ttl, my_key, None)
+        except BaseException as exc:
+            self._withdraw_unsettled(lease_ttl, my_key, exc)
             raise
         if committed.succeeded:
             return committed.revision, self._hold(
@@ -427,9 +424,23 @@ class Locks:
             return True
 
     def _give_up(self, my_key: bytes, revision: int, session: Session) -> None:
-        """Withdraw a waiter's key; if etcd is away, the session will."""
-        session.abandon(my_key, revision)
-        session.delete_abandoned()
+        """Withdraw a waiter's key now; if etcd is away, the session will."""
+        session.withdraw(my_key, revision)
+
+    def _withdraw_unsettled(self, lease_ttl: int | None, my_key: bytes, exc: BaseException) -> None:
+        """Never leave a contender behind when registering ``my_key`` did not return.
+
+        The key's name is this attempt's alone, so it is deleted by name.
+        """
+        if isinstance(exc, EtcdPatternsError):
+            # etcd failed us, so a delete now would likely fail too: the
+            # session deletes the key once etcd answers, if its lease still
+            # carries one.
+            self._sessions.abandon(lease_ttl, my_key, None)
+        else:
+            # Interrupted (Ctrl-C): the commit has settled the write, so no
+            # late copy can create the key after this delete.
+            self._sessions.withdraw(lease_ttl, my_key, None)
 
     # -- helpers ------------------------------------------------------------
 

@@ -11,22 +11,33 @@ server), the session sets its `lost` event and refreshes no more. `Sessions`
 hands out a fresh session on the next use. Keys written under the lost lease
 are gone, or about to be.
 
-A key that a pattern could not delete when it meant to (etcd was away when a
-lock was released, say) is handed to `Session.abandon`; the keepalive thread
-deletes it once etcd answers again, so it never outlives its purpose by more
-than a refresh interval while the process lives.
+A key that a pattern means to delete at once (a waiter that gives up, on a
+timeout, an error or Ctrl-C) goes through `Session.withdraw`: one delete on
+the caller's thread, bounded by `CLEANUP_TIMEOUT`, so that the key is gone
+before the call returns whenever etcd answers. A key that could not be
+deleted (etcd was away, or the delete was itself interrupted) is handed to
+`Session.abandon`; the keepalive thread deletes it once etcd answers again,
+so it never outlives its purpose by more than a refresh interval while the
+process lives.
 
 `close` stops the thread and revokes the lease, deleting its keys, and
-prints nothing. Logging goes to the ``etcd_patterns`` logger: a lost lease
+prints nothing. At interpreter exit, every session this process opened and
+did not close is closed the same way, so that a script that never closes its
+instance frees its locks and claims at once rather than a TTL later. A
+forked child never revokes a lease its parent opened, at exit or on
+`close`. Logging goes to the ``etcd_patterns`` logger: a lost lease
 at WARNING, refresh failures and cleanup at DEBUG.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
+import os
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -45,9 +56,11 @@ from ._transport import Transport
 
 log = logging.getLogger("etcd_patterns")
 
-# How long close() waits for etcd to revoke a lease. If etcd is away the
-# lease simply expires on its own after its TTL.
-_REVOKE_TIMEOUT = 2.0
+# The longest a cleanup may take on the caller's thread: close() revoking a
+# lease, a waiter that gave up withdrawing its key. Short, so that Ctrl-C is
+# never held up by it; if etcd is away, the lease expires on its own after
+# its TTL, and a withdrawn key is deleted by the keepalive thread.
+CLEANUP_TIMEOUT = 2.0
 
 
 def check_ttl(ttl: object, *, name: str = "ttl") -> int:
@@ -73,6 +86,20 @@ class Slot:
     token: str | None = None
 
 
+# The sessions this process opened and has not closed, for the exit hook.
+_open_sessions: weakref.WeakSet[Session] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    """Revoke the leases of sessions left open, each bounded by CLEANUP_TIMEOUT."""
+    for session in list(_open_sessions):
+        try:
+            session.close()
+        except Exception as exc:  # exiting: nothing must be printed
+            log.debug("could not close %r at exit: %s", session, exc)
+
+
 class Session:
     """A lease plus the thread that keeps it alive.
 
@@ -90,6 +117,7 @@ class Session:
         self.lease_id: int = response.ID
         self.ttl: int = response.TTL
         self.lost = threading.Event()
+        self._marked_lost = False
         self._expires_at = started + self.ttl
         self._stop = threading.Event()
         self._abandoned: list[tuple[bytes, int | None]] = []
@@ -97,12 +125,14 @@ class Session:
         self._slot_count = 0
         self._lock = threading.Lock()
         self._closed = False
+        self._pid = os.getpid()
         self._thread = threading.Thread(
             target=self._keep_alive,
             name=f"etcd-patterns-keepalive-{self.lease_id:x}",
             daemon=True,
         )
         self._thread.start()
+        _open_sessions.add(self)
 
     def __repr__(self) -> str:
         state = "lost" if self.lost.is_set() else "alive"
@@ -111,11 +141,13 @@ class Session:
     def mark_lost(self, reason: str) -> None:
         """Declare the lease lost: signal `lost` and stop refreshing."""
         with self._lock:
-            first = not self.lost.is_set()
-            self.lost.set()
-        self._stop.set()
+            first, self._marked_lost = not self._marked_lost, True
         if first:
+            # Logged before `lost` is set: whoever wakes on `lost` finds the
+            # record already written.
             log.warning("session lease %x (ttl %ss) lost: %s", self.lease_id, self.ttl, reason)
+        self.lost.set()
+        self._stop.set()
 
     def close(self) -> None:
         """Stop the keepalive thread and revoke the lease. Idempotent."""
@@ -123,6 +155,10 @@ class Session:
             if self._closed:
                 return
             self._closed = True
+        _open_sessions.discard(self)
+        if os.getpid() != self._pid:
+            # A forked child: the lease and its thread are the parent's.
+            return
         self._stop.set()
         if self._thread is not threading.current_thread():
             self._thread.join()
@@ -131,7 +167,7 @@ class Session:
         if was_lost or self._transport.closed:
             return
         try:
-            self._transport.lease_revoke(self.lease_id, deadline=Deadline(_REVOKE_TIMEOUT))
+            self._transport.lease_revoke(self.lease_id, deadline=Deadline(CLEANUP_TIMEOUT))
         except EtcdPatternsError as exc:
             log.debug(
                 "could not revoke lease %x; it expires in %ss: %s", self.lease_id, self.ttl, exc
@@ -149,11 +185,39 @@ class Session:
         with self._lock:
             self._abandoned.append((key, create_revision))
 
+    def withdraw(self, key: bytes, create_revision: int | None) -> bool:
+        """Delete ``key`` now, on the caller's thread; abandon it if that fails.
+
+        Takes at most `CLEANUP_TIMEOUT` (or the transport's timeout, if
+        shorter). It never waits for the keepalive thread: a key withdrawn
+        here is deleted here, whatever the janitor is doing.
+
+        Args:
+            key: A key this session wrote.
+            create_revision: As for `abandon`.
+
+        Returns:
+            Whether etcd confirmed that the key is gone (or was not this
+            incarnation). False if it was handed to the keepalive thread.
+        """
+        request = ops.delete_if_created(key, create_revision)
+        try:
+            self._transport.txn(request, write=False, deadline=Deadline(CLEANUP_TIMEOUT))
+        except EtcdPatternsError as exc:
+            log.debug("key %r not withdrawn yet, left to the keepalive thread: %s", key, exc)
+            self.abandon(key, create_revision)
+            return False
+        except BaseException:
+            self.abandon(key, create_revision)  # a second Ctrl-C: let it through
+            raise
+        return True
+
     def delete_abandoned(self) -> None:
         """Try once to delete every abandoned key; keep those etcd did not confirm.
 
-        Spends at most a third of the TTL, so that a backlog never delays the
-        next keepalive long enough to lose the lease.
+        Runs on the keepalive thread. Spends at most a third of the TTL, so
+        that a backlog never delays the next keepalive long enough to lose
+        the lease.
         """
         budget = Deadline(self.ttl / 3)
         with self._lock:
@@ -262,6 +326,16 @@ class Sessions:
             session = self._sessions.get(self.default_ttl if ttl is None else ttl)
         if session is not None and not session.lost.is_set():
             session.abandon(key, create_revision)
+
+    def withdraw(self, ttl: int | None, key: bytes, create_revision: int | None) -> None:
+        """Have the session for ``ttl`` delete ``key`` now; see `Session.withdraw`.
+
+        Never creates a session, for the same reason as `abandon`.
+        """
+        with self._lock:
+            session = self._sessions.get(self.default_ttl if ttl is None else ttl)
+        if session is not None and not session.lost.is_set():
+            session.withdraw(key, create_revision)
 
     def close(self) -> None:
         """Close every session. Idempotent."""

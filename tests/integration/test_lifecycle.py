@@ -66,6 +66,30 @@ def test_close_stops_every_thread_revokes_the_lease_and_prints_nothing(
     assert raw.count("L/") == 0  # and so did the lock still held at close
 
 
+def test_an_instance_never_closed_frees_what_it_held_at_exit(
+    etcd: EtcdCluster | ExternalEtcd, namespace: str, raw: Raw
+) -> None:
+    result = run_python(
+        """
+        import sys
+        from etcd_patterns import EtcdPatterns
+
+        patterns = EtcdPatterns.connect(sys.argv[1], namespace=sys.argv[2])
+        patterns.locked("L").__enter__()
+        patterns.lock("other", lambda: None, ttl=30)  # a second session
+        print(patterns.get_values("L")[0] != "", flush=True)
+        """,
+        ",".join(etcd.endpoints),
+        namespace,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "True"  # it held the lock
+    assert result.stderr == ""
+    # The default session lease lives 10 s: only a revoke at exit frees these now.
+    assert raw.count("L/") == 0
+    assert raw.count(".etcd-patterns/") == 0
+
+
 @pytest.mark.timeout(90)
 def test_close_with_etcd_gone_is_quiet_and_bounded() -> None:
     result = run_python(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import multiprocessing
 import os
 import signal
@@ -263,6 +264,39 @@ def test_a_block_outliving_the_ttl_keeps_the_lock(
     contender.join(timeout=30)
     assert acquired_at
     assert acquired_at[0] >= released_at[0]
+
+
+class _LostAtLogTime(logging.Handler):
+    """Records, for each record naming a lease, whether `lost` was set when it was logged."""
+
+    def __init__(self, lease_id: int, lost: threading.Event) -> None:
+        super().__init__(logging.WARNING)
+        self.lease = f"{lease_id:x}"
+        self.lost = lost
+        self.seen: list[bool] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.lease in record.getMessage():
+            self.seen.append(self.lost.is_set())
+
+
+@pytest.mark.timeout(60)
+def test_a_lost_lease_is_logged_before_it_is_signalled(patterns: EtcdPatterns, raw: Raw) -> None:
+    # Whoever wakes on `lost` (a test, a monitoring thread) finds the
+    # warning already written.
+    logger = logging.getLogger("etcd_patterns")
+    holding = patterns.locked("L", ttl=3)
+    held = holding.__enter__()
+    probe = _LostAtLogTime(held.lease_id, held.lost)
+    logger.addHandler(probe)
+    try:
+        raw.revoke(held.lease_id)
+        assert held.lost.wait(timeout=10)
+    finally:
+        logger.removeHandler(probe)
+    assert probe.seen == [False]
+    with pytest.raises(LockLostError):
+        holding.__exit__(None, None, None)
 
 
 @pytest.mark.timeout(60)

@@ -121,3 +121,59 @@ def test_a_release_etcd_missed_is_completed_when_it_returns(namespace: str) -> N
             cluster.nodes[0].resume()
         wait_until(lambda: raw.count("L/") == 0, timeout=15)
         assert patterns.try_lock("L", lambda: "free").acquired
+
+
+# -- Ctrl-C while a registration is in flight -------------------------------------
+
+
+def _interrupt(_request: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def test_ctrl_c_once_etcd_applied_a_waiters_registration_leaves_no_contender(
+    faulty: EtcdPatterns, patterns: EtcdPatterns, plan: Plan, injector: FaultInjector, raw: Raw
+) -> None:
+    # etcd applies the put and answers; Ctrl-C arrives before the answer is
+    # read. The waiter's key must be gone by the time the call gives up, not
+    # a TTL later: the process may exit at once, and every later contender
+    # would queue behind a key that nobody owns.
+    plan.lose["put"] = 1
+    injector.on_lost_response = _interrupt
+    with patterns.locked("L"):
+        with pytest.raises(KeyboardInterrupt):
+            faulty.lock("L", lambda: None)
+        assert plan.lost == ["put"]
+        assert raw.count("L/") == 1  # only the holder's key
+    assert patterns.try_lock("L", lambda: "free").acquired
+
+
+def test_ctrl_c_once_etcd_applied_a_try_lock_leaves_the_lock_free(
+    faulty: EtcdPatterns, patterns: EtcdPatterns, plan: Plan, injector: FaultInjector, raw: Raw
+) -> None:
+    plan.lose["put"] = 1
+    injector.on_lost_response = _interrupt
+    with pytest.raises(KeyboardInterrupt):
+        faulty.try_lock("L", lambda: None)
+    assert plan.lost == ["put"]
+    assert raw.count("L/") == 0
+    assert patterns.try_lock("L", lambda: "free").acquired
+
+
+def test_ctrl_c_before_etcd_received_the_registration_shuts_out_its_late_copy(
+    faulty: EtcdPatterns,
+    patterns: EtcdPatterns,
+    plan: Plan,
+    injector: FaultInjector,
+    raw: Raw,
+) -> None:
+    plan.lose["put"] = 1
+    plan.action = "hold"
+    injector.error = KeyboardInterrupt
+    with patterns.locked("L"):
+        with pytest.raises(KeyboardInterrupt):
+            faulty.lock("L", lambda: None)
+        assert plan.lost == ["put"]
+        (late,) = injector.deliver_held()  # etcd receives the registration now
+        assert not late.succeeded  # settled before the interruption went on
+        assert raw.count("L/") == 1
+    assert raw.count("L/") == 0
