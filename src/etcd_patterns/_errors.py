@@ -9,6 +9,7 @@ and every wait that runs out of time raises a `TimeoutError`::
     │   └── ValueTooLargeError                 a request would exceed etcd's limit
     ├── InvalidTypeError (TypeError)           wrong type, e.g. a fn that returns int
     ├── ClosedError (RuntimeError)             the instance was closed
+    ├── ForkedProcessError (RuntimeError)      the instance was made before a fork
     ├── KeyNotFoundError (KeyError)            the key holds no value
     ├── NotAValueError                         the key is a directory
     ├── ValueDecodeError (ValueError)          stored data is not UTF-8
@@ -44,6 +45,7 @@ __all__ = [
     "EtcdError",
     "EtcdPatternsError",
     "EtcdUnavailableError",
+    "ForkedProcessError",
     "InvalidArgumentError",
     "InvalidTypeError",
     "KeyNotFoundError",
@@ -87,6 +89,15 @@ class InvalidTypeError(EtcdPatternsError, TypeError):
 
 class ClosedError(EtcdPatternsError, RuntimeError):
     """The `EtcdPatterns` instance was used after `close()`."""
+
+
+class ForkedProcessError(EtcdPatternsError, RuntimeError):
+    """The instance was made in another process, which then forked this one.
+
+    A forked child shares its parent's gRPC connections (which are not
+    fork-safe) and its session lease (whose locks and claims are the
+    parent's), so it must make an instance of its own.
+    """
 
 
 class KeyNotFoundError(EtcdPatternsError, KeyError):

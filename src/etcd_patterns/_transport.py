@@ -16,6 +16,10 @@ Guarantees:
   tells the caller to resolve the outcome.
 * With several endpoints, a connection failure moves the next attempt to the
   next endpoint.
+* An instance belongs to the process that made it. In a forked child, every
+  request raises `ForkedProcessError` before anything is sent: the child's
+  copies of the gRPC channels are not fork-safe, and the leases they would
+  use are the parent's. `close` in a child touches nothing of the parent's.
 * Given the credentials, an expired auth token is renewed and the request
   sent again (etcd refuses a request with a stale token before applying it).
   python3-etcd3 authenticates once and fails from then on.
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -35,6 +40,7 @@ from etcd3 import etcdrpc
 from ._errors import (
     ClosedError,
     EtcdUnavailableError,
+    ForkedProcessError,
     LeaseNotFoundError,
     ValueTooLargeError,
     connection_failed,
@@ -90,6 +96,7 @@ class Transport:
         self._stubs: dict[tuple[int, type[Any]], Any] = {}
         self._lock = threading.Lock()
         self._closed = False
+        self._pid = os.getpid()
 
     @property
     def closed(self) -> bool:
@@ -103,8 +110,13 @@ class Transport:
                 return
             self._closed = True
             self._stubs.clear()
-        if self._owns_client:
+        if self._owns_client and not self.forked:
             self._client.close()
+
+    @property
+    def forked(self) -> bool:
+        """Whether this is a forked child of the process that made the transport."""
+        return os.getpid() != self._pid
 
     # -- requests -----------------------------------------------------------
 
@@ -336,6 +348,12 @@ class Transport:
         return {"metadata": self._client.metadata}
 
     def _stub(self, stub_class: type[Any]) -> tuple[int, Any]:
+        if self.forked:
+            raise ForkedProcessError(
+                f"this EtcdPatterns instance was made in process {self._pid}, which forked "
+                f"this one ({os.getpid()}); make a new instance in each process after the "
+                "fork (see docs/reliability.md, 'Processes and fork')"
+            )
         with self._lock:
             if self._closed:
                 raise ClosedError("this EtcdPatterns instance is closed")
