@@ -5,11 +5,15 @@ lease, so a process that crashes releases everything it held once the lease
 runs out: ``ttl`` seconds after its last keepalive. While the process lives,
 a daemon thread refreshes the lease about every ``ttl / 3`` seconds.
 
-Lease loss: when a refresh reports the lease gone, or no refresh has
-succeeded for ``ttl`` seconds (the lease may then have expired on the
-server), the session sets its `lost` event and refreshes no more. `Sessions`
-hands out a fresh session on the next use. Keys written under the lost lease
-are gone, or about to be.
+Lease loss: only etcd decides that a lease is gone. When a refresh reports
+it expired or revoked (or a write finds it missing), the session sets its
+`lost` event and refreshes no more; `Sessions` hands out a fresh session on
+the next use, and keys written under the lost lease are gone. While etcd
+cannot be reached, the thread keeps trying every half second: a new etcd
+leader extends every lease by its TTL, so a lease may well outlive an outage
+longer than its TTL, and giving up on it locally would let it expire for
+real. `Session.confirmed_until` tells until when etcd surely held the lease;
+past it, the lease may or may not be gone.
 
 A key that a pattern means to delete at once (a waiter that gives up, on a
 timeout, an error or Ctrl-C) goes through `Session.withdraw`: one delete on
@@ -118,7 +122,8 @@ class Session:
         self.ttl: int = response.TTL
         self.lost = threading.Event()
         self._marked_lost = False
-        self._expires_at = started + self.ttl
+        self.confirmed_until: float = started + self.ttl
+        """The `time.monotonic` instant until which etcd surely holds the lease."""
         self._stop = threading.Event()
         self._abandoned: list[tuple[bytes, int | None]] = []
         self._slots: list[Slot] = []
@@ -259,12 +264,9 @@ class Session:
         wait = interval
         while not self._stop.wait(wait):
             sent = time.monotonic()
-            remaining = self._expires_at - sent
-            if remaining <= 0:
-                self.mark_lost(f"not refreshed for {self.ttl}s")
-                return
             try:
-                ttl = self._transport.lease_keepalive(self.lease_id, deadline=Deadline(remaining))
+                # A hung endpoint must not hold up the next try for long.
+                ttl = self._transport.lease_keepalive(self.lease_id, deadline=Deadline(interval))
             except EtcdUnavailableError as exc:
                 log.debug("keepalive of lease %x failed, retrying: %s", self.lease_id, exc)
                 wait = min(0.5, interval)
@@ -277,7 +279,7 @@ class Session:
             if ttl <= 0:
                 self.mark_lost("etcd reports it expired or revoked")
                 return
-            self._expires_at = sent + ttl
+            self.confirmed_until = sent + ttl
             wait = interval
             if self._abandoned:
                 self.delete_abandoned()

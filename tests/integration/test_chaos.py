@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from etcd3 import etcdrpc
 
 from etcd_patterns import (
     EtcdPatterns,
@@ -277,6 +278,48 @@ def test_killed_clients_release_locks_and_claims(cluster: EtcdCluster) -> None:
     print(f"lock and {clients} claimed jobs free {waited:.2f}s after SIGKILL (ttl={ttl}s)")
     assert sorted(jobs) == [f"job{i}" for i in range(clients)]
     assert waited <= ttl + 1
+
+
+# -- a lease that etcd still holds is never given up -------------------------------
+
+
+def test_leader_kills_never_lose_a_lease_etcd_still_holds(cluster: EtcdCluster) -> None:
+    # A new leader extends every lease by its TTL, so a short lease outlives
+    # an election that takes longer than the TTL, as long as the client keeps
+    # refreshing. A client that gave up locally would let it expire for real.
+    ttl, kills = 2, 10
+    with (
+        EtcdPatterns.connect(cluster.endpoints, namespace="/chaos/lease/", session_ttl=ttl) as etcd,
+        Raw(cluster.endpoints, "/chaos/lease/") as raw,
+    ):
+        etcd.enqueue("q", "job")
+        holding = etcd.locked("L")
+        held = holding.__enter__()
+        claiming = etcd.claim("q")
+        item = claiming.__enter__()
+        session = held._session
+        assert item.lost is session.lost  # one session carries both
+        for _ in range(kills):
+            leader = cluster.leader()
+            leader.kill()
+            killed = time.monotonic()
+            # Until a refresh sent after the kill is confirmed, by a new leader.
+            wait_until(
+                lambda: session.confirmed_until > killed + ttl or session.lost.is_set(),  # noqa: B023
+                timeout=30,
+            )
+            assert not session.lost.is_set()
+            leader.restart()
+        left = raw.client.leasestub.LeaseTimeToLive(
+            etcdrpc.LeaseTimeToLiveRequest(ID=held.lease_id), 10
+        ).TTL
+        print(f"after {kills} leader kills, the ttl={ttl}s lease has {left}s left")
+        assert left > 0  # etcd still holds it ...
+        assert not session.lost.is_set()  # ... and so the library never gave it up
+        assert held.is_owner()
+        holding.__exit__(None, None, None)
+        claiming.__exit__(None, None, None)  # acks: the claim was never lost
+        assert raw.count("q/") == 0
 
 
 # -- the whole cluster unreachable -------------------------------------------------
