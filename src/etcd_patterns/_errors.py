@@ -20,8 +20,8 @@ and every wait that runs out of time raises a `TimeoutError`::
     ├── NotALockError (ValueError)             a lock's name is a key holding a value
     ├── QueueEmptyError (TimeoutError)         no item arrived within the timeout
     ├── ClaimLostError                         a claimed item's claim expired
-    ├── EtcdUnavailableError                   etcd did not answer in time
-    │   └── OutcomeUnknownError                a write may or may not have applied
+    ├── EtcdUnavailableError                   etcd did not answer in time; nothing changed
+    ├── OutcomeUnknownError                    a write may or may not have applied
     ├── PermissionDeniedError                  authentication or role check failed
     └── EtcdError                              any other error reported by etcd
         ├── LeaseNotFoundError                 the lease expired or was revoked
@@ -195,13 +195,35 @@ class EtcdUnavailableError(EtcdPatternsError):
     """
 
 
-class OutcomeUnknownError(EtcdUnavailableError):
+class OutcomeUnknownError(EtcdPatternsError):
     """A write reached etcd but its outcome could not be determined.
 
     The write may or may not have been applied. Operations that can find out
-    (transform, for one) resolve this themselves and only raise it when the
-    session lease that makes resolution possible was lost as well.
+    (transform, for one) resolve this themselves and only raise it when that
+    failed too: etcd stayed away, or the session lease that makes resolution
+    possible was lost as well. It is deliberately not an
+    `EtcdUnavailableError`, which means that nothing changed: retrying this
+    blindly may apply a write twice.
+
+    Attributes:
+        taken: For `EtcdPatterns.dequeue_many`: values taken for certain
+            before the write whose outcome is unknown. They are the
+            caller's now, and no longer in the queue.
+        uncertain: For `EtcdPatterns.dequeue` and `dequeue_many`: the values
+            the unsettled write may have taken. Each is either still queued
+            (and will be delivered) or was taken and delivered to nobody.
     """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        taken: Sequence[str] = (),
+        uncertain: Sequence[str] = (),
+    ) -> None:
+        super().__init__(message)
+        self.taken = list(taken)
+        self.uncertain = list(uncertain)
 
 
 class PermissionDeniedError(EtcdPatternsError):

@@ -48,6 +48,11 @@ def compare_value(key: bytes, op: str, value: bytes) -> Any:
     return _Compare(key=key, target=_Compare.VALUE, result=_RESULTS[op], value=value)
 
 
+def compare_lease(key: bytes, op: str, lease: int) -> Any:
+    """``lease(key) <op> lease``; a missing key compares as lease 0."""
+    return _Compare(key=key, target=_Compare.LEASE, result=_RESULTS[op], lease=lease)
+
+
 def range_request(
     key: bytes,
     range_end: bytes = b"",
@@ -119,6 +124,14 @@ def delete_if_created(key: bytes, revision: int | None) -> Any:
     """
     compare = [] if revision is None else [compare_create(key, "==", revision)]
     return txn(compare=compare, success=[delete(key)], failure=[])
+
+
+def delete_if_leased(key: bytes, lease: int) -> Any:
+    """A `TxnRequest` deleting ``key`` only if it carries ``lease``.
+
+    Sending it twice is harmless: the second copy finds nothing to delete.
+    """
+    return txn(compare=[compare_lease(key, "==", lease)], success=[delete(key)], failure=[])
 
 
 def kvs(responses: Sequence[Any], index: int) -> list[Any]:

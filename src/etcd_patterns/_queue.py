@@ -40,7 +40,6 @@ rather than reading again.
 
 from __future__ import annotations
 
-import contextlib
 import secrets
 import threading
 import time
@@ -61,6 +60,7 @@ from ._errors import (
     InvalidArgumentError,
     InvalidTypeError,
     NotAValueError,
+    OutcomeUnknownError,
     QueueEmptyError,
     ValueDecodeError,
 )
@@ -217,6 +217,29 @@ class Queue:
                 return candidate.value
         raise AssertionError("unreachable")  # pragma: no cover
 
+    def _take(self, chosen: list[_Candidate], taken: Sequence[str] = ()) -> bool:
+        """Delete these items, exactly once, if all are still there and unclaimed.
+
+        Raises:
+            OutcomeUnknownError: The take could not be settled; it names the
+                values ``taken`` before it and the ones it may have taken.
+        """
+        try:
+            committed = commit(
+                self._transport,
+                self._sessions.get,
+                compare=[c for candidate in chosen for c in _unchanged_and_unclaimed(candidate)],
+                success=[ops.delete(candidate.key) for candidate in chosen],
+                failure=[],
+            )
+        except OutcomeUnknownError as exc:
+            raise OutcomeUnknownError(
+                f"{exc}; the items it may have taken are in 'uncertain'",
+                taken=taken,
+                uncertain=[candidate.value for candidate in chosen],
+            ) from exc
+        return committed.succeeded
+
     def dequeue_many(
         self, dir_key: object, max_items: object, *, timeout: object = None
     ) -> list[str]:
@@ -232,9 +255,14 @@ class Queue:
             if self._take(chosen):
                 taken = [c.value for c in chosen]
                 if len(taken) < max_items:
-                    # What is taken is ours: hand it over rather than drop it.
-                    with contextlib.suppress(EtcdPatternsError):
+                    try:
                         self._take_available(raw, max_items, taken)
+                    except OutcomeUnknownError:
+                        raise  # it carries what is taken, and what may be
+                    except EtcdPatternsError:
+                        # Nothing more was taken; what is taken is ours:
+                        # hand it over rather than drop it.
+                        pass
                 return taken
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -246,7 +274,7 @@ class Queue:
                 chosen = self._read(raw, min(wanted - len(taken), CHUNK))[0]
                 if not chosen:
                     return
-            if self._take(chosen):
+            if self._take(chosen, taken):
                 taken += [c.value for c in chosen]
 
     def claim(self, dir_key: object, *, ttl: object = None, timeout: object = None) -> Claim:
@@ -263,13 +291,23 @@ class Queue:
                 # The claim lives on the lease of the session that commits it.
                 return [ops.put(claim, b"claimed", lease=session.lease_id)]
 
-            committed = commit(
-                self._transport,
-                lambda: self._sessions.get(lease_ttl),
-                compare=_unchanged_and_unclaimed(candidate),
-                success=put_claim,
-                failure=[],
-            )
+            try:
+                committed = commit(
+                    self._transport,
+                    lambda: self._sessions.get(lease_ttl),
+                    compare=_unchanged_and_unclaimed(candidate),
+                    success=put_claim,
+                    failure=[],
+                )
+            except BaseException as exc:
+                # Unsettled, or settled and then interrupted: a claim that
+                # may exist must not outlive this call, or the item would
+                # stay invisible for as long as the process lives.
+                if isinstance(exc, EtcdPatternsError):
+                    self._sessions.abandon(lease_ttl, candidate.claim, None)
+                else:
+                    self._sessions.withdraw(lease_ttl, candidate.claim, None)
+                raise
             if committed.succeeded:
                 return ClaimedItem(
                     key=self._keyspace.decode(candidate.key),
@@ -300,12 +338,20 @@ class Queue:
         with self._lock:
             # The item is older than any cached candidate: read afresh.
             self._candidates.pop(item._etcd_key.rpartition(b"/")[0], None)
-        request = ops.delete_if_created(item._claim, item.fencing_token)
-        try:
-            self._transport.txn(request, write=False)
-        except EtcdPatternsError:
-            # The claim's session deletes it once etcd answers again.
-            item._session.abandon(item._claim, item.fencing_token)
+        # If etcd does not answer, the claim's session deletes the claim once
+        # it does.
+        item._session.withdraw(item._claim, item.fencing_token)
+
+    def let_go(self, item: ClaimedItem) -> None:
+        """Make sure a claim whose ack failed does not outlive its purpose.
+
+        The ack may have applied (the claim is gone with the item) or not
+        (the item must be offered again): deleting the claim, if it is
+        still this one, is right either way. The session does it once etcd
+        answers, so the item is available again within a refresh interval
+        of etcd's return, not held for as long as the process lives.
+        """
+        item._session.abandon(item._claim, item.fencing_token)
 
     # -- machinery ----------------------------------------------------------
 
@@ -389,17 +435,6 @@ class Queue:
                 return candidates[:wanted], header
             limit *= 2
 
-    def _take(self, chosen: list[_Candidate]) -> bool:
-        """Delete these items, exactly once, if all are still there and unclaimed."""
-        committed = commit(
-            self._transport,
-            self._sessions.get,
-            compare=[c for candidate in chosen for c in _unchanged_and_unclaimed(candidate)],
-            success=[ops.delete(candidate.key) for candidate in chosen],
-            failure=[],
-        )
-        return committed.succeeded
-
     def _wait(self, raw: bytes, revision: int, remaining: float | None) -> None:
         """Wait for an item to arrive or a claim to go, from ``revision`` on."""
         start, end = children_range(raw)
@@ -463,7 +498,13 @@ class Claim:
         item, self._item = self._item, None
         if item is None:
             return
-        if exc_type is None:
-            self._queue.ack(item)
-        else:
+        if exc_type is not None:
             self._queue.release(item)
+            return
+        try:
+            self._queue.ack(item)
+        except ClaimLostError:
+            raise
+        except BaseException:
+            self._queue.let_go(item)
+            raise

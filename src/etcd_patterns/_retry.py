@@ -114,9 +114,11 @@ _CONFLICT_WAIT = wait_random_exponential(multiplier=0.002, max=0.05)
 
 def _retryable(write: bool) -> Callable[[BaseException], bool]:
     def predicate(exc: BaseException) -> bool:
-        if not isinstance(exc, EtcdUnavailableError):
-            return False
-        return not (write and isinstance(exc, OutcomeUnknownError))
+        if isinstance(exc, OutcomeUnknownError):
+            # A write is never retried blindly; only the resolving
+            # transaction of the exactly-once commit may follow it.
+            return not write
+        return isinstance(exc, EtcdUnavailableError)
 
     return predicate
 

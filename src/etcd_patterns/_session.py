@@ -45,6 +45,7 @@ import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from . import _ops as ops
 from ._errors import (
@@ -182,10 +183,11 @@ class Session:
         """Have the keepalive thread delete ``key`` later.
 
         Args:
-            key: A key this session wrote.
+            key: A key this session wrote, on its lease.
             create_revision: Delete the key only if it is still this
-                incarnation; None if the revision is unknown (the key's
-                name must then be this session's alone).
+                incarnation; None if the revision is unknown (a write whose
+                answer never came): it is then deleted only while it
+                carries this session's lease.
         """
         with self._lock:
             self._abandoned.append((key, create_revision))
@@ -205,7 +207,7 @@ class Session:
             Whether etcd confirmed that the key is gone (or was not this
             incarnation). False if it was handed to the keepalive thread.
         """
-        request = ops.delete_if_created(key, create_revision)
+        request = self._delete_request(key, create_revision)
         try:
             self._transport.txn(request, write=False, deadline=Deadline(CLEANUP_TIMEOUT))
         except EtcdPatternsError as exc:
@@ -216,6 +218,11 @@ class Session:
             self.abandon(key, create_revision)  # a second Ctrl-C: let it through
             raise
         return True
+
+    def _delete_request(self, key: bytes, create_revision: int | None) -> Any:
+        if create_revision is None:
+            return ops.delete_if_leased(key, self.lease_id)
+        return ops.delete_if_created(key, create_revision)
 
     def delete_abandoned(self) -> None:
         """Try once to delete every abandoned key; keep those etcd did not confirm.
@@ -230,7 +237,7 @@ class Session:
         try:
             while pending and not budget.expired():
                 key, revision = pending[-1]
-                request = ops.delete_if_created(key, revision)
+                request = self._delete_request(key, revision)
                 try:
                     self._transport.txn(request, write=False, deadline=budget)
                 except EtcdPatternsError as exc:

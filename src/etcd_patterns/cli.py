@@ -29,7 +29,12 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from ._errors import EtcdPatternsError, EtcdUnavailableError, QueueEmptyError
+from ._errors import (
+    EtcdPatternsError,
+    EtcdUnavailableError,
+    OutcomeUnknownError,
+    QueueEmptyError,
+)
 from ._facade import DEFAULT_TIMEOUT, EtcdPatterns
 
 __all__ = ["main"]
@@ -196,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"etcd-patterns: {exc}", file=sys.stderr)
         if isinstance(exc, (TimeoutError, QueueEmptyError)):
             return EX_TEMPFAIL
-        return EX_UNAVAILABLE if isinstance(exc, EtcdUnavailableError) else 1
+        return EX_UNAVAILABLE if isinstance(exc, (EtcdUnavailableError, OutcomeUnknownError)) else 1
 
 
 if __name__ == "__main__":

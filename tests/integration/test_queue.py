@@ -20,6 +20,7 @@ from etcd_patterns import (
     EtcdPatterns,
     LeaseNotFoundError,
     NotAValueError,
+    OutcomeUnknownError,
     QueueEmptyError,
     ValueDecodeError,
 )
@@ -435,6 +436,112 @@ def test_lost_answers_in_claim_and_ack(
         assert raw.count(".etcd-patterns/claims/") == 0
         assert faulty.get_values("q") == ["second"]
     client.close()
+
+
+def _resolves(request: Any) -> bool:
+    """Whether a Txn is the exactly-once commit's resolution: it nests one in its failure."""
+    return any(op.HasField("request_txn") for op in request.failure)
+
+
+def _interrupt(_request: Any) -> None:
+    raise KeyboardInterrupt
+
+
+@pytest.mark.timeout(60)
+def test_an_ack_that_cannot_be_settled_lets_the_item_go(
+    etcd: Etcd, namespace: str, patterns: EtcdPatterns
+) -> None:
+    # The ack never reaches etcd, and etcd stays away while the library
+    # tries to settle it: the ack raises OutcomeUnknownError. The claim must
+    # not live on with the process, hiding the item from every consumer.
+    away = threading.Event()
+    away.set()
+    injected: list[str] = []
+
+    def plan(method: str, request: Any) -> str:
+        if method != TXN:
+            return "pass"
+        if not injected and _acks(request):
+            injected.append("ack")
+            return "hold"
+        if injected and away.is_set() and _resolves(request):
+            injected.append("resolution")
+            return "hold"
+        return "pass"
+
+    injector = FaultInjector(plan)
+    client = client_with_faults(etcd.endpoints, injector)
+    patterns.enqueue("q", "job")
+    ttl = 2
+    with EtcdPatterns(client, namespace=namespace, timeout=1, session_ttl=ttl) as faulty:
+        claiming = faulty.claim("q", timeout=0)
+        assert claiming.__enter__().value == "job"
+        with pytest.raises(OutcomeUnknownError):
+            claiming.__exit__(None, None, None)
+        assert injected[:2] == ["ack", "resolution"]
+        away.clear()
+        # Offered again once etcd answers: the session deletes the claim at
+        # its next refresh, a third of the TTL later.
+        assert patterns.dequeue("q", timeout=ttl) == "job"
+        # A late copy of the ack finds the claim gone and changes nothing.
+        assert not any(response.succeeded for response in injector.deliver_held())
+    client.close()
+
+
+def test_ctrl_c_once_etcd_applied_a_claim_leaves_the_item_available(
+    etcd: Etcd, namespace: str, patterns: EtcdPatterns, raw: Raw
+) -> None:
+    injected: list[str] = []
+
+    def plan(method: str, request: Any) -> str:
+        if method == TXN and not injected and _claims(request):
+            injected.append("claim")
+            return "lose-response"
+        return "pass"
+
+    injector = FaultInjector(plan)
+    injector.on_lost_response = _interrupt
+    client = client_with_faults(etcd.endpoints, injector)
+    patterns.enqueue("q", "job")
+    with EtcdPatterns(client, namespace=namespace) as faulty:
+        claiming = faulty.claim("q", timeout=0)
+        with pytest.raises(KeyboardInterrupt):
+            claiming.__enter__()
+        assert injected == ["claim"]
+        assert raw.count(".etcd-patterns/claims/") == 0
+        assert patterns.dequeue("q", timeout=0) == "job"
+    client.close()
+
+
+def test_dequeue_many_reports_a_take_it_could_not_settle(
+    etcd: Etcd, namespace: str, patterns: EtcdPatterns, raw: Raw
+) -> None:
+    takes: list[str] = []
+
+    def plan(method: str, request: Any) -> str:
+        if method != TXN:
+            return "pass"
+        if _takes_an_item(request):
+            takes.append("take")
+            if len(takes) == 2:
+                return "lose-response"  # etcd applies the second take; its answer is lost
+        if len(takes) >= 2 and _resolves(request):
+            return "hold"  # and etcd stays away while the library tries to settle it
+        return "pass"
+
+    client = client_with_faults(etcd.endpoints, FaultInjector(plan))
+    patterns.enqueue_many("q", ["a", "b", "c"])
+    # prefetch=1: the first take is "a" alone; "b" and "c" follow in a second.
+    with (
+        EtcdPatterns(client, namespace=namespace, timeout=1, prefetch=1) as faulty,
+        pytest.raises(OutcomeUnknownError) as caught,
+    ):
+        faulty.dequeue_many("q", 3)
+    client.close()
+    assert takes == ["take", "take"]
+    assert caught.value.taken == ["a"]
+    assert caught.value.uncertain == ["b", "c"]
+    assert raw.count("q/") == 0  # all three left the queue, and none went unreported
 
 
 def test_dequeue_many_serves_the_good_items_before_a_bad_one(

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import grpc
 import pytest
 
@@ -96,3 +98,47 @@ def test_an_interrupted_read_is_not_reported_as_an_unknown_write() -> None:
 
 def test_other_exceptions_are_not_translated() -> None:
     assert translate(ValueError("bug"), endpoints=["h:1"], write=False) is None
+
+
+def _tree(text: str) -> list[str]:
+    """The lines of the first error tree drawn in ``text``, without indentation."""
+    lines = text.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.strip() == "EtcdPatternsError")
+    indent = lines[first].index("E")
+    tree = []
+    for line in lines[first:]:
+        if not line.strip() or line.strip().startswith("```"):
+            break
+        tree.append(line[indent:].rstrip())
+    return tree
+
+
+def test_the_error_tree_in_the_docs_is_the_codes_and_names_every_error() -> None:
+    import etcd_patterns
+    from etcd_patterns import _errors
+
+    root = Path(__file__).resolve().parents[2]
+    drawn = _tree(_errors.__doc__ or "")
+    assert _tree((root / "docs" / "reliability.md").read_text()) == drawn
+    names = {line.lstrip("│├└─ ").split()[0] for line in drawn}
+    public = {
+        name
+        for name in etcd_patterns.__all__
+        if isinstance(getattr(etcd_patterns, name), type)
+        and issubclass(getattr(etcd_patterns, name), EtcdPatternsError)
+    }
+    assert names == public
+    for line in drawn[1:]:  # each is drawn under its real base class
+        name = line.lstrip("│├└─ ").split()[0]
+        depth = (len(line) - len(line.lstrip("│├└─ "))) // 4
+        parent = next(
+            other.lstrip("│├└─ ").split()[0]
+            for other in reversed(drawn[: drawn.index(line)])
+            if (len(other) - len(other.lstrip("│├└─ "))) // 4 == depth - 1
+        )
+        assert getattr(etcd_patterns, parent) in getattr(etcd_patterns, name).__bases__, name
+
+
+def test_an_unknown_outcome_is_not_unavailability() -> None:
+    # `except EtcdUnavailableError: retry` must never retry an ambiguous write.
+    assert not issubclass(OutcomeUnknownError, EtcdUnavailableError)
