@@ -93,6 +93,35 @@ class TryLockResult(NamedTuple, Generic[T]):
     value: T | None
 
 
+class _Turn(NamedTuple):
+    """Where a contender stands, from one read.
+
+    Attributes:
+        exists: Whether my key is still there.
+        predecessor: The newest key created before mine (keys only); None
+            if there is none, so that, if my key exists, I hold the lock.
+        revision: The revision the read reflects.
+    """
+
+    exists: bool
+    predecessor: Any | None
+    revision: int
+
+
+class _Registration(NamedTuple):
+    """A contender key written by `Locks._register`.
+
+    Attributes:
+        revision: The key's create revision: the fencing token, if it wins.
+        session: The session whose lease the key carries.
+        turn: Where the key stood when it was written.
+    """
+
+    revision: int
+    session: Session
+    turn: _Turn
+
+
 class HeldLock:
     """A lock held by this process: the facts a holder needs.
 
@@ -214,26 +243,24 @@ class Locks:
         while True:
             my_key = self._contender_key(raw)
             try:
-                revision, predecessor, header, session = self._register(raw, my_key, lease_ttl)
+                registered = self._register(raw, my_key, lease_ttl)
             except BaseException as exc:
                 self._withdraw_unsettled(lease_ttl, my_key, exc)
                 raise
+            revision, session = registered.revision, registered.session
             try:
                 if self._wait_turn(
-                    raw,
-                    my_key,
-                    revision,
-                    session,
-                    predecessor=predecessor,
-                    header=header,
-                    deadline=deadline,
+                    raw, my_key, revision, session, turn=registered.turn, deadline=deadline
                 ):
                     return self._hold(raw, my_key, revision, session)
             except BaseException:
                 self._give_up(my_key, revision, session)
                 raise
-            # My key vanished while I waited: the session was lost. Queue
-            # again on a fresh one, unless time is up.
+            # My key vanished: the session was lost. Queue again on a fresh
+            # one, unless time is up; like any new contender, at the back.
+            # Should the old lease live after all, its key must not stay
+            # ahead of the new one.
+            session.abandon(my_key, revision)
             if deadline.expired():
                 raise self._timeout(raw)
 
@@ -255,7 +282,10 @@ class Locks:
                     ops.compare_version(raw, "==", 0),
                 ],
                 success=lambda session: [ops.put(my_key, _holder_info(), lease=session.lease_id)],
-                failure=[ops.get(raw, keys_only=True)],
+                failure=[
+                    ops.get(raw, keys_only=True),
+                    ops.get(start, end, oldest_first=True, limit=1, keys_only=True),
+                ],
             )
         except BaseException as exc:
             self._withdraw_unsettled(lease_ttl, my_key, exc)
@@ -267,21 +297,17 @@ class Locks:
         assert committed.responses is not None  # failures always carry responses
         if ops.kvs(committed.responses, 0):
             raise self._not_a_lock(raw)
+        (holder,) = ops.kvs(committed.responses, 1) or [None]
+        if holder is not None and not holder.lease:
+            raise self._data_under_lock(raw, holder.key)
         return committed.revision, None
 
-    def _register(
-        self, raw: bytes, my_key: bytes, lease_ttl: int | None
-    ) -> tuple[int, Any | None, int, Session]:
+    def _register(self, raw: bytes, my_key: bytes, lease_ttl: int | None) -> _Registration:
         """Write my key and read my predecessor in one round trip.
 
         The write goes through the exactly-once commit: a copy of it that
         etcd receives late can never create my key a second time (after I
         released it, say), which would leave a contender that nobody owns.
-
-        Returns:
-            My key's create revision, my predecessor's key-value (None if I
-            hold the lock), the revision the answer reflects, and the
-            session whose lease my key carries.
         """
         start, end = children_range(raw)
         committed = commit(
@@ -300,13 +326,15 @@ class Locks:
             raise self._not_a_lock(raw)
         revision = committed.revision
         if committed.responses is None:
-            # Settled after a lost answer: read what the answer would have said.
-            _, predecessor, header = self._check_turn(raw, my_key, revision)
-            return revision, predecessor, header, committed.session
-        (predecessor,) = ops.kvs(committed.responses, 0) or [None]
-        return revision, predecessor, revision, committed.session
+            # Settled after a lost answer: read what the answer would have
+            # said, and whether my key is still there to say it of.
+            turn = self._check_turn(raw, my_key, revision)
+        else:
+            (predecessor,) = ops.kvs(committed.responses, 0) or [None]
+            turn = _Turn(exists=True, predecessor=predecessor, revision=revision)
+        return _Registration(revision, committed.session, turn)
 
-    def _check_turn(self, raw: bytes, my_key: bytes, revision: int) -> tuple[bool, Any | None, int]:
+    def _check_turn(self, raw: bytes, my_key: bytes, revision: int) -> _Turn:
         """Whether my key exists, and my current predecessor, in one round trip."""
         start, end = children_range(raw)
         request = ops.txn(
@@ -325,10 +353,12 @@ class Locks:
             failure=[],
         )
         response = self._transport.txn(request, write=False)
-        mine = ops.kvs(response.responses, 0)
         (predecessor,) = ops.kvs(response.responses, 1) or [None]
-        header: int = response.header.revision
-        return bool(mine), predecessor, header
+        return _Turn(
+            exists=bool(ops.kvs(response.responses, 0)),
+            predecessor=predecessor,
+            revision=response.header.revision,
+        )
 
     def _wait_turn(
         self,
@@ -337,12 +367,22 @@ class Locks:
         revision: int,
         session: Session,
         *,
-        predecessor: Any | None,
-        header: int,
+        turn: _Turn,
         deadline: Deadline,
     ) -> bool:
-        """Wait until I hold the lock (True) or my key vanished (False)."""
-        while predecessor is not None:
+        """Wait until I hold the lock (True) or my key vanished (False).
+
+        True is only ever reported from a read that saw my key.
+
+        Raises:
+            NotALockError: A key without a lease is queued before mine: data
+                stored under the lock's name, which no holder would ever
+                delete.
+        """
+        while turn.exists and turn.predecessor is not None:
+            predecessor = turn.predecessor
+            if not predecessor.lease:
+                raise self._data_under_lock(raw, predecessor.key)
             remaining = deadline.remaining()
             if remaining == 0:
                 raise self._timeout(raw)
@@ -352,33 +392,30 @@ class Locks:
                 key=predecessor.key, filters=[etcdrpc.WatchCreateRequest.NOPUT]
             )
             window = RECHECK_INTERVAL if remaining is None else min(RECHECK_INTERVAL, remaining)
-            turn: list[tuple[bool, Any | None, int]] = []
+            fresh: list[_Turn] = []
 
-            def changed(
-                waited_on: Any = predecessor, turn: list[tuple[bool, Any | None, int]] = turn
-            ) -> bool:
+            def changed(waited_on: Any = predecessor, fresh: list[_Turn] = fresh) -> bool:
                 # Etcd moved on between my read and the watch: read my turn
                 # afresh, and keep the answer if it is news.
-                state = self._check_turn(raw, my_key, revision)
-                exists, current, _ = state
-                if exists and current is not None and current.key == waited_on.key:
+                current = self._check_turn(raw, my_key, revision)
+                if (
+                    current.exists
+                    and current.predecessor is not None
+                    and current.predecessor.key == waited_on.key
+                ):
                     return False
-                turn.append(state)
+                fresh.append(current)
                 return True
 
             self._transport.wait_event(
                 [watch],
                 timeout=window,
                 accept=lambda e: e.type == _DELETE,
-                read_at=header,
+                read_at=turn.revision,
                 changed=changed,
             )
-            exists, predecessor, header = (
-                turn[0] if turn else self._check_turn(raw, my_key, revision)
-            )
-            if not exists:
-                return False
-        return True
+            turn = fresh[0] if fresh else self._check_turn(raw, my_key, revision)
+        return turn.exists
 
     def _hold(self, raw: bytes, my_key: bytes, revision: int, session: Session) -> HeldLock:
         held = HeldLock(
@@ -459,6 +496,13 @@ class Locks:
 
     def _timeout(self, raw: bytes) -> LockTimeoutError:
         return LockTimeoutError(f"lock {self._keyspace.decode(raw)!r} not acquired in time")
+
+    def _data_under_lock(self, raw: bytes, key: bytes) -> NotALockError:
+        return NotALockError(
+            f"key {self._keyspace.decode(key)!r} under lock {self._keyspace.decode(raw)!r} "
+            "carries no lease, so it is data, not a contender, and would hold the lock "
+            "for ever; store data outside the lock's directory"
+        )
 
     def _not_a_lock(self, raw: bytes) -> NotALockError:
         return NotALockError(

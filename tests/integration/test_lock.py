@@ -415,6 +415,28 @@ def test_we_exclude_etcdctl_lock(
     assert out.strip() == "acquired"
 
 
+@pytest.mark.timeout(30)
+def test_data_under_a_locks_name_is_refused_not_waited_on(patterns: EtcdPatterns, raw: Raw) -> None:
+    raw.put("billing/last-run", "yesterday")  # no lease: data, not a contender
+    with pytest.raises(NotALockError, match="billing/last-run"):
+        patterns.lock("billing", lambda: None, timeout=5)
+    with pytest.raises(NotALockError, match="billing/last-run"):
+        patterns.try_lock("billing", lambda: None)
+    assert raw.count("billing/") == 1  # only the data: the contender withdrew
+
+
+@pytest.mark.timeout(30)
+def test_data_queued_before_a_waiter_is_refused_while_a_holder_holds(
+    patterns: EtcdPatterns, other: EtcdPatterns, raw: Raw
+) -> None:
+    with patterns.locked("L"):
+        raw.put("L/data", "x")  # created after the holder's key
+        with pytest.raises(NotALockError, match="L/data"):
+            other.lock("L", lambda: None, timeout=20)
+        assert contenders(raw) == 2  # the holder's key and the data
+    assert contenders(raw) == 1
+
+
 # -- Ctrl-C while waiting -------------------------------------------------------
 
 

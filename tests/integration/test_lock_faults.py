@@ -177,3 +177,40 @@ def test_ctrl_c_before_etcd_received_the_registration_shuts_out_its_late_copy(
         assert not late.succeeded  # settled before the interruption went on
         assert raw.count("L/") == 1
     assert raw.count("L/") == 0
+
+
+def _checks_a_turn(request: Any) -> bool:
+    """Whether a Txn reads a contender's own key and its predecessor (and writes nothing)."""
+    ranges = [op.request_range for op in request.success if op.HasField("request_range")]
+    return len(ranges) == 2 == len(request.success) and ranges[1].max_create_revision > 0
+
+
+def test_a_lease_lost_just_after_a_lost_answer_was_settled_grants_nothing(
+    faulty: EtcdPatterns, injector: FaultInjector, raw: Raw
+) -> None:
+    # The registration applies, its answer is lost, the commit settles it as
+    # applied; then the lease lapses before the turn is read. The turn read
+    # finds my key gone and no predecessor: that is not holding the lock.
+    events: list[str] = []
+    leases: list[int] = []
+
+    def plan(method: str, request: Any) -> str:
+        if method != TXN:
+            return "pass"
+        if not events and touches_lock(request, "request_put"):
+            (put,) = [op.request_put for op in request.success if op.HasField("request_put")][:1]
+            leases.append(put.lease)
+            events.append("registration answer lost")
+            return "lose-response"
+        if events == ["registration answer lost"] and _checks_a_turn(request):
+            raw.revoke(leases[0])
+            events.append("lease revoked before the turn read")
+        return "pass"
+
+    injector.plan = plan
+    with faulty.locked("L") as held:
+        assert events == ["registration answer lost", "lease revoked before the turn read"]
+        mine = raw.get(held.key)
+        assert mine is not None  # granted from a read that saw my key
+        assert mine.create_revision == held.fencing_token
+        assert held.lease_id != leases[0]  # on a fresh session
