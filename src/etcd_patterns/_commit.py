@@ -38,9 +38,10 @@ can withdraw what the write may have created, by name, for good.
 Cost: no extra round trip on the normal path. The slot adds one compare and
 one put to the caller's transaction. Resolution costs one more round trip.
 
-Time: each request is bounded by the transport's timeout. A write whose
-answer was lost needs one more request to settle, so it may take up to about
-twice that.
+Time: one deadline, the transport's timeout, bounds the whole call: every
+attempt, every resolution and every round. A write whose answer is lost
+late in that time has little left to settle in, and then raises
+`OutcomeUnknownError` rather than overrun.
 """
 
 from __future__ import annotations
@@ -127,9 +128,12 @@ def commit(
             expired; nothing was applied.
     """
     # Every round but the last ends with a definite answer from etcd (a
-    # fence, a lost lease, a resynchronised slot), so etcd is up; the bound
-    # only guards against answers that keep getting lost.
+    # fence, a lost lease, a resynchronised slot), so etcd is up; the bounds
+    # only guard against answers that keep getting lost.
+    budget = Deadline(transport.timeout)
     for _ in range(_MAX_ROUNDS):
+        if budget.expired():
+            break
         current = session()
         operations = success(current) if callable(success) else success
         with current.slot() as slot:
@@ -140,18 +144,18 @@ def commit(
                 failure=[*failure, ops.get(slot.key)],
             )
             try:
-                response = transport.txn(request)
+                response = transport.txn(request, deadline=budget)
             except LeaseNotFoundError as exc:
                 # Nothing was applied. Whose lease was it? The caller's
                 # operations may carry a lease of their own.
-                if transport.lease_time_to_live(current.lease_id) > 0:
+                if transport.lease_time_to_live(current.lease_id, deadline=budget) > 0:
                     raise LeaseNotFoundError(
                         "a lease that the write attaches to a key has expired; nothing was written"
                     ) from exc
                 current.mark_lost("etcd no longer knows it")
                 continue
             except OutcomeUnknownError as exc:
-                applied_at = _resolve(transport, current, slot, token, exc)
+                applied_at = _resolve(transport, current, slot, token, exc, deadline=budget)
                 if applied_at is not None:
                     return Committed(True, applied_at, None, current)
                 continue
@@ -173,7 +177,8 @@ def commit(
             slot.token = observed
     where = ",".join(transport.endpoints)
     raise EtcdUnavailableError(
-        f"etcd at {where} lost the answers to {_MAX_ROUNDS} attempts at one write; none applied"
+        f"etcd at {where} lost the answers to every attempt at one write within "
+        f"{transport.timeout}s; none applied"
     )
 
 

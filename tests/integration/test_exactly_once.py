@@ -7,12 +7,13 @@ sent and applied but its answer dropped, or held back and delivered late.
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
-from etcd_patterns import EtcdPatterns, OutcomeUnknownError
+from etcd_patterns import EtcdPatterns, EtcdUnavailableError, OutcomeUnknownError
 from etcd_patterns.testing import EtcdCluster, ExternalEtcd
 from tests.helpers import FaultInjector, Raw, client_with_faults, run_together
 
@@ -180,3 +181,41 @@ def test_a_late_copy_of_a_resolution_changes_nothing(
     faults.injector.on_lost_response = deliver_the_late_copy
     assert faulty.transform("n", incr) == "2"
     assert raw.value("n") == b"2"
+
+
+@pytest.mark.timeout(60)
+def test_one_timeout_bounds_a_write_its_resolutions_and_its_rounds(
+    etcd: EtcdCluster | ExternalEtcd, namespace: str, raw: Raw
+) -> None:
+    # Every write hangs for as long as one attempt may take (a third of the
+    # timeout, the transport's cap), then its answer is lost; each is settled
+    # (fenced) and tried again. The call must give up within its timeout,
+    # not after eight such rounds.
+    timeout = 1.0
+    attempt_cap = timeout / 3
+    events: list[str] = []
+    armed: list[bool] = []
+
+    def plan(method: str, request: Any) -> str:
+        if not armed or method != TXN:
+            return "pass"
+        if not any(op.HasField("request_put") for op in request.success):
+            return "pass"
+        if any(b".etcd-patterns/slots/" in op.request_put.key for op in request.success[:-1]):
+            return "pass"  # not the write: a fence, which settles it
+        events.append("write")
+        time.sleep(attempt_cap)  # a slow etcd, not a wait for another thread
+        return "hold"
+
+    client = client_with_faults(etcd.endpoints, FaultInjector(plan))
+    with EtcdPatterns(client, namespace=namespace, timeout=timeout) as faulty:
+        faulty.try_transform("other", lambda v: v, default="")  # grants the session's lease
+        armed.append(True)
+        started = time.monotonic()
+        with pytest.raises((EtcdUnavailableError, OutcomeUnknownError)):
+            faulty.transform("k", incr, default="0")
+        elapsed = time.monotonic() - started
+    client.close()
+    assert len(events) >= 2  # rounds did follow one another
+    assert elapsed < timeout + attempt_cap
+    assert raw.value("k") is None
