@@ -8,9 +8,8 @@ is exactly one answer to "what is retried, how long, how often":
   unknown (`OutcomeUnknownError`) is never retried blindly: the caller must
   resolve it. Nothing else is ever retried, so a bug, a permission error or
   an exception from user code propagates at once.
-* `retry_conflicts` repeats an optimistic attempt that lost a race, with a
-  short jittered backoff that spreads contending writers apart, until the
-  deadline.
+* `retry_conflicts` repeats an optimistic attempt that lost a race at once,
+  with the fresh state the lost race returned, until the deadline.
 """
 
 from __future__ import annotations
@@ -25,6 +24,7 @@ from tenacity import (
     Retrying,
     retry_if_exception,
     retry_if_result,
+    wait_none,
     wait_random_exponential,
 )
 from tenacity.wait import wait_base
@@ -107,9 +107,12 @@ class _wait_within(wait_base):
 # off up to one second between tries.
 _TRANSIENT_WAIT = wait_random_exponential(multiplier=0.05, max=1.0)
 
-# Conflicts: the loser already holds the fresh value, so it retries almost at
-# once; the jitter keeps a crowd of writers from colliding again in lockstep.
-_CONFLICT_WAIT = wait_random_exponential(multiplier=0.002, max=0.05)
+# Conflicts: the loser already holds the fresh value, from the failed
+# transaction itself, so it retries at once. Waiting first would only make
+# that value stale: against a writer in a tight loop, a loser that slept
+# lost every race, for ever. No lockstep can follow either, since every
+# round of a conflict has exactly one winner.
+_CONFLICT_WAIT = wait_none()
 
 
 def _retryable(write: bool) -> Callable[[BaseException], bool]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -176,6 +177,38 @@ def test_threads_sharing_one_instance_count_exactly(patterns: EtcdPatterns, raw:
 
     run_together([work] * threads, timeout=90)
     assert patterns.get_values("counter") == [str(threads * rounds)]
+
+
+@pytest.mark.timeout(60)
+def test_a_writer_in_a_tight_loop_does_not_starve_another(patterns: EtcdPatterns) -> None:
+    # Both transform one key without pause. A loser that waited before
+    # retrying held a stale value by then, and lost every race, for ever.
+    total = 300
+    done = [0, 0]
+    progress = threading.Condition()
+    stop = threading.Event()
+
+    def work(me: int) -> None:
+        while not stop.is_set():
+            patterns.transform("counter", incr, default="0")
+            with progress:
+                done[me] += 1
+                progress.notify_all()
+
+    workers = [threading.Thread(target=work, args=(me,)) for me in range(2)]
+    for worker in workers:
+        worker.start()
+    try:
+        with progress:
+            assert progress.wait_for(lambda: sum(done) >= total, timeout=30)
+            shares = list(done)
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join(timeout=30)
+    # Each wins about half the races; a starved one wins almost none.
+    assert min(shares) >= total // 5, shares
+    assert patterns.get_values("counter") == [str(sum(done))]
 
 
 def _process_worker(endpoints: list[str], namespace: str, rounds: int, start: Any) -> None:
