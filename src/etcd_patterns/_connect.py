@@ -127,7 +127,9 @@ def build_client(
     def create() -> Any:
         channels = [
             etcd3.Endpoint(
-                e.host,
+                # etcd3 joins host and port as they are: an IPv6 address
+                # needs its brackets, or gRPC cannot parse the target.
+                f"[{e.host}]" if ":" in e.host else e.host,
                 e.port,
                 secure=credentials is not None,
                 creds=credentials,

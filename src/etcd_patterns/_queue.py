@@ -56,6 +56,7 @@ from . import _ops as ops
 from ._commit import commit
 from ._errors import (
     ClaimLostError,
+    EtcdError,
     EtcdPatternsError,
     InvalidArgumentError,
     InvalidTypeError,
@@ -83,6 +84,9 @@ PREFETCH = 16
 # --max-txn-ops of 128 (each item needs up to two compares or one put, and
 # the commit's bookkeeping one more).
 CHUNK = 60
+# How many sets of fresh item keys an enqueue draws before giving up: a
+# collision needs another writer to pick the same nanosecond and random tag.
+_KEY_TRIES = 3
 # A waiting consumer reads again at least this often, whatever its watch says.
 RECHECK_INTERVAL = 5.0
 
@@ -178,6 +182,13 @@ class Queue:
         for start in range(0, len(encoded), CHUNK):
             chunk = encoded[start : start + CHUNK]
             lease = 0 if lease_ttl is None else self._transport.lease_grant(lease_ttl).ID
+            items = self._enqueue_chunk(raw, chunk, lease)
+            keys.extend(self._keyspace.decode(item) for item in items)
+        return keys
+
+    def _enqueue_chunk(self, raw: bytes, chunk: list[bytes], lease: int) -> list[bytes]:
+        """Write one chunk of items under fresh keys, exactly once; their keys."""
+        for _ in range(_KEY_TRIES):
             items = [raw + b"/" + self._new_id() for _ in chunk]
             committed = commit(
                 self._transport,
@@ -190,13 +201,16 @@ class Queue:
                 ],
                 failure=[ops.get(raw, keys_only=True)],
             )
-            if not committed.succeeded:
-                assert committed.responses is not None  # failures always carry responses
-                if ops.kvs(committed.responses, 0):
-                    raise NotAValueError(self._keyspace.decode(raw))
-                raise EtcdPatternsError("generated queue keys collided; nothing was enqueued")
-            keys.extend(self._keyspace.decode(item) for item in items)
-        return keys
+            if committed.succeeded:
+                return items
+            assert committed.responses is not None  # failures always carry responses
+            if ops.kvs(committed.responses, 0):
+                raise NotAValueError(self._keyspace.decode(raw))
+            # Another writer used one of these names: draw new ones.
+        raise EtcdError(
+            f"queue {self._keyspace.decode(raw)!r}: {_KEY_TRIES} sets of generated keys were "
+            "all taken already; this chunk was not enqueued (earlier chunks were)"
+        )
 
     def _new_id(self) -> bytes:
         # Nanoseconds, kept strictly increasing within the process, then

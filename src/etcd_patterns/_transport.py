@@ -222,27 +222,18 @@ class Transport:
             PermissionDeniedError, EtcdError: etcd refused the watch.
         """
         index, stub = self._stub(etcdrpc.WatchStub)
-        # The requests are all sent at once and the stream half-closed, which
-        # etcd ignores, so gRPC needs no thread to feed it.
-        call = stub.Watch(
-            iter([etcdrpc.WatchRequest(create_request=create) for create in creates]),
-            timeout=timeout,
-            **self._call_options(),
-        )
         try:
-            created = 0
-            for response in call:
-                if response.canceled or response.compact_revision:
-                    return None
-                if response.created:
-                    created += 1
-                    if created == len(creates) and response.header.revision > read_at and changed():
-                        return None
-                    continue
-                for event in response.events:
-                    if accept(event):
-                        return event
-            return None
+            # The requests are all sent at once and the stream half-closed,
+            # which etcd ignores, so gRPC needs no thread to feed it.
+            call = stub.Watch(
+                iter([etcdrpc.WatchRequest(create_request=create) for create in creates]),
+                timeout=timeout,
+                **self._call_options(),
+            )
+            try:
+                return self._first_accepted(call, len(creates), accept, read_at, changed)
+            finally:
+                call.cancel()
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                 return None
@@ -254,8 +245,37 @@ class Transport:
             if error is None or isinstance(error, EtcdUnavailableError):
                 return None
             raise error from exc
-        finally:
-            call.cancel()
+        except ValueError as exc:
+            if self._client_channels_closed(exc):
+                raise ClosedError("the etcd3 client was closed") from exc
+            raise
+
+    def _first_accepted(
+        self,
+        call: Any,
+        watches: int,
+        accept: Callable[[Any], bool],
+        read_at: int,
+        changed: Callable[[], bool],
+    ) -> Any | None:
+        created = 0
+        for response in call:
+            if response.canceled or response.compact_revision:
+                # Also how etcd refuses a watch ("permission denied"): it
+                # checks a watch as it checks a read of the same range, so
+                # the caller's re-read raises PermissionDeniedError if the
+                # refusal is real, and renews the auth token if that had
+                # expired (the usual cause), before watching again.
+                return None
+            if response.created:
+                created += 1
+                if created == watches and response.header.revision > read_at and changed():
+                    return None
+                continue
+            for event in response.events:
+                if accept(event):
+                    return event
+        return None
 
     # -- machinery ----------------------------------------------------------
 
@@ -376,4 +396,7 @@ class Transport:
 
     @staticmethod
     def _client_channels_closed(exc: ValueError) -> bool:
-        return "closed channel" in str(exc)
+        # "Cannot invoke RPC on closed channel!" or, on a stream,
+        # "Cannot invoke RPC: Channel closed!", depending on the call.
+        text = str(exc).lower()
+        return "closed channel" in text or "channel closed" in text

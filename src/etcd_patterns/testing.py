@@ -461,6 +461,9 @@ class EtcdCluster:
         startup_timeout: How long to wait for the cluster to be healthy.
         tls: Serve clients over TLS and require client certificates; the
             files are in `tls_files`. Peers and metrics stay plain HTTP.
+        client_host: The loopback address clients connect to, such as
+            ``"::1"`` to serve clients over IPv6. Peers and metrics stay on
+            127.0.0.1.
     """
 
     def __init__(
@@ -471,6 +474,7 @@ class EtcdCluster:
         extra_args: Sequence[str] = (),
         startup_timeout: float = 30.0,
         tls: bool = False,
+        client_host: str = "127.0.0.1",
     ) -> None:
         if size < 1:
             raise ValueError(f"size must be >= 1, not {size}")
@@ -478,6 +482,7 @@ class EtcdCluster:
         self.etcd_bin = etcd_bin or find_etcd_binary()
         self.extra_args = list(extra_args)
         self.startup_timeout = startup_timeout
+        self.client_host = f"[{client_host}]" if ":" in client_host else client_host
         self.base_dir = Path(tempfile.mkdtemp(prefix="etcd-patterns-"))
         self.tls_files = make_tls_files(self.base_dir / "tls") if tls else None
         self.nodes: list[EtcdNode] = []
@@ -539,7 +544,7 @@ class EtcdCluster:
         initial = ",".join(f"{name}={peer}" for name, peer in zip(names, peers, strict=True))
         self.nodes.clear()
         for i, name in enumerate(names):
-            client_url = f"{scheme}://127.0.0.1:{ports[3 * i]}"
+            client_url = f"{scheme}://{self.client_host}:{ports[3 * i]}"
             metrics_base = f"http://127.0.0.1:{ports[3 * i + 2]}"
             data_dir = self.base_dir / name
             if data_dir.exists():

@@ -5,12 +5,14 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
-from etcd_patterns import EtcdPatterns, EtcdUnavailableError
+from etcd_patterns import ClosedError, EtcdPatterns, EtcdUnavailableError
 from etcd_patterns.testing import EtcdCluster, ExternalEtcd, free_ports
 from tests.helpers import Raw
 
@@ -125,6 +127,68 @@ def test_a_wrapped_client_stays_open(etcd: EtcdCluster | ExternalEtcd, raw: Raw)
         patterns.transform("k", lambda v: "v", default="")
     assert client.get(raw.key("k"))[0] == b"v"
     client.close()
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda p: p.get_values("k"),
+        lambda p: p.transform("k", lambda v: v + "x"),
+        lambda p: p.lock("L", lambda: None, timeout=1),
+        lambda p: p.enqueue("q", "job"),
+        lambda p: p.dequeue("empty", timeout=1),  # a wait: a watch on the closed channel
+    ],
+    ids=["get_values", "transform", "lock", "enqueue", "dequeue"],
+)
+def test_a_client_the_user_closed_gives_closed_error(
+    etcd: EtcdCluster | ExternalEtcd, raw: Raw, call: Callable[[EtcdPatterns], object]
+) -> None:
+    import etcd3
+
+    host, port = etcd.endpoints[0].rsplit(":", 1)
+    client = etcd3.client(host=host, port=int(port), timeout=5)
+    with EtcdPatterns(client, namespace=raw.namespace) as patterns:
+        patterns.transform("k", lambda v: "v", default="")
+        client.close()
+        with pytest.raises(ClosedError, match="client was closed"):
+            call(patterns)
+
+
+@pytest.mark.parametrize("when", ["before the watch", "during the watch"])
+@pytest.mark.timeout(30)
+def test_closing_the_users_client_under_a_wait_gives_closed_error(
+    etcd: EtcdCluster | ExternalEtcd, raw: Raw, when: str
+) -> None:
+    import etcd3
+
+    host, port = etcd.endpoints[0].rsplit(":", 1)
+    client = etcd3.client(host=host, port=int(port), timeout=5)
+    with EtcdPatterns(client, namespace=raw.namespace) as patterns:
+        waiting = threading.Event()
+        original = patterns._transport.wait_event
+
+        def wait_event(*args: Any, **kwargs: Any) -> Any:
+            if when == "before the watch":
+                client.close()  # between the read that found nothing and the watch
+            waiting.set()
+            return original(*args, **kwargs)
+
+        patterns._transport.wait_event = wait_event  # type: ignore[method-assign]
+        outcome: list[BaseException] = []
+
+        def consume() -> None:
+            try:
+                patterns.dequeue("empty", timeout=20)
+            except BaseException as exc:  # reported by the test's thread
+                outcome.append(exc)
+
+        consumer = threading.Thread(target=consume)
+        consumer.start()
+        assert waiting.wait(timeout=10)
+        client.close()
+        consumer.join(timeout=20)
+        assert not consumer.is_alive()
+        assert [type(error) for error in outcome] == [ClosedError]
 
 
 CALLS: dict[str, Callable[[EtcdPatterns], object]] = {

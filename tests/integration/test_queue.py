@@ -17,6 +17,7 @@ import pytest
 
 from etcd_patterns import (
     ClaimLostError,
+    EtcdError,
     EtcdPatterns,
     LeaseNotFoundError,
     NotAValueError,
@@ -606,3 +607,27 @@ def test_without_prefetch_every_dequeue_reads_first(etcd: Etcd, namespace: str) 
             taken = [etcd_one.dequeue("q", timeout=0) for _ in range(10)]
     assert taken == [str(i) for i in range(10)]
     assert rpcs.kv == 20
+
+
+def test_an_enqueue_whose_generated_key_is_taken_draws_another(
+    patterns: EtcdPatterns, raw: Raw, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    raw.put("q/taken", "someone else's")
+    queue = patterns._queue
+    fresh = queue._new_id
+    names = iter([b"taken"])
+    monkeypatch.setattr(queue, "_new_id", lambda: next(names, None) or fresh())
+    key = patterns.enqueue("q", "mine")
+    assert key != "q/taken"
+    assert raw.value("q/taken") == b"someone else's"
+    assert raw.value(key) == b"mine"
+
+
+def test_an_enqueue_whose_generated_keys_are_always_taken_fails_clearly(
+    patterns: EtcdPatterns, raw: Raw, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    raw.put("q/taken", "someone else's")
+    monkeypatch.setattr(patterns._queue, "_new_id", lambda: b"taken")
+    with pytest.raises(EtcdError, match="not enqueued"):
+        patterns.enqueue("q", "mine")
+    assert raw.count("q/") == 1
