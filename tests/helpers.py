@@ -193,7 +193,7 @@ def run_together(work: Sequence[Callable[[], object]], *, timeout: float = 100.0
     for thread in threads:
         thread.join(timeout=timeout)
     assert not any(thread.is_alive() for thread in threads), "a worker is still running"
-    assert errors == []
+    assert errors == [], errors
 
 
 def run_processes(

@@ -46,7 +46,6 @@ late in that time has little left to settle in, and then raises
 
 from __future__ import annotations
 
-import contextlib
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -83,8 +82,6 @@ class Committed:
     responses: Sequence[Any] | None
     session: Session
 
-
-_MAX_ROUNDS = 8
 
 
 def _token() -> bytes:
@@ -128,15 +125,17 @@ def commit(
             expired; nothing was applied.
     """
     # Every round but the last ends with a definite answer from etcd (a
-    # fence, a lost lease, a resynchronised slot), so etcd is up; the bounds
-    # only guard against answers that keep getting lost.
+    # fence, a lost lease, a resynchronised slot): nothing of it applied.
+    # The deadline only ends answers that keep getting lost.
     budget = Deadline(transport.timeout)
-    for _ in range(_MAX_ROUNDS):
-        if budget.expired():
-            break
+    while not budget.expired():
         current = session()
         operations = success(current) if callable(success) else success
-        with current.slot() as slot:
+        slot = current.borrow_slot()
+        # Whether slot.token is what etcd holds, so that the next operation
+        # may use the slot; a slot left uncertain is dropped, never reused.
+        known = True
+        try:
             token = _token()
             request = ops.txn(
                 compare=[*compare, _slot_holds(slot)],
@@ -155,14 +154,16 @@ def commit(
                 current.mark_lost("etcd no longer knows it")
                 continue
             except OutcomeUnknownError as exc:
+                known = False
                 applied_at = _resolve(transport, current, slot, token, exc, deadline=budget)
+                known = True
                 if applied_at is not None:
                     return Committed(True, applied_at, None, current)
                 continue
             except EtcdPatternsError:
                 raise  # the transport proved that nothing was applied
             except BaseException as interruption:
-                _settle_interrupted(transport, current, slot, token, interruption)
+                known = _settle_interrupted(transport, current, slot, token, interruption)
                 raise
             if response.succeeded:
                 slot.token = token.decode("ascii")
@@ -175,6 +176,9 @@ def commit(
             # expired. Resynchronise and try again: a put under a dead lease
             # then fails as a whole, and the session is replaced.
             slot.token = observed
+        finally:
+            if known:
+                current.return_slot(slot)
     where = ",".join(transport.endpoints)
     raise EtcdUnavailableError(
         f"etcd at {where} lost the answers to every attempt at one write within "
@@ -184,12 +188,19 @@ def commit(
 
 def _settle_interrupted(
     transport: Transport, session: Session, slot: Slot, token: bytes, interruption: BaseException
-) -> None:
-    """Shut out a write whose sender was interrupted, if it has not applied."""
+) -> bool:
+    """Shut out a write whose sender was interrupted, if it has not applied.
+
+    Returns:
+        Whether it was settled. If etcd does not answer in time, the
+        interruption goes on regardless.
+    """
     cause = OutcomeUnknownError(f"the write was interrupted by {interruption!r}")
-    # If etcd does not answer in time, the interruption goes on regardless.
-    with contextlib.suppress(OutcomeUnknownError):
+    try:
         _resolve(transport, session, slot, token, cause, deadline=Deadline(CLEANUP_TIMEOUT))
+    except OutcomeUnknownError:
+        return False
+    return True
 
 
 def _resolve(

@@ -42,8 +42,6 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -248,21 +246,17 @@ class Session:
             with self._lock:
                 self._abandoned.extend(pending)
 
-    @contextmanager
-    def slot(self) -> Iterator[Slot]:
-        """Borrow a bookkeeping key for the duration of one operation.
-
-        A slot whose state became uncertain (the block raised) is not
-        returned to the pool.
-        """
+    def borrow_slot(self) -> Slot:
+        """Take a bookkeeping key for one operation; `return_slot` gives it back."""
         with self._lock:
             if self._slots:
-                slot = self._slots.pop()
-            else:
-                self._slot_count += 1
-                name = f"{self.lease_id:x}/{self._slot_count}"
-                slot = Slot(self._keyspace.internal("slots", name))
-        yield slot
+                return self._slots.pop()
+            self._slot_count += 1
+            name = f"{self.lease_id:x}/{self._slot_count}"
+        return Slot(self._keyspace.internal("slots", name))
+
+    def return_slot(self, slot: Slot) -> None:
+        """Give back a slot whose ``token`` is known to be what etcd holds."""
         with self._lock:
             self._slots.append(slot)
 

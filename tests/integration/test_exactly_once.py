@@ -13,7 +13,12 @@ from typing import Any
 
 import pytest
 
-from etcd_patterns import EtcdPatterns, EtcdUnavailableError, OutcomeUnknownError
+from etcd_patterns import (
+    EtcdPatterns,
+    EtcdUnavailableError,
+    OutcomeUnknownError,
+    ValueTooLargeError,
+)
 from etcd_patterns.testing import EtcdCluster, ExternalEtcd
 from tests.helpers import FaultInjector, Raw, client_with_faults, run_together
 
@@ -219,3 +224,17 @@ def test_one_timeout_bounds_a_write_its_resolutions_and_its_rounds(
     assert len(events) >= 2  # rounds did follow one another
     assert elapsed < timeout + attempt_cap
     assert raw.value("k") is None
+
+
+def test_writes_refused_before_sending_leave_no_bookkeeping_behind(
+    patterns: EtcdPatterns, raw: Raw
+) -> None:
+    patterns.transform("k", incr, default="0")
+    assert raw.count(".etcd-patterns/slots/") == 1
+    huge = "x" * (2 * 1024 * 1024)  # beyond etcd's default request limit
+    for _ in range(5):
+        with pytest.raises(ValueTooLargeError):
+            patterns.transform("k", lambda _: huge)
+    patterns.transform("k", incr)
+    # Nothing was sent, so the slot stays in use: one key, not one per refusal.
+    assert raw.count(".etcd-patterns/slots/") == 1
