@@ -83,7 +83,6 @@ class Committed:
     session: Session
 
 
-
 def _token() -> bytes:
     return secrets.token_hex(8).encode("ascii")
 

@@ -269,8 +269,12 @@ class Queue:
             if self._take(chosen):
                 taken = [c.value for c in chosen]
                 if len(taken) < max_items:
+                    # Taking what else is there is part of this one call:
+                    # it gets the time of one request, however long the
+                    # wait for the first item was allowed to be.
+                    follow_up = Deadline(self._transport.timeout)
                     try:
-                        self._take_available(raw, max_items, taken)
+                        self._take_available(raw, max_items, taken, follow_up)
                     except OutcomeUnknownError:
                         raise  # it carries what is taken, and what may be
                     except EtcdPatternsError:
@@ -280,9 +284,14 @@ class Queue:
                 return taken
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _take_available(self, raw: bytes, wanted: int, taken: list[str]) -> None:
-        """Add to ``taken``, as they are taken, items there now, up to ``wanted`` in all."""
-        while len(taken) < wanted:
+    def _take_available(
+        self, raw: bytes, wanted: int, taken: list[str], deadline: Deadline
+    ) -> None:
+        """Add to ``taken``, as they are taken, items there now, up to ``wanted`` in all.
+
+        Stops early when the deadline passes: what is taken is returned then.
+        """
+        while len(taken) < wanted and not deadline.expired():
             chosen = self._more_candidates(raw, min(wanted - len(taken), CHUNK))
             if not chosen:
                 chosen = self._read(raw, min(wanted - len(taken), CHUNK))[0]
@@ -373,12 +382,22 @@ class Queue:
         """Yield candidate heads, oldest first, waiting when there are none.
 
         Raises:
-            QueueEmptyError: The deadline passed with no candidate.
+            QueueEmptyError: The deadline passed with no candidate, or with
+                every candidate taken by other consumers first.
             NotAValueError: ``raw`` holds a value of its own.
         """
+        offered = False
         while True:
             cached = self._more_candidates(raw, 1)
             if cached:
+                # A consumer that keeps losing races for items that are
+                # there must still give up in time.
+                if offered and deadline.expired():
+                    raise QueueEmptyError(
+                        f"queue {self._keyspace.decode(raw)!r}: other consumers took every "
+                        "item first until the timeout"
+                    )
+                offered = True
                 yield cached[0]
                 continue
             fresh, revision = self._read(raw, self._prefetch)

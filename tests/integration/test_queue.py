@@ -631,3 +631,37 @@ def test_an_enqueue_whose_generated_keys_are_always_taken_fails_clearly(
     with pytest.raises(EtcdError, match="not enqueued"):
         patterns.enqueue("q", "mine")
     assert raw.count("q/") == 1
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("timeout", [0, 0.5])
+def test_a_consumer_that_keeps_losing_races_gives_up_in_time(
+    etcd: Etcd, namespace: str, patterns: EtcdPatterns, raw: Raw, timeout: float
+) -> None:
+    # Another consumer gets to every head first (here: it touches the item
+    # just before our take arrives, so that the take's compare fails). The
+    # items stay there, so the queue never looks empty.
+    lost: list[str] = []
+    interfere = 500  # then stop, so that a consumer that never gives up succeeds
+
+    def plan(method: str, request: Any) -> str:
+        if method == TXN and _takes_an_item(request) and len(lost) < interfere:
+            key = request.success[0].request_delete_range.key
+            raw.client.put(key, b"touched")
+            lost.append("take")
+        return "pass"
+
+    client = client_with_faults(etcd.endpoints, FaultInjector(plan))
+    patterns.enqueue_many("q", ["a", "b", "c"])
+    request_timeout = 5.0
+    with EtcdPatterns(client, namespace=namespace, timeout=request_timeout) as faulty:
+        started = time.monotonic()
+        with pytest.raises(QueueEmptyError, match="took every item first"):
+            faulty.dequeue("q", timeout=timeout)
+        elapsed = time.monotonic() - started
+    client.close()
+    assert lost  # it did lose races
+    assert len(lost) < interfere
+    # The deadline is checked before each take: at most one take past it.
+    assert elapsed < timeout + request_timeout
+    assert raw.count("q/") == 3
