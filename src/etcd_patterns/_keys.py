@@ -74,8 +74,16 @@ class Keyspace:
     def __init__(self, namespace: object = None) -> None:
         self.prefix = b"" if namespace is None else _utf8(namespace, name="namespace")
 
-    def encode(self, key: object, *, name: str = "key") -> bytes:
+    def encode(self, key: object, *, name: str = "key", trailing_slash: bool = False) -> bytes:
         """Validate ``key`` and return the etcd key it names.
+
+        Args:
+            key: The user's key.
+            name: What the key is, for error messages.
+            trailing_slash: Accept a key ending with ``/``. Lock names may:
+                etcd's own clients accept ``/my-lock/`` (whose contenders
+                are ``/my-lock//<lease>``), and a lock must be able to name
+                every lock they can.
 
         Raises:
             InvalidTypeError: ``key`` is not str or bytes.
@@ -85,7 +93,7 @@ class Keyspace:
         raw = _utf8(key, name=name)
         if not raw:
             raise InvalidArgumentError(f"{name} must not be empty")
-        if raw.endswith(b"/"):
+        if raw.endswith(b"/") and not trailing_slash:
             raise InvalidArgumentError(
                 f"{name} {key!r} must not end with '/'; name the directory without it"
             )

@@ -152,7 +152,9 @@ class HeldLock:
         self.lease_id = session.lease_id
         self._session = session
         self._transport = transport
-        self._thread = threading.get_ident()
+        # The thread object, not its ident: idents are reused once a thread
+        # ends, and a new thread must not inherit a dead one's locks.
+        self._thread = threading.current_thread()
 
     def __repr__(self) -> str:
         return f"<HeldLock {self.name!r} key={self.key!r} fencing_token={self.fencing_token}>"
@@ -197,7 +199,7 @@ class Locks:
         self._transport = transport
         self._keyspace = keyspace
         self._sessions = sessions
-        self._held: dict[tuple[int, bytes], HeldLock] = {}
+        self._held: dict[tuple[threading.Thread, bytes], HeldLock] = {}
         self._registry = threading.Lock()
         self._sequence = itertools.count(1)
         self._instance = secrets.token_hex(8)
@@ -236,7 +238,7 @@ class Locks:
 
     def acquire(self, name: object, *, ttl: object = None, timeout: object = None) -> HeldLock:
         """Wait for the lock; see `EtcdPatterns.locked`."""
-        raw = self._keyspace.encode(name, name="lock name")
+        raw = self._keyspace.encode(name, name="lock name", trailing_slash=True)
         lease_ttl = None if ttl is None else check_ttl(ttl)
         deadline = Deadline(check_timeout(timeout))
         self._check_reentry(raw)
@@ -266,7 +268,7 @@ class Locks:
 
     def try_acquire(self, name: object, *, ttl: object = None) -> tuple[int, HeldLock | None]:
         """One attempt, one round trip; see `EtcdPatterns.try_locked`."""
-        raw = self._keyspace.encode(name, name="lock name")
+        raw = self._keyspace.encode(name, name="lock name", trailing_slash=True)
         lease_ttl = None if ttl is None else check_ttl(ttl)
         self._check_reentry(raw)
         start, end = children_range(raw)
@@ -488,7 +490,7 @@ class Locks:
 
     def _check_reentry(self, raw: bytes) -> None:
         with self._registry:
-            if (threading.get_ident(), raw) in self._held:
+            if (threading.current_thread(), raw) in self._held:
                 raise LockReentryError(
                     f"this thread already holds lock {self._keyspace.decode(raw)!r}; "
                     "locks are not re-entrant"

@@ -86,7 +86,6 @@ CASES: list[tuple[str, Call, type[BaseException]]] = [
     # lock / try_lock
     ("lock None name", lambda p: p.lock(None, noop), InvalidTypeError),  # type: ignore[arg-type]
     ("lock empty name", lambda p: p.lock("", noop), InvalidArgumentError),
-    ("lock trailing slash", lambda p: p.lock("L/", noop), InvalidArgumentError),
     ("lock block None", lambda p: p.lock("L", None), InvalidTypeError),  # type: ignore[arg-type]
     ("lock block str", lambda p: p.lock("L", "noop"), InvalidTypeError),  # type: ignore[arg-type]
     ("lock ttl 0", lambda p: p.lock("L", noop, ttl=0), InvalidArgumentError),

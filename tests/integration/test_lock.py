@@ -415,6 +415,50 @@ def test_we_exclude_etcdctl_lock(
     assert out.strip() == "acquired"
 
 
+@pytest.mark.timeout(60)
+def test_a_lock_name_ending_with_a_slash_is_etcdctls_too(
+    etcd: Etcd, namespace: str, patterns: EtcdPatterns, raw: Raw
+) -> None:
+    # etcdctl and Go's Mutex accept "/my-lock/": contenders "/my-lock//<lease>".
+    with patterns.locked("my-lock/") as held:
+        assert held.key.startswith("my-lock//")
+        waiter = etcdctl(
+            etcd, "lock", namespace + "my-lock/", "--", "echo", "acquired", stdout=subprocess.PIPE
+        )
+        wait_until(lambda: raw.count("my-lock//") == 2)  # etcdctl is queued behind us
+        assert waiter.poll() is None
+    out, _ = waiter.communicate(timeout=20)
+    assert waiter.returncode == 0
+    assert out.strip() == "acquired"
+    assert raw.count("my-lock//") == 0
+
+
+@pytest.mark.timeout(30)
+def test_a_new_thread_with_a_dead_threads_ident_is_not_a_reentry(patterns: EtcdPatterns) -> None:
+    holders: list[Any] = []
+    first = threading.Thread(target=lambda: holders.append(patterns.locked("L").__enter__()))
+    first.start()
+    first.join()  # it ended holding the lock
+    idents = [first.ident]
+    second_saw: list[BaseException] = []
+
+    def second_thread() -> None:
+        idents.append(threading.get_ident())
+        try:
+            patterns.lock("L", lambda: None, timeout=0.5)
+        except BaseException as exc:  # checked by the test's thread
+            second_saw.append(exc)
+
+    second = threading.Thread(target=second_thread)
+    second.start()
+    second.join()
+    if idents[0] != idents[1]:
+        pytest.skip("the platform did not reuse the thread ident this time")
+    # The lock is held (by the dead thread's handle): waiting for it is right,
+    # a re-entry error is not.
+    assert [type(error) for error in second_saw] == [LockTimeoutError]
+
+
 @pytest.mark.timeout(30)
 def test_data_under_a_locks_name_is_refused_not_waited_on(patterns: EtcdPatterns, raw: Raw) -> None:
     raw.put("billing/last-run", "yesterday")  # no lease: data, not a contender
