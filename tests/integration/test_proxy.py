@@ -1,0 +1,106 @@
+"""The fault proxy: each fault happens, and heals."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import etcd3
+import grpc
+import pytest
+from etcd3 import etcdrpc
+
+from etcd_patterns import EtcdPatterns, EtcdUnavailableError, OutcomeUnknownError
+from etcd_patterns.testing import EtcdCluster, FaultProxy
+from tests.helpers import Raw
+
+
+@pytest.fixture
+def proxied(local_etcd: EtcdCluster) -> Iterator[FaultProxy]:
+    host, port = local_etcd.endpoints[0].rsplit(":", 1)
+    with FaultProxy((host, int(port)), seed=1) as proxy:
+        yield proxy
+
+
+def _client(endpoint: str) -> etcd3.Etcd3Client:
+    host, port = endpoint.rsplit(":", 1)
+    return etcd3.client(host=host, port=int(port), timeout=5)
+
+
+@pytest.mark.timeout(30)
+def test_a_blackholed_member_makes_a_request_time_out(proxied: FaultProxy, namespace: str) -> None:
+    timeout = 1.0
+    with EtcdPatterns.connect(proxied.endpoint, namespace=namespace, timeout=timeout) as etcd:
+        etcd.get_values("k")  # connected
+        proxied.blackhole()
+        started = time.monotonic()
+        with pytest.raises(EtcdUnavailableError):
+            etcd.get_values("k")
+        elapsed = time.monotonic() - started
+        assert proxied.stats["bytes swallowed"] > 0
+        assert timeout <= elapsed < 2 * timeout
+        proxied.heal()
+        assert etcd.get_values("k") == []
+
+
+@pytest.mark.timeout(30)
+def test_a_delay_holds_every_answer(proxied: FaultProxy, namespace: str) -> None:
+    delay = 0.3
+    with EtcdPatterns.connect(proxied.endpoint, namespace=namespace, timeout=5) as etcd:
+        etcd.get_values("k")
+        proxied.delay(delay)
+        started = time.monotonic()
+        etcd.get_values("k")
+        assert time.monotonic() - started >= 2 * delay  # the request, then the answer
+        assert proxied.stats["chunks delayed"] >= 2
+        proxied.heal()
+
+
+@pytest.mark.timeout(30)
+def test_a_dropped_answer_leaves_the_write_applied_while_the_client_saw_an_error(
+    proxied: FaultProxy, raw: Raw
+) -> None:
+    client = _client(proxied.endpoint)
+    try:
+        client.kvstub.Range(etcdrpc.RangeRequest(key=b"warm"), 5)  # connected
+        proxied.drop_answers()
+        with pytest.raises(grpc.RpcError):
+            client.kvstub.Put(etcdrpc.PutRequest(key=raw.key("k"), value=b"applied"), 5)
+        assert proxied.stats["answers dropped"] == 1
+    finally:
+        proxied.heal()
+        client.close()
+    assert raw.value("k") == b"applied"
+
+
+@pytest.mark.timeout(30)
+def test_the_library_reports_a_write_whose_answers_are_all_dropped(
+    proxied: FaultProxy, namespace: str, raw: Raw
+) -> None:
+    with EtcdPatterns.connect(proxied.endpoint, namespace=namespace, timeout=1) as etcd:
+        etcd.enqueue("warm", "up")  # the session and its lease exist
+        proxied.drop_answers()
+        with pytest.raises(OutcomeUnknownError):
+            etcd.enqueue("q", "job")  # one transaction, and no read before it
+        assert proxied.stats["answers dropped"] >= 2  # the write's, and its settling's
+        proxied.heal()
+    # Applied once or not at all, never twice.
+    assert raw.count("q/") in (0, 1)
+
+
+@pytest.mark.timeout(30)
+def test_a_reset_cuts_a_waiting_watch_which_is_made_again(
+    proxied: FaultProxy, namespace: str, raw: Raw
+) -> None:
+    with EtcdPatterns.connect(proxied.endpoint, namespace=namespace, timeout=5) as etcd:
+        got: list[str] = []
+        consumer = threading.Thread(target=lambda: got.append(etcd.dequeue("q", timeout=20)))
+        consumer.start()
+        deadline = time.monotonic() + 10
+        while proxied.stats["connections cut"] == 0 and time.monotonic() < deadline:
+            proxied.reset()  # cuts the consumer's watch stream once it is open
+        assert proxied.stats["connections cut"] >= 1
+        raw.put("q/1", "after the reset")
+        consumer.join(timeout=20)
+        assert got == ["after the reset"]
