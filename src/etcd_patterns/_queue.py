@@ -266,22 +266,28 @@ class Queue:
         deadline = Deadline(check_timeout(timeout))
         for first in self._candidates_until(raw, deadline):
             chosen = [first, *self._more_candidates(raw, min(max_items, CHUNK) - 1)]
-            if self._take(chosen):
-                taken = [c.value for c in chosen]
-                if len(taken) < max_items:
-                    # Taking what else is there is part of this one call:
-                    # it gets the time of one request, however long the
-                    # wait for the first item was allowed to be.
-                    follow_up = Deadline(self._transport.timeout)
-                    try:
-                        self._take_available(raw, max_items, taken, follow_up)
-                    except OutcomeUnknownError:
-                        raise  # it carries what is taken, and what may be
-                    except EtcdPatternsError:
-                        # Nothing more was taken; what is taken is ours:
-                        # hand it over rather than drop it.
-                        pass
-                return taken
+            if not self._take(chosen):
+                # Another consumer took some of them, but not necessarily
+                # all: the others are still the oldest. Read afresh rather
+                # than move on to newer ones, which would hand this
+                # consumer a producer's items out of order.
+                self._forget_candidates(raw)
+                continue
+            taken = [c.value for c in chosen]
+            if len(taken) < max_items:
+                # Taking what else is there is part of this one call:
+                # it gets the time of one request, however long the
+                # wait for the first item was allowed to be.
+                follow_up = Deadline(self._transport.timeout)
+                try:
+                    self._take_available(raw, max_items, taken, follow_up)
+                except OutcomeUnknownError:
+                    raise  # it carries what is taken, and what may be
+                except EtcdPatternsError:
+                    # Nothing more was taken; what is taken is ours:
+                    # hand it over rather than drop it.
+                    pass
+            return taken
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _take_available(
@@ -299,6 +305,8 @@ class Queue:
                     return
             if self._take(chosen, taken):
                 taken += [c.value for c in chosen]
+            else:
+                self._forget_candidates(raw)  # as in dequeue_many
 
     def claim(self, dir_key: object, *, ttl: object = None, timeout: object = None) -> Claim:
         """See `EtcdPatterns.claim`."""
@@ -409,6 +417,10 @@ class Queue:
             if remaining == 0:
                 raise QueueEmptyError(f"queue {self._keyspace.decode(raw)!r} stayed empty")
             self._wait(raw, revision, remaining)
+
+    def _forget_candidates(self, raw: bytes) -> None:
+        with self._lock:
+            self._candidates.pop(raw, None)
 
     def _more_candidates(self, raw: bytes, wanted: int) -> list[_Candidate]:
         with self._lock:

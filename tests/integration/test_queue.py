@@ -665,3 +665,14 @@ def test_a_consumer_that_keeps_losing_races_gives_up_in_time(
     # The deadline is checked before each take: at most one take past it.
     assert elapsed < timeout + request_timeout
     assert raw.count("q/") == 3
+
+
+def test_a_batch_that_lost_a_race_does_not_skip_older_items(
+    patterns: EtcdPatterns, raw: Raw
+) -> None:
+    keys = patterns.enqueue_many("q", [str(i) for i in range(10)])
+    assert patterns.dequeue("q") == "0"  # caches the heads behind it
+    raw.client.delete(raw.key(keys[3]))  # another consumer takes "3"
+    # The batch "1", "2", "3" fails; "1" and "2" are still the oldest.
+    assert patterns.dequeue_many("q", 3) == ["1", "2", "4"]
+    assert patterns.dequeue_many("q", 10) == ["5", "6", "7", "8", "9"]
