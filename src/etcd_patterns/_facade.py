@@ -2,11 +2,17 @@
 
 An instance is safe to share between threads. It owns one session (a lease
 plus keepalive thread), created on first use, and, when made by `connect`,
-its etcd3 client. `close` releases all of it and is idempotent.
+its etcd3 client. `close` releases all of it and is idempotent. Instances
+left open are closed at interpreter exit, while every thread still runs:
+their leases are revoked and their gRPC channels closed in order, rather
+than torn down half-way by the interpreter's finalization.
 """
 
 from __future__ import annotations
 
+import atexit
+import logging
+import weakref
 from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
@@ -25,6 +31,20 @@ T = TypeVar("T")
 
 DEFAULT_TIMEOUT = 5.0
 DEFAULT_SESSION_TTL = 10
+
+log = logging.getLogger("etcd_patterns")
+
+# Instances not yet closed, for the exit hook.
+_open_instances: weakref.WeakSet[EtcdPatterns] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    for instance in list(_open_instances):
+        try:
+            instance.close()
+        except Exception as exc:  # exiting: nothing must be printed
+            log.debug("could not close %r at exit: %s", instance, exc)
 
 
 def _check_request_timeout(timeout: object) -> float:
@@ -113,6 +133,7 @@ class EtcdPatterns:
         self._kv = KeyValue(self._transport, self._keyspace, self._sessions.get)
         self._locks = Locks(self._transport, self._keyspace, self._sessions)
         self._queue = Queue(self._transport, self._keyspace, self._sessions, prefetch=prefetch)
+        _open_instances.add(self)
 
     @classmethod
     def connect(
@@ -194,6 +215,7 @@ class EtcdPatterns:
         keys it carries), and closes the etcd3 client if `connect` made it.
         Afterwards every method raises `ClosedError`.
         """
+        _open_instances.discard(self)
         self._sessions.close()
         self._transport.close()
 

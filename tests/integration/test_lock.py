@@ -489,7 +489,9 @@ def test_an_interrupted_waiter_withdraws(
     etcd: Etcd, namespace: str, patterns: EtcdPatterns, raw: Raw
 ) -> None:
     script = (
-        "import sys\n"
+        "import faulthandler, sys\n"
+        # A waiter that hangs shows where, instead of running into the timeout.
+        "faulthandler.dump_traceback_later(15, exit=True)\n"
         "from etcd_patterns import EtcdPatterns\n"
         "etcd = EtcdPatterns.connect(sys.argv[1], namespace=sys.argv[2])\n"
         "try:\n"

@@ -1,0 +1,233 @@
+"""Checkers: each decides whether a recorded history keeps one guarantee.
+
+Each returns a `Verdict`: the violations found (empty when the history is
+legal), with the offending operations, and what it counted. Every checker
+has a test that feeds it a known-bad history and sees it fail
+(tests/unit/test_checkers.py).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from tests.nemesis.history import OK, UNKNOWN, Op
+
+# How far past its bound a call may return: scheduling on a loaded machine,
+# and the clock reads around the call.
+TIMEOUT_SLACK = 1.0
+
+
+@dataclass
+class Verdict:
+    """What a checker found.
+
+    Attributes:
+        checker: Its name.
+        violations: One line per broken promise, naming the operations.
+        counts: What it counted (operations by outcome, redeliveries...).
+    """
+
+    checker: str
+    violations: list[str] = field(default_factory=list)
+    counts: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+
+def _show(op: Op) -> str:
+    return (
+        f"[{op.process} {op.kind} {op.outcome} value={op.value!r} "
+        f"t={op.invoke:.3f}..{op.complete:.3f} {op.info or ''}{op.error}]"
+    )
+
+
+def check_counter(history: Sequence[Op], final: int) -> Verdict:
+    """Acknowledged increments are never lost, and none is applied twice.
+
+    The final value must be at least the acknowledged increments and at
+    most those plus the ones whose outcome is unknown.
+    """
+    verdict = Verdict("counter")
+    incr = [op for op in history if op.kind == "incr"]
+    acked = sum(op.outcome == OK for op in incr)
+    unknown = sum(op.outcome == UNKNOWN for op in incr)
+    verdict.counts = {"acknowledged": acked, "unknown": unknown, "final": final}
+    if final < acked:
+        verdict.violations.append(f"final value {final} < {acked} acknowledged increments")
+    if final > acked + unknown:
+        verdict.violations.append(
+            f"final value {final} > {acked} acknowledged + {unknown} unknown increments"
+        )
+    return verdict
+
+
+def check_lock(history: Sequence[Op]) -> Verdict:
+    """Fenced writes never go backwards; unfenced sections overlap only after a reported loss.
+
+    Each "section" op holds the lock from ``invoke`` to ``complete``; its
+    ``info`` carries the fencing ``token``, the token its guarded write saw
+    before it (``previous``, if the write applied) and whether the library
+    reported the lock ``lost``.
+    """
+    verdict = Verdict("lock")
+    sections = [op for op in history if op.kind == "section" and "token" in op.info]
+    writes = [op for op in sections if op.info.get("previous") is not None]
+    for op in writes:
+        if op.info["previous"] >= op.info["token"]:
+            verdict.violations.append(f"guarded write went backwards: {_show(op)}")
+    tokens = Counter(op.info["token"] for op in sections)
+    for token, times in tokens.items():
+        if times > 1:
+            verdict.violations.append(f"fencing token {token} granted {times} times")
+    overlaps = unexplained = 0
+    ordered = sorted(sections, key=lambda op: op.invoke)
+    for a, b in itertools.combinations(ordered, 2):
+        if b.invoke >= a.complete:
+            continue
+        overlaps += 1
+        if not (a.info.get("lost") or b.info.get("lost")):
+            unexplained += 1
+            verdict.violations.append(f"sections overlap, no loss reported: {_show(a)} {_show(b)}")
+    verdict.counts = {
+        "sections": len(sections),
+        "guarded writes": len(writes),
+        "overlaps after a reported loss": overlaps - unexplained,
+        "losses reported": sum(bool(op.info.get("lost")) for op in sections),
+    }
+    return verdict
+
+
+def check_queue(history: Sequence[Op], remaining: Sequence[str]) -> Verdict:
+    """Exactly-once delivery by `dequeue`, and each producer's order per consumer.
+
+    Every acknowledged enqueue is delivered exactly once (by a dequeue, or
+    still ``remaining`` in the queue at the end, or named ``uncertain`` by a
+    take whose outcome is unknown); an enqueue whose outcome is unknown at
+    most once; nothing that was never enqueued is delivered.
+    """
+    verdict = Verdict("queue")
+    enqueued = {op.value: op for op in history if op.kind == "enqueue"}
+    acked = {value for value, op in enqueued.items() if op.outcome == OK}
+    unknown_enqueues = {value for value, op in enqueued.items() if op.outcome == UNKNOWN}
+    delivered: Counter[str] = Counter()
+    uncertain: set[str] = set()
+    for op in history:
+        if op.kind != "dequeue":
+            continue
+        if op.outcome == OK:
+            delivered.update(op.value if isinstance(op.value, list) else [op.value])
+        elif op.outcome == UNKNOWN:
+            delivered.update(op.info.get("taken", []))
+            uncertain.update(op.info.get("uncertain", []))
+    delivered.update(remaining)
+    for value, times in delivered.items():
+        if value not in enqueued:
+            verdict.violations.append(f"delivered {value!r}, which was never enqueued")
+        elif times > 1:
+            verdict.violations.append(
+                f"{value!r} delivered {times} times: {_show(enqueued[value])}"
+            )
+    for value in sorted(acked):
+        if delivered[value] == 0 and value not in uncertain:
+            verdict.violations.append(f"acknowledged {value!r} never delivered")
+    _check_order(history, uncertain, verdict)
+    verdict.counts = {
+        "enqueued": len(acked),
+        "unknown enqueues": len(unknown_enqueues),
+        "delivered": sum(delivered.values()),
+        "unknown takes": len(uncertain),
+    }
+    return verdict
+
+
+def _check_order(history: Sequence[Op], uncertain: set[str], verdict: Verdict) -> None:
+    """One consumer receives any one producer's items in that producer's order."""
+    received: dict[str, list[str]] = defaultdict(list)
+    for op in history:
+        if op.kind == "dequeue" and op.outcome == OK:
+            values = op.value if isinstance(op.value, list) else [op.value]
+            received[op.process] += [v for v in values if v not in uncertain]
+    for consumer, values in received.items():
+        last: dict[str, int] = {}
+        for value in values:
+            producer, _, number = value.rpartition(":")
+            if int(number) < last.get(producer, -1):
+                verdict.violations.append(
+                    f"{consumer} received {value!r} after {producer}:{last[producer]}"
+                )
+            last[producer] = int(number)
+
+
+def check_claims(history: Sequence[Op], remaining: Sequence[str]) -> Verdict:
+    """Claim/ack: every acknowledged enqueue is acked exactly once.
+
+    A "claim" op names the item it claimed, its fencing ``token`` (claims are
+    ordered by it, as etcd ordered them) and, in ``info["ended"]``, how the
+    claim ended: "acked", "released", "lost" or "unknown". No claim may
+    follow an acked one; the others are redeliveries, and counted.
+    """
+    verdict = Verdict("claims")
+    enqueued = {op.value: op for op in history if op.kind == "enqueue"}
+    acked: Counter[str] = Counter()
+    claims: dict[str, list[Op]] = defaultdict(list)
+    for op in history:
+        if op.kind == "claim" and op.value is not None:
+            claims[op.value].append(op)
+            if op.info.get("ended") == "acked":
+                acked[op.value] += 1
+    unsettled = {
+        value
+        for value, ops in claims.items()
+        if any(op.info.get("ended") == "unknown" for op in ops)
+    }
+    redeliveries = 0
+    for value, ops in claims.items():
+        if value not in enqueued:
+            verdict.violations.append(f"claimed {value!r}, which was never enqueued")
+        if acked[value] > 1:
+            verdict.violations.append(f"{value!r} acked {acked[value]} times")
+        ordered = sorted(ops, key=lambda op: op.info.get("token", 0))
+        for before, after in itertools.pairwise(ordered):
+            redeliveries += 1
+            if before.info.get("ended") == "acked":
+                verdict.violations.append(
+                    f"{value!r} claimed again after it was acked: {_show(before)} {_show(after)}"
+                )
+    left = Counter(remaining)
+    for value, op in enqueued.items():
+        if op.outcome != OK:
+            continue
+        if acked[value] + left[value] == 0 and value not in unsettled:
+            verdict.violations.append(f"acknowledged {value!r} never acked, and not queued")
+        if acked[value] and left[value]:
+            verdict.violations.append(f"{value!r} acked, yet still queued")
+    verdict.counts = {
+        "enqueued": sum(op.outcome == OK for op in enqueued.values()),
+        "acked": sum(acked.values()),
+        "redeliveries": redeliveries,
+        "unsettled acks": len(unsettled),
+    }
+    return verdict
+
+
+def check_timeouts(history: Sequence[Op], slack: float = TIMEOUT_SLACK) -> Verdict:
+    """Every call returns or raises within its bound plus ``slack``."""
+    verdict = Verdict("timeouts")
+    worst: dict[str, float] = {}
+    for op in history:
+        if op.bound is None:
+            continue
+        overrun = (op.complete - op.invoke) - op.bound  # negative: within the bound
+        worst[op.kind] = max(worst.get(op.kind, overrun), overrun)
+        if overrun > slack:
+            took = op.complete - op.invoke
+            verdict.violations.append(
+                f"took {took:.2f}s, bound {op.bound:.2f}s + {slack}s: {_show(op)}"
+            )
+    verdict.counts = {f"worst overrun {kind} (s)": round(value, 3) for kind, value in worst.items()}
+    return verdict

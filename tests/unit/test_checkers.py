@@ -1,0 +1,119 @@
+"""Each checker fails on a known-bad history, and passes the matching good one."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tests.nemesis import checkers
+from tests.nemesis.history import FAIL, OK, UNKNOWN, Op
+
+
+def op(kind: str, outcome: str = OK, value: Any = None, **info: Any) -> Op:
+    at = op.clock = getattr(op, "clock", 0.0) + 1.0  # type: ignore[attr-defined]
+    return Op("p0", kind, at, at + 0.5, outcome, value, info=info)
+
+
+def section(begin: float, end: float, token: int, **info: Any) -> Op:
+    return Op("p0", "section", begin, end, info={"token": token, **info})
+
+
+# -- counter ----------------------------------------------------------------------
+
+
+def test_counter_catches_a_lost_increment() -> None:
+    history = [op("incr"), op("incr"), op("incr", UNKNOWN)]
+    assert checkers.check_counter(history, 2).ok
+    assert checkers.check_counter(history, 3).ok
+    assert not checkers.check_counter(history, 1).ok  # an acknowledged one is lost
+
+
+def test_counter_catches_an_increment_applied_twice() -> None:
+    history = [op("incr"), op("incr", FAIL)]
+    assert not checkers.check_counter(history, 2).ok
+
+
+# -- lock ---------------------------------------------------------------------------
+
+
+def test_lock_catches_a_fenced_write_that_went_backwards() -> None:
+    good = [section(0, 1, 10, previous=0), section(2, 3, 12, previous=10)]
+    assert checkers.check_lock(good).ok
+    bad = [section(0, 1, 12, previous=0), section(2, 3, 10, previous=12)]
+    assert not checkers.check_lock(bad).ok
+
+
+def test_lock_catches_overlapping_sections_without_a_reported_loss() -> None:
+    assert not checkers.check_lock([section(0, 2, 10), section(1, 3, 12)]).ok
+    verdict = checkers.check_lock([section(0, 2, 10, lost=True), section(1, 3, 12)])
+    assert verdict.ok
+    assert verdict.counts["overlaps after a reported loss"] == 1
+
+
+def test_lock_catches_a_token_granted_twice() -> None:
+    assert not checkers.check_lock([section(0, 1, 10), section(2, 3, 10)]).ok
+
+
+# -- queue --------------------------------------------------------------------------
+
+
+def test_queue_catches_a_duplicate_a_loss_and_an_invention() -> None:
+    enqueued = [op("enqueue", value="a:0"), op("enqueue", value="a:1")]
+    good = [*enqueued, op("dequeue", value="a:0"), op("dequeue", value="a:1")]
+    assert checkers.check_queue(good, remaining=[]).ok
+    duplicate = [*good, op("dequeue", value="a:1")]
+    assert not checkers.check_queue(duplicate, remaining=[]).ok
+    lost = [*enqueued, op("dequeue", value="a:0")]
+    assert not checkers.check_queue(lost, remaining=[]).ok
+    assert checkers.check_queue(lost, remaining=["a:1"]).ok  # still queued is fine
+    invented = [*good, op("dequeue", value="b:0")]
+    assert not checkers.check_queue(invented, remaining=[]).ok
+
+
+def test_queue_allows_an_uncertain_take_once_at_most() -> None:
+    enqueued = [op("enqueue", value="a:0")]
+    unknown = [*enqueued, op("dequeue", UNKNOWN, uncertain=["a:0"])]
+    assert checkers.check_queue(unknown, remaining=[]).ok  # taken, by nobody
+    assert checkers.check_queue(unknown, remaining=["a:0"]).ok  # or still there
+    assert not checkers.check_queue([*unknown, op("dequeue", value="a:0")], ["a:0"]).ok
+
+
+def test_queue_catches_one_producers_items_out_of_order() -> None:
+    enqueued = [op("enqueue", value="a:0"), op("enqueue", value="a:1")]
+    swapped = [*enqueued, op("dequeue", value="a:1"), op("dequeue", value="a:0")]
+    assert not checkers.check_queue(swapped, remaining=[]).ok
+
+
+# -- claims -------------------------------------------------------------------------
+
+
+def test_claims_catch_an_item_acked_twice_or_never() -> None:
+    enqueued = [op("enqueue", value="a:0")]
+    once = [*enqueued, op("claim", value="a:0", ended="acked", token=5)]
+    assert checkers.check_claims(once, remaining=[]).ok
+    twice = [*once, op("claim", value="a:0", ended="acked", token=9)]
+    assert not checkers.check_claims(twice, remaining=[]).ok
+    assert not checkers.check_claims(enqueued, remaining=[]).ok  # never acked, not queued
+
+
+def test_claims_count_redeliveries_after_a_release() -> None:
+    history = [
+        op("enqueue", value="a:0"),
+        op("claim", value="a:0", ended="released", token=5),
+        op("claim", value="a:0", ended="acked", token=9),
+    ]
+    verdict = checkers.check_claims(history, remaining=[])
+    assert verdict.ok
+    assert verdict.counts["redeliveries"] == 1
+    # Claimed again after the ack, by etcd's order, whatever the clocks say.
+    history.insert(1, op("claim", value="a:0", ended="released", token=12))
+    assert not checkers.check_claims(history, remaining=[]).ok
+
+
+# -- timeouts -----------------------------------------------------------------------
+
+
+def test_timeouts_catch_a_call_past_its_bound() -> None:
+    quick = Op("p0", "incr", 0.0, 1.0, bound=1.0)
+    assert checkers.check_timeouts([quick]).ok
+    slow = Op("p0", "incr", 0.0, 1.0 + checkers.TIMEOUT_SLACK + 0.1, bound=1.0)
+    assert not checkers.check_timeouts([slow]).ok
