@@ -83,6 +83,11 @@ class Committed:
     session: Session
 
 
+# A round is not started with less time than this left: it could hardly
+# finish, and an attempt cut short by its deadline is an unknown outcome.
+_MIN_ROUND = 0.05
+
+
 def _token() -> bytes:
     return secrets.token_hex(8).encode("ascii")
 
@@ -127,7 +132,9 @@ def commit(
     # fence, a lost lease, a resynchronised slot): nothing of it applied.
     # The deadline only ends answers that keep getting lost.
     budget = Deadline(transport.timeout)
-    while not budget.expired():
+    first = True
+    while first or (budget.remaining() or 0.0) >= _MIN_ROUND:
+        first = False
         current = session()
         operations = success(current) if callable(success) else success
         slot = current.borrow_slot()

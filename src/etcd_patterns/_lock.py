@@ -67,7 +67,7 @@ from ._errors import (
 )
 from ._keys import Keyspace, children_range
 from ._retry import Deadline, check_timeout
-from ._session import Session, Sessions, check_ttl
+from ._session import Orphan, Session, Sessions, check_ttl
 from ._transport import Transport
 
 T = TypeVar("T")
@@ -262,7 +262,7 @@ class Locks:
             # one, unless time is up; like any new contender, at the back.
             # Should the old lease live after all, its key must not stay
             # ahead of the new one.
-            session.abandon(my_key, revision)
+            session.abandon(Orphan(my_key, revision))
             if deadline.expired():
                 raise self._timeout(raw)
 
@@ -459,12 +459,15 @@ class Locks:
                     return True
                 return self._transport.lease_time_to_live(held.lease_id) > 0
         except EtcdPatternsError:
-            held._session.abandon(held.etcd_key, held.fencing_token)
+            held._session.abandon(Orphan(held.etcd_key, held.fencing_token))
             return True
+        except BaseException:
+            held._session.abandon(Orphan(held.etcd_key, held.fencing_token))  # Ctrl-C: still let go
+            raise
 
     def _give_up(self, my_key: bytes, revision: int, session: Session) -> None:
         """Withdraw a waiter's key now; if etcd is away, the session will."""
-        session.withdraw(my_key, revision)
+        session.withdraw(Orphan(my_key, revision))
 
     def _withdraw_unsettled(self, lease_ttl: int | None, my_key: bytes, exc: BaseException) -> None:
         """Never leave a contender behind when registering ``my_key`` did not return.
@@ -475,11 +478,11 @@ class Locks:
             # etcd failed us, so a delete now would likely fail too: the
             # session deletes the key once etcd answers, if its lease still
             # carries one.
-            self._sessions.abandon(lease_ttl, my_key, None)
+            self._sessions.abandon(lease_ttl, Orphan(my_key))
         else:
             # Interrupted (Ctrl-C): the commit has settled the write, so no
             # late copy can create the key after this delete.
-            self._sessions.withdraw(lease_ttl, my_key, None)
+            self._sessions.withdraw(lease_ttl, Orphan(my_key))
 
     # -- helpers ------------------------------------------------------------
 

@@ -126,14 +126,6 @@ def delete_if_created(key: bytes, revision: int | None) -> Any:
     return txn(compare=compare, success=[delete(key)], failure=[])
 
 
-def delete_if_leased(key: bytes, lease: int) -> Any:
-    """A `TxnRequest` deleting ``key`` only if it carries ``lease``.
-
-    Sending it twice is harmless: the second copy finds nothing to delete.
-    """
-    return txn(compare=[compare_lease(key, "==", lease)], success=[delete(key)], failure=[])
-
-
 def kvs(responses: Sequence[Any], index: int) -> list[Any]:
     """The key-values returned by the range at ``index`` of a transaction's responses."""
     found: list[Any] = list(responses[index].response_range.kvs)

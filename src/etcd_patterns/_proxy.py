@@ -57,6 +57,8 @@ class _Link:
         self.upstream = upstream
         # etcd's bytes not yet split into HTTP/2 frames.
         self.pending = b""
+        # Whether the client sent bytes since etcd last did (without HTTP/2).
+        self.asked = False
         self.closed = threading.Event()
 
     def answer_begins(self, data: bytes) -> bool:
@@ -93,6 +95,10 @@ class FaultProxy:
         target: ``(host, port)`` to forward to.
         listen: ``(host, port)`` to listen on; port 0 picks a free one.
         seed: Seeds the delay jitter, so that a run can be repeated.
+        http2: Whether the traffic is plain-text HTTP/2 (gRPC), whose frames
+            `drop_answers` needs to find where answers begin. etcd's peer
+            traffic is not: there, `drop_answers` cuts a connection at the
+            first bytes back after a request.
 
     Example::
 
@@ -109,8 +115,10 @@ class FaultProxy:
         *,
         listen: tuple[str, int] = ("127.0.0.1", 0),
         seed: int | None = None,
+        http2: bool = True,
     ) -> None:
         self.target = target
+        self.http2 = http2
         self._server = socket.create_server(listen, reuse_port=False)
         self._server.settimeout(0.2)
         host, port = self._server.getsockname()[:2]
@@ -230,7 +238,13 @@ class FaultProxy:
                 mode = self._mode
                 # Frames are tracked in every mode, so that a drop switched
                 # on mid-connection still knows where they start.
-                begins = answer and link.answer_begins(data)
+                if not answer:
+                    link.asked = True
+                    begins = False
+                elif self.http2:
+                    begins = link.answer_begins(data)
+                else:
+                    begins, link.asked = link.asked, False
                 if mode.blackhole:
                     self.stats["bytes swallowed"] += len(data)
                     continue

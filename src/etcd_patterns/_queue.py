@@ -74,7 +74,7 @@ from ._keys import (
     prefix_end,
 )
 from ._retry import Deadline, check_timeout
-from ._session import Session, Sessions, check_ttl
+from ._session import Orphan, Session, Sessions, check_ttl
 from ._transport import Transport
 
 # How many candidate heads one read fetches, by default: the amortised cost
@@ -317,10 +317,15 @@ class Queue:
 
     def _claim_one(self, raw: bytes, lease_ttl: int | None, deadline: Deadline) -> ClaimedItem:
         for candidate in self._candidates_until(raw, deadline):
+            # The claim's name is the item's, so that claims exclude one
+            # another; its value is this attempt's alone, so that cleaning
+            # up after a failed attempt can never delete a later claim.
+            mine = Orphan(candidate.claim, value=secrets.token_hex(8).encode())
 
-            def put_claim(session: Session, claim: bytes = candidate.claim) -> list[Any]:
+            def put_claim(session: Session, mine: Orphan = mine) -> list[Any]:
                 # The claim lives on the lease of the session that commits it.
-                return [ops.put(claim, b"claimed", lease=session.lease_id)]
+                assert mine.value is not None
+                return [ops.put(mine.key, mine.value, lease=session.lease_id)]
 
             try:
                 committed = commit(
@@ -335,9 +340,9 @@ class Queue:
                 # may exist must not outlive this call, or the item would
                 # stay invisible for as long as the process lives.
                 if isinstance(exc, EtcdPatternsError):
-                    self._sessions.abandon(lease_ttl, candidate.claim, None)
+                    self._sessions.abandon(lease_ttl, mine)
                 else:
-                    self._sessions.withdraw(lease_ttl, candidate.claim, None)
+                    self._sessions.withdraw(lease_ttl, mine)
                 raise
             if committed.succeeded:
                 return ClaimedItem(
@@ -371,7 +376,7 @@ class Queue:
             self._candidates.pop(item._etcd_key.rpartition(b"/")[0], None)
         # If etcd does not answer, the claim's session deletes the claim once
         # it does.
-        item._session.withdraw(item._claim, item.fencing_token)
+        item._session.withdraw(Orphan(item._claim, item.fencing_token))
 
     def let_go(self, item: ClaimedItem) -> None:
         """Make sure a claim whose ack failed does not outlive its purpose.
@@ -382,7 +387,7 @@ class Queue:
         answers, so the item is available again within a refresh interval
         of etcd's return, not held for as long as the process lives.
         """
-        item._session.abandon(item._claim, item.fencing_token)
+        item._session.abandon(Orphan(item._claim, item.fencing_token))
 
     # -- machinery ----------------------------------------------------------
 

@@ -75,6 +75,27 @@ def check_ttl(ttl: object, *, name: str = "ttl") -> int:
     return math.ceil(ttl)
 
 
+@dataclass(frozen=True)
+class Orphan:
+    """A key this session wrote and means to delete, and how to tell it is still ours.
+
+    Attributes:
+        key: The etcd key.
+        create_revision: Delete it only if it is this incarnation; None if
+            the revision is unknown (a write whose answer never came).
+        value: With no revision: delete it only if it still holds this
+            value, which the write made unique to itself. Without either,
+            the key's name must be unique to the write.
+
+    A key of unknown revision is deleted only while it carries this
+    session's lease, too.
+    """
+
+    key: bytes
+    create_revision: int | None = None
+    value: bytes | None = None
+
+
 @dataclass
 class Slot:
     """A bookkeeping key, on the session lease, owned by one operation at a time.
@@ -124,7 +145,7 @@ class Session:
         self.confirmed_until: float = started + self.ttl
         """The `time.monotonic` instant until which etcd surely holds the lease."""
         self._stop = threading.Event()
-        self._abandoned: list[tuple[bytes, int | None]] = []
+        self._abandoned: list[Orphan] = []
         self._slots: list[Slot] = []
         self._slot_count = 0
         self._lock = threading.Lock()
@@ -155,14 +176,17 @@ class Session:
 
     def close(self) -> None:
         """Stop the keepalive thread and revoke the lease. Idempotent."""
+        if os.getpid() != self._pid:
+            # A forked child: the lease and its thread are the parent's, and
+            # so may be the lock, if another thread held it at the fork.
+            self._closed = True
+            _open_sessions.discard(self)
+            return
         with self._lock:
             if self._closed:
                 return
             self._closed = True
         _open_sessions.discard(self)
-        if os.getpid() != self._pid:
-            # A forked child: the lease and its thread are the parent's.
-            return
         self._stop.set()
         if self._thread is not threading.current_thread():
             self._thread.join()
@@ -177,50 +201,41 @@ class Session:
                 "could not revoke lease %x; it expires in %ss: %s", self.lease_id, self.ttl, exc
             )
 
-    def abandon(self, key: bytes, create_revision: int | None) -> None:
-        """Have the keepalive thread delete ``key`` later.
-
-        Args:
-            key: A key this session wrote, on its lease.
-            create_revision: Delete the key only if it is still this
-                incarnation; None if the revision is unknown (a write whose
-                answer never came): it is then deleted only while it
-                carries this session's lease.
-        """
+    def abandon(self, orphan: Orphan) -> None:
+        """Have the keepalive thread delete a key later."""
         with self._lock:
-            self._abandoned.append((key, create_revision))
+            self._abandoned.append(orphan)
 
-    def withdraw(self, key: bytes, create_revision: int | None) -> bool:
-        """Delete ``key`` now, on the caller's thread; abandon it if that fails.
+    def withdraw(self, orphan: Orphan) -> bool:
+        """Delete a key now, on the caller's thread; abandon it if that fails.
 
         Takes at most `CLEANUP_TIMEOUT` (or the transport's timeout, if
         shorter). It never waits for the keepalive thread: a key withdrawn
         here is deleted here, whatever the janitor is doing.
 
-        Args:
-            key: A key this session wrote.
-            create_revision: As for `abandon`.
-
         Returns:
             Whether etcd confirmed that the key is gone (or was not this
             incarnation). False if it was handed to the keepalive thread.
         """
-        request = self._delete_request(key, create_revision)
+        request = self._delete_request(orphan)
         try:
             self._transport.txn(request, write=False, deadline=Deadline(CLEANUP_TIMEOUT))
         except EtcdPatternsError as exc:
-            log.debug("key %r not withdrawn yet, left to the keepalive thread: %s", key, exc)
-            self.abandon(key, create_revision)
+            log.debug("key %r not withdrawn yet, left to the keepalive thread: %s", orphan.key, exc)
+            self.abandon(orphan)
             return False
         except BaseException:
-            self.abandon(key, create_revision)  # a second Ctrl-C: let it through
+            self.abandon(orphan)  # a second Ctrl-C: let it through
             raise
         return True
 
-    def _delete_request(self, key: bytes, create_revision: int | None) -> Any:
-        if create_revision is None:
-            return ops.delete_if_leased(key, self.lease_id)
-        return ops.delete_if_created(key, create_revision)
+    def _delete_request(self, orphan: Orphan) -> Any:
+        if orphan.create_revision is not None:
+            return ops.delete_if_created(orphan.key, orphan.create_revision)
+        compare = [ops.compare_lease(orphan.key, "==", self.lease_id)]
+        if orphan.value is not None:
+            compare.append(ops.compare_value(orphan.key, "==", orphan.value))
+        return ops.txn(compare=compare, success=[ops.delete(orphan.key)], failure=[])
 
     def delete_abandoned(self) -> None:
         """Try once to delete every abandoned key; keep those etcd did not confirm.
@@ -234,12 +249,11 @@ class Session:
             pending, self._abandoned = self._abandoned, []
         try:
             while pending and not budget.expired():
-                key, revision = pending[-1]
-                request = self._delete_request(key, revision)
+                request = self._delete_request(pending[-1])
                 try:
                     self._transport.txn(request, write=False, deadline=budget)
                 except EtcdPatternsError as exc:
-                    log.debug("abandoned key %r not deleted yet: %s", key, exc)
+                    log.debug("abandoned key %r not deleted yet: %s", pending[-1].key, exc)
                     break
                 pending.pop()
         finally:
@@ -302,6 +316,7 @@ class Sessions:
         self._sessions: dict[int, Session] = {}
         self._lock = threading.Lock()
         self._closed = False
+        self._pid = os.getpid()
 
     def get(self, ttl: int | None = None) -> Session:
         """The live session for ``ttl`` (default: the instance's), created if needed."""
@@ -319,29 +334,37 @@ class Sessions:
             session.close()
         return fresh
 
-    def abandon(self, ttl: int | None, key: bytes, create_revision: int | None) -> None:
-        """Hand ``key``, written under the session for ``ttl``, to that session to delete.
+    def abandon(self, ttl: int | None, orphan: Orphan) -> None:
+        """Hand a key, written under the session for ``ttl``, to that session to delete.
 
         Never creates a session: if that one is gone, so is its lease, and
         with it the key.
         """
-        with self._lock:
-            session = self._sessions.get(self.default_ttl if ttl is None else ttl)
-        if session is not None and not session.lost.is_set():
-            session.abandon(key, create_revision)
+        session = self._current(ttl)
+        if session is not None:
+            session.abandon(orphan)
 
-    def withdraw(self, ttl: int | None, key: bytes, create_revision: int | None) -> None:
-        """Have the session for ``ttl`` delete ``key`` now; see `Session.withdraw`.
+    def withdraw(self, ttl: int | None, orphan: Orphan) -> None:
+        """Have the session for ``ttl`` delete a key now; see `Session.withdraw`.
 
         Never creates a session, for the same reason as `abandon`.
         """
+        session = self._current(ttl)
+        if session is not None:
+            session.withdraw(orphan)
+
+    def _current(self, ttl: int | None) -> Session | None:
         with self._lock:
             session = self._sessions.get(self.default_ttl if ttl is None else ttl)
-        if session is not None and not session.lost.is_set():
-            session.withdraw(key, create_revision)
+        return None if session is None or session.lost.is_set() else session
 
     def close(self) -> None:
         """Close every session. Idempotent."""
+        if os.getpid() != self._pid:
+            # A forked child may have inherited the lock held (a grant in
+            # another thread at the fork); the sessions are the parent's.
+            self._closed = True
+            return
         with self._lock:
             self._closed = True
             sessions = list(self._sessions.values())

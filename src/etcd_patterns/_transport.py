@@ -105,12 +105,17 @@ class Transport:
 
     def close(self) -> None:
         """Stop sending requests; close the client if this transport owns it."""
+        if self.forked:
+            # The channels are the parent's; so may be the lock, if another
+            # thread held it at the fork.
+            self._closed = True
+            return
         with self._lock:
             if self._closed:
                 return
             self._closed = True
             self._stubs.clear()
-        if self._owns_client and not self.forked:
+        if self._owns_client:
             self._client.close()
 
     @property

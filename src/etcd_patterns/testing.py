@@ -574,7 +574,9 @@ class EtcdCluster:
         peer_proxies: list[FaultProxy | None] = [None] * self.size
         if self.proxied:
             for i in range(self.size):
-                proxy = FaultProxy(("127.0.0.1", ports[3 * i + 1]), seed=self._seed(i, 1))
+                proxy = FaultProxy(
+                    ("127.0.0.1", ports[3 * i + 1]), seed=self._seed(i, 1), http2=False
+                )
                 self._proxies.append(proxy)
                 peer_proxies[i] = proxy
                 advertised[i] = f"http://{proxy.endpoint}"

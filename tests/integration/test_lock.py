@@ -489,7 +489,10 @@ def test_an_interrupted_waiter_withdraws(
     etcd: Etcd, namespace: str, patterns: EtcdPatterns, raw: Raw
 ) -> None:
     script = (
-        "import faulthandler, sys\n"
+        "import faulthandler, signal, sys\n"
+        # Python leaves SIGINT ignored if it started that way (a test run in
+        # the background of a shell without job control); Ctrl-C is meant.
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         # A waiter that hangs shows where, instead of running into the timeout.
         "faulthandler.dump_traceback_later(15, exit=True)\n"
         "from etcd_patterns import EtcdPatterns\n"

@@ -676,3 +676,35 @@ def test_a_batch_that_lost_a_race_does_not_skip_older_items(
     # The batch "1", "2", "3" fails; "1" and "2" are still the oldest.
     assert patterns.dequeue_many("q", 3) == ["1", "2", "4"]
     assert patterns.dequeue_many("q", 10) == ["5", "6", "7", "8", "9"]
+
+
+@pytest.mark.timeout(60)
+def test_cleaning_up_a_failed_claim_never_deletes_a_later_claim_on_the_item(
+    etcd: Etcd, namespace: str, patterns: EtcdPatterns, raw: Raw
+) -> None:
+    # A claim attempt fails with its outcome unknown (its answer and its
+    # settling are lost), so its claim key is handed to the session to
+    # delete. The same consumer then claims the same item again, on the same
+    # lease. The cleanup must leave that new claim alone.
+    away = threading.Event()
+    away.set()
+
+    def plan(method: str, request: Any) -> str:
+        if method == TXN and away.is_set() and (_claims(request) or _resolves(request)):
+            return "hold"
+        return "pass"
+
+    client = client_with_faults(etcd.endpoints, FaultInjector(plan))
+    patterns.enqueue("q", "job")
+    with EtcdPatterns(client, namespace=namespace, timeout=1, session_ttl=2) as faulty:
+        with pytest.raises(OutcomeUnknownError):
+            faulty.claim("q", timeout=0).__enter__()
+        away.clear()
+        claiming = faulty.claim("q", timeout=5)
+        item = claiming.__enter__()
+        session = item._session
+        wait_until(lambda: not session._abandoned)  # the janitor has run
+        assert raw.count(".etcd-patterns/claims/") == 1  # the new claim is still there
+        claiming.__exit__(None, None, None)  # and acks: no ClaimLostError
+    client.close()
+    assert raw.count("q/") == 0

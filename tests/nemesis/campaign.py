@@ -22,14 +22,14 @@ from typing import Any
 import etcd3
 from etcd3 import etcdrpc
 
-from etcd_patterns import EtcdPatterns, EtcdPatternsError, QueueEmptyError
+from etcd_patterns import EtcdPatterns, QueueEmptyError
 from etcd_patterns.testing import EtcdCluster
 from tests.nemesis import checkers
 from tests.nemesis.history import Recorder, load
 from tests.nemesis.schedule import Nemesis, draw
 from tests.nemesis.workloads import (
+    BOUNDS,
     NAMESPACE,
-    OP_TIMEOUT,
     SESSION_TTL,
     TIMEOUT,
     WORKLOADS,
@@ -90,19 +90,22 @@ def run(workload: str, seed: int, duration: float) -> Run:
             for i, target in enumerate(WORKLOADS[workload])
         ]
         nemesis = Nemesis(cluster, draw(seed, duration, len(cluster.nodes)))
-        for worker in workers:
-            worker.start()
-        nemesis.start()
-        time.sleep(duration)  # the campaign's length: the nemesis runs meanwhile
-        stop.set()
-        for worker in workers:
-            worker.join(timeout=OP_TIMEOUT + 6 * TIMEOUT + 30)
-        nemesis.stop()  # every fault healed, every member healthy
+        try:
+            for worker in workers:
+                worker.start()
+            nemesis.start()
+            time.sleep(duration)  # the campaign's length: the nemesis runs meanwhile
+        finally:
+            stop.set()
+            for worker in workers:
+                if worker.pid is not None:
+                    worker.join(timeout=max(BOUNDS.values()) + 30)
+            nemesis.stop()  # every fault healed, every member healthy
+            still = [w for w in workers if w.is_alive()]
+            for worker in still:
+                worker.kill()
         result.faults = nemesis.injected
         result.schedule = nemesis.log
-        still = [w for w in workers if w.is_alive()]
-        for worker in still:
-            worker.kill()
         final = _finish(workload, cluster, directory)
         history = load(directory)
         result.history = str(directory)
@@ -130,17 +133,16 @@ def _finish(workload: str, cluster: EtcdCluster, directory: Path) -> dict[str, A
     if workload in ("queue", "claims"):
         recorder = Recorder(directory / "drain.jsonl", "drain")
         # Claims of clients gone with their sessions expire within the TTL.
+        # Bounded: a drain that keeps failing must not hang the campaign.
+        until = time.monotonic() + 120
         with EtcdPatterns.connect(endpoints, namespace=NAMESPACE, timeout=TIMEOUT) as etcd:
-            while True:
-                try:
-                    if workload == "queue":
-                        with recorder.op("dequeue") as op:
-                            op.value = etcd.dequeue("q", timeout=SESSION_TTL + 2)
-                        if op.error == QueueEmptyError.__name__:
-                            break
-                    elif not claim_one(etcd, recorder, release=False, timeout=SESSION_TTL + 2):
+            while time.monotonic() < until:
+                if workload == "queue":
+                    with recorder.op("dequeue") as op:
+                        op.value = etcd.dequeue("q", timeout=SESSION_TTL + 2)
+                    if op.error == QueueEmptyError.__name__:
                         break
-                except EtcdPatternsError:
+                elif not claim_one(etcd, recorder, release=False, timeout=SESSION_TTL + 2):
                     break
         recorder.close()
     host, port = endpoints[0].rsplit(":", 1)

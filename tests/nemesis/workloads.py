@@ -1,10 +1,9 @@
 """Client processes that exercise one pattern each and record every operation.
 
 Each runs in its own (spawned) process against the proxied endpoints until
-``stop`` is set. Bounds on time come from the instance's `TIMEOUT` and each
-call's own `OP_TIMEOUT`: a call may take its own timeout, plus up to three
-requests (a read, a last attempt started just before the deadline, and a
-session's lease grant), plus the cleanup of a waiter that gives up.
+``stop`` is set. Each kind of call has its own bound on time, from the
+instance's `TIMEOUT` (one request, settling included), each call's own
+`OP_TIMEOUT` and the session's `CLEANUP_TIMEOUT`; see `BOUNDS`.
 """
 
 from __future__ import annotations
@@ -27,7 +26,21 @@ from tests.nemesis.history import FAIL, OK, UNKNOWN, Op, Recorder
 TIMEOUT = 2.0  # the instance's: one request
 OP_TIMEOUT = 3.0  # each call's own
 SESSION_TTL = 3
-BOUND = OP_TIMEOUT + 3 * TIMEOUT + CLEANUP_TIMEOUT
+# The longest each call may take: its own wait, plus the requests it makes
+# around the wait, each bounded by TIMEOUT.
+BOUNDS = {
+    # a first read, a last attempt begun just before the deadline, a lease grant
+    "incr": OP_TIMEOUT + 3 * TIMEOUT,
+    # a lease grant, the registration, a last turn read; a waiter that gives
+    # up withdraws its key
+    "acquire": OP_TIMEOUT + 3 * TIMEOUT + CLEANUP_TIMEOUT,
+    # a lease grant, the write
+    "enqueue": 2 * TIMEOUT,
+    # a lease grant, a read, a take; dequeue_many's follow-up takes get one more
+    "dequeue": OP_TIMEOUT + 4 * TIMEOUT,
+    # as dequeue, then the ack, or the release of the claim
+    "claim": OP_TIMEOUT + 4 * TIMEOUT + CLEANUP_TIMEOUT,
+}
 NAMESPACE = "/nemesis/"
 
 
@@ -46,7 +59,7 @@ def counter(endpoints: list[str], out: str, name: str, stop: Any) -> None:
     recorder = Recorder(Path(out), name)
     with _connect(endpoints) as etcd:
         while not stop.is_set():
-            with recorder.op("incr", bound=BOUND):
+            with recorder.op("incr", bound=BOUNDS["incr"]):
                 etcd.transform("counter", _incr, default="0", timeout=OP_TIMEOUT)
     recorder.close()
 
@@ -58,7 +71,7 @@ def lock(endpoints: list[str], out: str, name: str, stop: Any) -> None:
     with _connect(endpoints) as etcd:
         while not stop.is_set():
             holding = etcd.locked("L", timeout=OP_TIMEOUT)
-            with recorder.op("acquire", bound=BOUND) as op:
+            with recorder.op("acquire", bound=BOUNDS["acquire"]) as op:
                 held = holding.__enter__()
             if op.outcome != OK:
                 continue
@@ -106,7 +119,7 @@ def producer(endpoints: list[str], out: str, name: str, stop: Any) -> None:
             if stop.is_set():
                 break
             value = f"{name}:{number}"
-            with recorder.op("enqueue", value=value, bound=BOUND):
+            with recorder.op("enqueue", value=value, bound=BOUNDS["enqueue"]):
                 etcd.enqueue("q", value)
     recorder.close()
 
@@ -117,7 +130,7 @@ def consumer(endpoints: list[str], out: str, name: str, stop: Any) -> None:
     chance = random.Random(name)
     with _connect(endpoints) as etcd:
         while not stop.is_set():
-            with recorder.op("dequeue", bound=BOUND) as op:
+            with recorder.op("dequeue", bound=BOUNDS["dequeue"]) as op:
                 if chance.random() < 0.2:
                     op.value = etcd.dequeue_many("q", 3, timeout=OP_TIMEOUT)
                 else:
@@ -140,7 +153,7 @@ def claim_one(
 ) -> bool:
     """Claim one item and ack it (or give it back); whether there was one."""
     claiming = etcd.claim("q", timeout=timeout)
-    with recorder.op("claim", bound=BOUND) as op:
+    with recorder.op("claim", bound=BOUNDS["claim"]) as op:
         item = claiming.__enter__()
         op.value, op.info["token"] = item.value, item.fencing_token
         if release:
