@@ -37,12 +37,13 @@ from ._errors import (
 )
 from ._facade import EtcdPatterns
 from ._kv import TryTransformResult
-from ._lock import HeldLock, TryLockResult
-from ._queue import ClaimedItem
+from ._lock import HeldLock, Locked, TryLocked, TryLockResult
+from ._queue import Claim, ClaimedItem
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Claim",
     "ClaimLostError",
     "ClaimedItem",
     "ClosedError",
@@ -60,6 +61,7 @@ __all__ = [
     "LockLostError",
     "LockReentryError",
     "LockTimeoutError",
+    "Locked",
     "NotALockError",
     "NotAValueError",
     "OutcomeUnknownError",
@@ -67,6 +69,7 @@ __all__ = [
     "QueueEmptyError",
     "QuotaExceededError",
     "TryLockResult",
+    "TryLocked",
     "TryTransformResult",
     "ValueDecodeError",
     "ValueTooLargeError",
