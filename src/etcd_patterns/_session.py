@@ -55,15 +55,11 @@ from ._errors import (
 )
 from ._keys import Keyspace
 from ._retry import Deadline
-from ._transport import Transport
+from ._transport import CLEANUP_TIMEOUT, Transport
 
 log = logging.getLogger("etcd_patterns")
 
-# The longest a cleanup may take on the caller's thread: close() revoking a
-# lease, a waiter that gave up withdrawing its key. Short, so that Ctrl-C is
-# never held up by it; if etcd is away, the lease expires on its own after
-# its TTL, and a withdrawn key is deleted by the keepalive thread.
-CLEANUP_TIMEOUT = 2.0
+__all__ = ["CLEANUP_TIMEOUT", "Orphan", "Session", "Sessions", "Slot", "check_ttl"]
 
 
 def check_ttl(ttl: object, *, name: str = "ttl") -> int:
@@ -189,7 +185,9 @@ class Session:
         _open_sessions.discard(self)
         self._stop.set()
         if self._thread is not threading.current_thread():
-            self._thread.join()
+            # A refresh in flight ends within the refresh interval; the wait
+            # is bounded all the same, so that close never hangs on gRPC.
+            self._thread.join(max(self.ttl / 3, 0.5) + CLEANUP_TIMEOUT)
         was_lost = self.lost.is_set()
         self.lost.set()
         if was_lost or self._transport.closed:

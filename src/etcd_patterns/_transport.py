@@ -52,6 +52,12 @@ T = TypeVar("T")
 
 log = logging.getLogger("etcd_patterns")
 
+# The longest a cleanup may take on the caller's thread: closing, revoking a
+# lease, a waiter that gave up withdrawing its key. Short, so that Ctrl-C is
+# never held up by it; if etcd is away, a lease expires on its own after its
+# TTL, and a withdrawn key is deleted by the keepalive thread.
+CLEANUP_TIMEOUT = 2.0
+
 # Room for the envelope etcd wraps around a request before checking its
 # size against --max-request-bytes.
 _REQUEST_OVERHEAD = 512
@@ -116,7 +122,18 @@ class Transport:
             self._closed = True
             self._stubs.clear()
         if self._owns_client:
-            self._client.close()
+            # gRPC's close waits for every stream on the channel to finish.
+            # A stream whose call was cut short by Ctrl-C inside gRPC can
+            # keep it waiting for ever, so the close gets its own thread and
+            # a bounded wait; a channel left closing is never torn down
+            # under it at interpreter exit either, which would hang there.
+            closer = threading.Thread(
+                target=self._client.close, name="etcd-patterns-close", daemon=True
+            )
+            closer.start()
+            closer.join(CLEANUP_TIMEOUT)
+            if closer.is_alive():
+                log.debug("the etcd3 client did not close in %ss; left closing", CLEANUP_TIMEOUT)
 
     @property
     def forked(self) -> bool:
