@@ -169,6 +169,7 @@ def commit(
             except EtcdPatternsError:
                 raise  # the transport proved that nothing was applied
             except BaseException as interruption:
+                known = False  # until settled: a second Ctrl-C may cut the settling short
                 known = _settle_interrupted(transport, current, slot, token, interruption)
                 raise
             if response.succeeded:
