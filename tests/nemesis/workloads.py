@@ -21,7 +21,7 @@ from etcd_patterns import (
     OutcomeUnknownError,
 )
 from etcd_patterns._session import CLEANUP_TIMEOUT
-from tests.nemesis.history import FAIL, OK, UNKNOWN, Op, Recorder
+from tests.nemesis.history import OK, Op, Recorder
 
 TIMEOUT = 2.0  # the instance's: one request
 OP_TIMEOUT = 3.0  # each call's own
@@ -180,5 +180,3 @@ WORKLOADS: dict[str, list[Any]] = {
     "queue": [producer, producer, consumer, consumer],
     "claims": [producer, producer, claimer, claimer],
 }
-
-__all__ = ["FAIL", "OK", "UNKNOWN", "WORKLOADS"]
