@@ -423,7 +423,7 @@ def queue(bench: Bench) -> None:
 def _waiting(thread: threading.Thread) -> bool:
     frame = sys._current_frames().get(thread.ident or 0)
     while frame is not None:
-        if frame.f_code.co_name == "wait_event":
+        if frame.f_code.co_name == "_watch_once":
             return True
         frame = frame.f_back
     return False

@@ -36,6 +36,7 @@ from ._errors import (
     ValueTooLargeError,
 )
 from ._facade import EtcdPatterns
+from ._fence import Fence
 from ._kv import TryTransformResult
 from ._lock import HeldLock, Locked, TryLocked, TryLockResult
 from ._queue import Claim, ClaimedItem
@@ -52,6 +53,7 @@ __all__ = [
     "EtcdPatterns",
     "EtcdPatternsError",
     "EtcdUnavailableError",
+    "Fence",
     "ForkedProcessError",
     "HeldLock",
     "InvalidArgumentError",

@@ -19,9 +19,10 @@ from typing import Any, TypeVar
 
 from ._connect import build_client, parse_endpoints
 from ._errors import InvalidArgumentError, InvalidTypeError
+from ._fence import Fence
 from ._keys import Keyspace
 from ._kv import KeyValue, Transform, TryTransformResult
-from ._lock import HeldLock, Locked, Locks, TryLocked, TryLockResult
+from ._lock import Locked, Locks, TryLocked, TryLockResult
 from ._queue import PREFETCH, Claim, Queue
 from ._retry import check_timeout
 from ._session import Sessions, check_ttl
@@ -278,7 +279,7 @@ class EtcdPatterns:
         fn: Transform,
         *,
         default: str | bytes | None = None,
-        guard: HeldLock | None = None,
+        guard: Fence | None = None,
     ) -> TryTransformResult:
         """Atomically replace the value with ``fn(value)``, in one attempt.
 
@@ -294,8 +295,9 @@ class EtcdPatterns:
             default: If given and the key has no value, ``fn(default)`` is
                 written, but only while the key is still absent. Without
                 it, a missing key raises `KeyNotFoundError`.
-            guard: A held lock (from `locked` or `try_locked`). The write
-                then also requires that this holder still owns the lock.
+            guard: A `Fence`: a held lock (from `locked` or `try_locked`)
+                or a claimed item (from `claim`). The write then also
+                requires that this holder still holds it.
 
         Returns:
             ``(True, new_value)`` if written; ``(False, current_value)`` if
@@ -307,6 +309,7 @@ class EtcdPatterns:
             InvalidTypeError: ``fn`` is not callable, or returned a non-`str`.
             ValueTooLargeError: The new value exceeds etcd's request limit.
             LockLostError: ``guard``'s lock is no longer held; nothing written.
+            ClaimLostError: ``guard``'s claim is gone; nothing written.
             EtcdUnavailableError: etcd did not answer within ``timeout``.
             OutcomeUnknownError: The write's answer was lost and the session
                 lease that could tell whether it applied was lost too.
@@ -323,7 +326,7 @@ class EtcdPatterns:
         *,
         default: str | bytes | None = None,
         timeout: float | None = None,
-        guard: HeldLock | None = None,
+        guard: Fence | None = None,
     ) -> str:
         """Atomically replace the value with ``fn(value)``, retrying on conflict.
 

@@ -13,9 +13,10 @@ Guarantees:
   times, so it must be a pure function of its argument.
 * Bad input, a ``fn`` that raises, or a ``fn`` that returns a non-`str`
   write nothing.
-* With ``guard=held``, the write also requires that lock's holder key to
-  still exist with its fencing token; if it does not, `LockLostError` is
-  raised and nothing is written.
+* With ``guard=fence`` (a held lock or a claimed item), the write also
+  requires the holder's key to still exist with its fencing token; if it
+  does not, the holder's lost error (`LockLostError`, `ClaimLostError`) is
+  raised and nothing is written. See `_fence`.
 
 Lease loss: transforms record their outcome on the instance's session lease.
 A lost lease is replaced transparently; only if it is lost while the outcome
@@ -34,12 +35,11 @@ from ._errors import (
     ConflictError,
     InvalidTypeError,
     KeyNotFoundError,
-    LockLostError,
     NotAValueError,
     QuotaExceededError,
 )
+from ._fence import Fence
 from ._keys import Keyspace, children_range, decode_value, encode_value, is_direct_child
-from ._lock import HeldLock
 from ._retry import Deadline, check_timeout, retry_conflicts
 from ._session import Session
 from ._transport import Transport
@@ -180,12 +180,14 @@ class KeyValue:
 
     def _check(
         self, key: object, fn: object, default: object, guard: object
-    ) -> tuple[bytes, Transform, str | None, HeldLock | None]:
+    ) -> tuple[bytes, Transform, str | None, Fence | None]:
         raw = self._keyspace.encode(key)
         if not callable(fn):
             raise InvalidTypeError(f"fn must be callable, not {type(fn).__name__}")
-        if guard is not None and not isinstance(guard, HeldLock):
-            raise InvalidTypeError(f"guard must be a held lock, not {type(guard).__name__}")
+        if guard is not None and not isinstance(guard, Fence):
+            raise InvalidTypeError(
+                f"guard must be a fence (a held lock or a claimed item), not {type(guard).__name__}"
+            )
         initial = None if default is None else encode_value(default, name="default").decode("utf-8")
         transform: Transform = fn
         return raw, transform, initial, guard
@@ -218,7 +220,7 @@ class KeyValue:
         fn: Transform,
         initial: str | None,
         current: _Current,
-        guard: HeldLock | None,
+        guard: Fence | None,
     ) -> tuple[str | None, _Current]:
         """Compute and write once; the value written (or None) and what is now known."""
         if current.value is None:
@@ -242,7 +244,7 @@ class KeyValue:
             compare = [ops.compare_mod(raw, "==", current.mod_revision)]
         failure = [ops.get(raw), ops.get(start, end, limit=1, keys_only=True)]
         if guard is not None:
-            compare.append(ops.compare_create(guard.etcd_key, "==", guard.fencing_token))
+            compare.append(guard._holds())
             failure.append(ops.get(guard.etcd_key, keys_only=True))
         committed = commit(
             self._transport,
@@ -257,10 +259,6 @@ class KeyValue:
         if guard is not None and not any(
             kv.create_revision == guard.fencing_token for kv in ops.kvs(committed.responses, 2)
         ):
-            raise LockLostError(
-                f"lock {guard.name!r} is no longer held; {self._keyspace.decode(raw)!r} "
-                "was not written",
-                name=guard.name,
-            )
+            raise guard._lost_error(f"{self._keyspace.decode(raw)!r} was not written")
         own, children = ops.kvs(committed.responses, 0), ops.kvs(committed.responses, 1)
         return None, self._current(raw, bool(own), own or children)

@@ -51,7 +51,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Generic, NamedTuple, TypeVar
 
-from etcd3 import etcdrpc, transactions
+from etcd3 import etcdrpc
 from etcd3.etcdrpc import kv_pb2
 
 from . import _ops as ops
@@ -65,16 +65,14 @@ from ._errors import (
     NotALockError,
     OutcomeUnknownError,
 )
+from ._fence import Fence
 from ._keys import Keyspace, children_range
 from ._retry import Deadline, check_timeout
 from ._session import Orphan, Session, Sessions, check_ttl
 from ._transport import Transport
+from ._wait import Watch, wait
 
 T = TypeVar("T")
-
-# A waiter re-reads its predecessor at least this often, whatever its watch
-# says, so that no wait can hang on a watch that silently stopped.
-RECHECK_INTERVAL = 5.0
 
 _DELETE = kv_pb2.Event.DELETE
 
@@ -122,8 +120,8 @@ class _Registration(NamedTuple):
     turn: _Turn
 
 
-class HeldLock:
-    """A lock held by this process: the facts a holder needs.
+class HeldLock(Fence):
+    """A lock held by this process: the facts a holder needs. A `Fence`.
 
     Attributes:
         name: The lock's name, without the namespace.
@@ -145,13 +143,11 @@ class HeldLock:
         session: Session,
         transport: Transport,
     ) -> None:
+        super().__init__(
+            etcd_key=etcd_key, fencing_token=fencing_token, session=session, transport=transport
+        )
         self.name = name
         self.key = key
-        self.etcd_key = etcd_key
-        self.fencing_token = fencing_token
-        self.lease_id = session.lease_id
-        self._session = session
-        self._transport = transport
         # The thread object, not its ident: idents are reused once a thread
         # ends, and a new thread must not inherit a dead one's locks.
         self._thread = threading.current_thread()
@@ -159,25 +155,8 @@ class HeldLock:
     def __repr__(self) -> str:
         return f"<HeldLock {self.name!r} key={self.key!r} fencing_token={self.fencing_token}>"
 
-    @property
-    def lost(self) -> threading.Event:
-        """Set when the session lease that carries the lock is lost."""
-        return self._session.lost
-
-    def is_owner(self) -> bool:
-        """Ask etcd whether this holder's key still exists: one round trip."""
-        response = self._transport.range(ops.range_request(self.etcd_key))
-        return any(kv.create_revision == self.fencing_token for kv in response.kvs)
-
-    def guard(self) -> Any:
-        """An etcd3 compare that holds only while this lock is held.
-
-        Put it into your own python3-etcd3 transactions, so that a write
-        applies only if this holder still owns the lock::
-
-            client.transaction(compare=[held.guard()], success=[...], failure=[])
-        """
-        return transactions.Create(self.etcd_key) == self.fencing_token
+    def _lost_error(self, consequence: str) -> LockLostError:
+        return LockLostError(f"lock {self.name!r} is no longer held; {consequence}", name=self.name)
 
 
 def _holder_info() -> bytes:
@@ -372,7 +351,7 @@ class Locks:
         turn: _Turn,
         deadline: Deadline,
     ) -> bool:
-        """Wait until I hold the lock (True) or my key vanished (False).
+        """Wait until I hold the lock (True), or my key or session is gone (False).
 
         True is only ever reported from a read that saw my key.
 
@@ -381,43 +360,27 @@ class Locks:
                 stored under the lock's name, which no holder would ever
                 delete.
         """
-        while turn.exists and turn.predecessor is not None:
-            predecessor = turn.predecessor
-            if not predecessor.lease:
-                raise self._data_under_lock(raw, predecessor.key)
-            remaining = deadline.remaining()
-            if remaining == 0:
-                raise self._timeout(raw)
-            if session.lost.is_set():
-                return False
-            watch = etcdrpc.WatchCreateRequest(
-                key=predecessor.key, filters=[etcdrpc.WatchCreateRequest.NOPUT]
-            )
-            window = RECHECK_INTERVAL if remaining is None else min(RECHECK_INTERVAL, remaining)
-            fresh: list[_Turn] = []
 
-            def changed(waited_on: Any = predecessor, fresh: list[_Turn] = fresh) -> bool:
-                # Etcd moved on between my read and the watch: read my turn
-                # afresh, and keep the answer if it is news.
-                current = self._check_turn(raw, my_key, revision)
-                if (
-                    current.exists
-                    and current.predecessor is not None
-                    and current.predecessor.key == waited_on.key
-                ):
-                    return False
-                fresh.append(current)
-                return True
-
-            self._transport.wait_event(
-                [watch],
-                timeout=window,
-                accept=lambda e: e.type == _DELETE,
-                read_at=turn.revision,
-                changed=changed,
+        def watch(turn: _Turn) -> Watch | None:
+            if not turn.exists or turn.predecessor is None or session.lost.is_set():
+                return None
+            if not turn.predecessor.lease:
+                raise self._data_under_lock(raw, turn.predecessor.key)
+            # Only the predecessor: no herd.
+            create = etcdrpc.WatchCreateRequest(
+                key=turn.predecessor.key, filters=[etcdrpc.WatchCreateRequest.NOPUT]
             )
-            turn = fresh[0] if fresh else self._check_turn(raw, my_key, revision)
-        return turn.exists
+            return Watch([create], lambda event: event.type == _DELETE)
+
+        final = wait(
+            self._transport,
+            turn,
+            read=lambda: self._check_turn(raw, my_key, revision),
+            watch=watch,
+            deadline=deadline,
+            timeout_error=lambda: self._timeout(raw),
+        )
+        return final.exists and final.predecessor is None
 
     def _hold(self, raw: bytes, my_key: bytes, revision: int, session: Session) -> HeldLock:
         held = HeldLock(

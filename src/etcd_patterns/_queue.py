@@ -19,10 +19,11 @@ Guarantees:
   one consumer receives any one producer's items in that producer's order.
 * An item enqueued with a ``ttl`` carries its own lease and vanishes,
   undelivered, once the lease expires.
-* A blocked `dequeue` wakes on a watch, within milliseconds of an enqueue.
-  The watch is opened from the revision of the read it follows, so nothing
-  is missed; if it breaks, the consumer reads again and watches anew, and it
-  reads again at least every few seconds in any case.
+* A blocked `dequeue` wakes on a watch, within milliseconds of an enqueue
+  or of a claim's release. It waits in the shared wait loop (`_wait`), so
+  nothing that happens between its read and its watch is missed; if the
+  watch breaks, the consumer reads again and watches anew, and it reads
+  again at least every `RECHECK_INTERVAL` in any case.
 * In claim/ack mode (`claim`), an item stays in place while claimed,
   invisible to other consumers. Ack deletes item and claim in one
   transaction; an exception in the block releases the claim; a consumer that
@@ -47,7 +48,7 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, NamedTuple
 
 from etcd3 import etcdrpc
 from etcd3.etcdrpc import kv_pb2
@@ -65,6 +66,7 @@ from ._errors import (
     QueueEmptyError,
     ValueDecodeError,
 )
+from ._fence import Fence
 from ._keys import (
     Keyspace,
     children_range,
@@ -76,6 +78,7 @@ from ._keys import (
 from ._retry import Deadline, check_timeout
 from ._session import Orphan, Session, Sessions, check_ttl
 from ._transport import Transport
+from ._wait import Watch, wait
 
 # How many candidate heads one read fetches, by default: the amortised cost
 # of a dequeue is 1 + 1/PREFETCH round trips.
@@ -87,8 +90,6 @@ CHUNK = 60
 # How many sets of fresh item keys an enqueue draws before giving up: a
 # collision needs another writer to pick the same nanosecond and random tag.
 _KEY_TRIES = 3
-# A waiting consumer reads again at least this often, whatever its watch says.
-RECHECK_INTERVAL = 5.0
 
 _PUT = kv_pb2.Event.PUT
 _DELETE = kv_pb2.Event.DELETE
@@ -96,14 +97,28 @@ _DELETE = kv_pb2.Event.DELETE
 
 @dataclass(frozen=True)
 class _Candidate:
+    """An item that was there, unclaimed, when last read."""
+
     key: bytes
     value: str
     mod_revision: int
     claim: bytes
 
 
-class ClaimedItem:
-    """An item held by a claim, inside ``with etcd.claim(dir_key) as item:``.
+class _Heads(NamedTuple):
+    """The oldest unclaimed items of a queue, from one read.
+
+    Attributes:
+        candidates: Oldest first.
+        revision: The revision the read reflects.
+    """
+
+    candidates: list[_Candidate]
+    revision: int
+
+
+class ClaimedItem(Fence):
+    """An item held by a claim, inside ``with etcd.claim(dir_key) as item:``. A `Fence`.
 
     Attributes:
         key: The item's key, without the namespace.
@@ -111,7 +126,7 @@ class ClaimedItem:
         fencing_token: The create revision of the claim: it increases with
             every claim of the queue, so a store can reject the writes of a
             consumer whose claim has since expired and been replaced.
-        lost: Set when the session lease that carries the claim is lost.
+        lease_id: The session lease that the claim carries.
     """
 
     def __init__(
@@ -121,19 +136,22 @@ class ClaimedItem:
         value: str,
         fencing_token: int,
         session: Session,
-        etcd_key: bytes,
+        transport: Transport,
+        item_key: bytes,
         claim: bytes,
     ) -> None:
+        super().__init__(
+            etcd_key=claim, fencing_token=fencing_token, session=session, transport=transport
+        )
         self.key = key
         self.value = value
-        self.fencing_token = fencing_token
-        self.lost = session.lost
-        self._session = session
-        self._etcd_key = etcd_key
-        self._claim = claim
+        self._item_key = item_key
 
     def __repr__(self) -> str:
         return f"<ClaimedItem {self.key!r} fencing_token={self.fencing_token}>"
+
+    def _lost_error(self, consequence: str) -> ClaimLostError:
+        return ClaimLostError(f"the claim on {self.key!r} is gone; {consequence}")
 
 
 class Queue:
@@ -300,7 +318,7 @@ class Queue:
         while len(taken) < wanted and not deadline.expired():
             chosen = self._more_candidates(raw, min(wanted - len(taken), CHUNK))
             if not chosen:
-                chosen = self._read(raw, min(wanted - len(taken), CHUNK))[0]
+                chosen = self._read(raw, min(wanted - len(taken), CHUNK)).candidates
                 if not chosen:
                     return
             if self._take(chosen, taken):
@@ -350,7 +368,8 @@ class Queue:
                     value=candidate.value,
                     fencing_token=committed.revision,
                     session=committed.session,
-                    etcd_key=candidate.key,
+                    transport=self._transport,
+                    item_key=candidate.key,
                     claim=candidate.claim,
                 )
         raise AssertionError("unreachable")  # pragma: no cover
@@ -360,8 +379,8 @@ class Queue:
         committed = commit(
             self._transport,
             self._sessions.get,
-            compare=[ops.compare_create(item._claim, "==", item.fencing_token)],
-            success=[ops.delete(item._etcd_key), ops.delete(item._claim)],
+            compare=[item._holds()],
+            success=[ops.delete(item._item_key), ops.delete(item.etcd_key)],
             failure=[],
         )
         if not committed.succeeded:
@@ -373,10 +392,10 @@ class Queue:
         """Give a claimed item back, at its place in the queue."""
         with self._lock:
             # The item is older than any cached candidate: read afresh.
-            self._candidates.pop(item._etcd_key.rpartition(b"/")[0], None)
+            self._candidates.pop(item._item_key.rpartition(b"/")[0], None)
         # If etcd does not answer, the claim's session deletes the claim once
         # it does.
-        item._session.withdraw(Orphan(item._claim, item.fencing_token))
+        item._session.withdraw(Orphan(item.etcd_key, item.fencing_token))
 
     def let_go(self, item: ClaimedItem) -> None:
         """Make sure a claim whose ack failed does not outlive its purpose.
@@ -387,7 +406,7 @@ class Queue:
         answers, so the item is available again within a refresh interval
         of etcd's return, not held for as long as the process lives.
         """
-        item._session.abandon(Orphan(item._claim, item.fencing_token))
+        item._session.abandon(Orphan(item.etcd_key, item.fencing_token))
 
     # -- machinery ----------------------------------------------------------
 
@@ -413,15 +432,18 @@ class Queue:
                 offered = True
                 yield cached[0]
                 continue
-            fresh, revision = self._read(raw, self._prefetch)
-            if fresh:
-                with self._lock:
-                    self._candidates.setdefault(raw, deque()).extend(fresh)
-                continue
-            remaining = deadline.remaining()
-            if remaining == 0:
-                raise QueueEmptyError(f"queue {self._keyspace.decode(raw)!r} stayed empty")
-            self._wait(raw, revision, remaining)
+            heads = wait(
+                self._transport,
+                self._read(raw, self._prefetch),
+                read=lambda: self._read(raw, self._prefetch),
+                watch=lambda heads: None if heads.candidates else self._arrivals(raw),
+                deadline=deadline,
+                timeout_error=lambda: QueueEmptyError(
+                    f"queue {self._keyspace.decode(raw)!r} stayed empty"
+                ),
+            )
+            with self._lock:
+                self._candidates.setdefault(raw, deque()).extend(heads.candidates)
 
     def _forget_candidates(self, raw: bytes) -> None:
         with self._lock:
@@ -437,7 +459,7 @@ class Queue:
     def _claims_prefix(self, raw: bytes) -> bytes:
         return self._keyspace.internal("claims", raw.hex()) + b"/"
 
-    def _read(self, raw: bytes, wanted: int) -> tuple[list[_Candidate], int]:
+    def _read(self, raw: bytes, wanted: int) -> _Heads:
         """Up to ``wanted`` unclaimed items, oldest first, and the revision read at."""
         start, end = children_range(raw)
         claims = self._claims_prefix(raw)
@@ -482,14 +504,14 @@ class Queue:
             # Deeper keys and claimed items count against the limit: read
             # further only if they hid every item.
             if candidates or not cut:
-                return candidates[:wanted], header
+                return _Heads(candidates[:wanted], header)
             limit *= 2
 
-    def _wait(self, raw: bytes, revision: int, remaining: float | None) -> None:
-        """Wait for an item to arrive or a claim to go, from ``revision`` on."""
+    def _arrivals(self, raw: bytes) -> Watch:
+        """What an empty queue's consumer watches: an item put, or a claim gone."""
         start, end = children_range(raw)
         claims = self._claims_prefix(raw)
-        watches = [
+        creates = [
             etcdrpc.WatchCreateRequest(
                 key=start, range_end=end, filters=[etcdrpc.WatchCreateRequest.NODELETE]
             ),
@@ -503,14 +525,7 @@ class Queue:
                 return True  # a claim released or expired
             return event.type == _PUT and is_direct_child(raw, event.kv.key)
 
-        window = RECHECK_INTERVAL if remaining is None else min(RECHECK_INTERVAL, remaining)
-        self._transport.wait_event(
-            watches,
-            timeout=window,
-            accept=accept,
-            read_at=revision,
-            changed=lambda: bool(self._read(raw, 1)[0]),
-        )
+        return Watch(creates, accept)
 
 
 def _fifo_order(kv: Any) -> tuple[int, bytes]:

@@ -31,7 +31,7 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -208,40 +208,22 @@ class Transport:
         ttl: int = response.TTL
         return ttl
 
-    def wait_event(
-        self,
-        creates: Sequence[Any],
-        *,
-        timeout: float,
-        accept: Callable[[Any], bool],
-        read_at: int,
-        changed: Callable[[], bool],
-    ) -> Any | None:
-        """Watch until an event that ``accept`` approves, for at most ``timeout``.
+    def watch(self, creates: Sequence[Any], *, timeout: float) -> Generator[Any, None, None]:
+        """Stream the responses of one watch stream, for at most ``timeout``.
 
-        Opens one watch stream on the current endpoint, with one watch per
-        `WatchCreateRequest` in ``creates``. The watches start at the current
-        revision: a watch that starts in the past is served from history,
-        which etcd replays only every 100 ms, and a lock handoff must not
-        wait for that. To miss nothing between the caller's read (at
-        ``read_at``) and the watches, ``changed()`` is asked once they exist,
-        if etcd has moved on since that read.
+        Opens one stream on the current endpoint, with one watch per
+        `WatchCreateRequest` in ``creates``, and yields etcd's
+        `WatchResponse` messages as they come. The stream is cancelled when
+        the caller stops iterating (close the generator to stop early).
 
-        Args:
-            creates: The watches, without a start revision.
-            timeout: How long to wait.
-            accept: Whether an event is the one waited for.
-            read_at: The revision of the caller's last read.
-            changed: Whether what the caller waits for may have happened
-                already; it reads etcd afresh.
-
-        Returns:
-            The first accepted event; None when ``changed()`` said so, the
-            time ran out, the watch was cancelled or the connection failed.
-            On None the caller re-reads the state it waits on.
+        The stream ends quietly when ``timeout`` passes, when the connection
+        fails (the next request then goes to the next endpoint) or when the
+        auth token had expired (it is renewed): a waiter then reads the state
+        it waits on again, which raises if etcd cannot be reached.
 
         Raises:
-            PermissionDeniedError, EtcdError: etcd refused the watch.
+            ClosedError: The instance, or the etcd3 client under it, was closed.
+            PermissionDeniedError, EtcdError: etcd refused the stream.
         """
         index, stub = self._stub(etcdrpc.WatchStub)
         try:
@@ -253,51 +235,24 @@ class Transport:
                 **self._call_options(),
             )
             try:
-                return self._first_accepted(call, len(creates), accept, read_at, changed)
+                yield from call
             finally:
                 call.cancel()
         except grpc.RpcError as exc:
-            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                return None
+            if exc.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
+                return
             if self._renewed_token(exc):
-                return None
+                return
             if connection_failed(exc):
                 self._rotate(index)
             error = translate(exc, endpoints=self.endpoints, write=False)
             if error is None or isinstance(error, EtcdUnavailableError):
-                return None
+                return
             raise error from exc
         except ValueError as exc:
             if self._client_channels_closed(exc):
                 raise ClosedError("the etcd3 client was closed") from exc
             raise
-
-    def _first_accepted(
-        self,
-        call: Any,
-        watches: int,
-        accept: Callable[[Any], bool],
-        read_at: int,
-        changed: Callable[[], bool],
-    ) -> Any | None:
-        created = 0
-        for response in call:
-            if response.canceled or response.compact_revision:
-                # Also how etcd refuses a watch ("permission denied"): it
-                # checks a watch as it checks a read of the same range, so
-                # the caller's re-read raises PermissionDeniedError if the
-                # refusal is real, and renews the auth token if that had
-                # expired (the usual cause), before watching again.
-                return None
-            if response.created:
-                created += 1
-                if created == watches and response.header.revision > read_at and changed():
-                    return None
-                continue
-            for event in response.events:
-                if accept(event):
-                    return event
-        return None
 
     # -- machinery ----------------------------------------------------------
 

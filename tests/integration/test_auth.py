@@ -5,10 +5,14 @@ from __future__ import annotations
 import subprocess
 import threading
 from collections.abc import Iterator
+from typing import Any, NamedTuple
 
 import pytest
+from etcd3 import etcdrpc
 
 from etcd_patterns import EtcdPatterns, PermissionDeniedError
+from etcd_patterns._retry import Deadline
+from etcd_patterns._wait import Watch, wait
 from etcd_patterns.testing import EtcdCluster, find_etcd_binary
 
 
@@ -97,3 +101,42 @@ def test_a_long_wait_outlives_its_token(secured: EtcdCluster) -> None:
         producer.enqueue("w", "late item")
         waiter.join(timeout=30)
         assert received == ["late item"]
+
+
+class _Seen(NamedTuple):
+    revision: int
+
+
+@pytest.mark.timeout(30)
+def test_a_refused_watch_raises_instead_of_spinning(secured: EtcdCluster) -> None:
+    # etcd refuses a watch by creating and cancelling it at once. A waiter
+    # allowed to read what it waits on, but not to watch it, must say so
+    # rather than read and re-watch until its timeout.
+    with EtcdPatterns.connect(
+        secured.endpoints, user="app", password="apppw", namespace="/app/"
+    ) as etcd:
+        transport = etcd._transport
+        watches: list[object] = []
+        original = transport.watch
+
+        def counting(*args: Any, **kwargs: Any) -> Any:
+            watches.append(args)
+            return original(*args, **kwargs)
+
+        transport.watch = counting  # type: ignore[method-assign]
+
+        def read() -> _Seen:
+            response = transport.range(etcdrpc.RangeRequest(key=b"/app/allowed"))
+            return _Seen(response.header.revision)
+
+        forbidden = Watch([etcdrpc.WatchCreateRequest(key=b"/other/k")], lambda _event: True)
+        with pytest.raises(PermissionDeniedError, match="refused to watch"):
+            wait(
+                transport,
+                read(),
+                read=read,
+                watch=lambda _state: forbidden,
+                deadline=Deadline(20),
+                timeout_error=lambda: AssertionError("spun until the timeout"),
+            )
+        assert len(watches) == 2  # refused, read (allowed), refused again

@@ -165,15 +165,15 @@ def test_closing_the_users_client_under_a_wait_gives_closed_error(
     client = etcd3.client(host=host, port=int(port), timeout=5)
     with EtcdPatterns(client, namespace=raw.namespace) as patterns:
         waiting = threading.Event()
-        original = patterns._transport.wait_event
+        original = patterns._transport.watch
 
-        def wait_event(*args: Any, **kwargs: Any) -> Any:
+        def watch(*args: Any, **kwargs: Any) -> Any:
             if when == "before the watch":
                 client.close()  # between the read that found nothing and the watch
             waiting.set()
             return original(*args, **kwargs)
 
-        patterns._transport.wait_event = wait_event  # type: ignore[method-assign]
+        patterns._transport.watch = watch  # type: ignore[method-assign]
         outcome: list[BaseException] = []
 
         def consume() -> None:

@@ -19,6 +19,7 @@ from etcd_patterns import (
     ClaimLostError,
     EtcdError,
     EtcdPatterns,
+    Fence,
     LeaseNotFoundError,
     NotAValueError,
     OutcomeUnknownError,
@@ -125,7 +126,7 @@ def _watching(instance: EtcdPatterns) -> bool:
     for top in sys._current_frames().values():
         frame: FrameType | None = top
         while frame is not None:
-            if frame.f_code.co_name == "wait_event":
+            if frame.f_code.co_name == "_watch_once":
                 return True
             frame = frame.f_back
     return False
@@ -329,6 +330,32 @@ def test_a_released_claim_wakes_a_waiting_consumer(
     claiming.__exit__(RuntimeError, RuntimeError("give it back"), None)
     waiter.join(timeout=30)
     assert received == ["retry me"]
+
+
+def test_a_claim_is_a_fence_for_guarded_writes(
+    patterns: EtcdPatterns, other: EtcdPatterns, raw: Raw
+) -> None:
+    patterns.enqueue("q", "job")
+    raw.put("result", "before")
+    claiming = patterns.claim("q", ttl=3)
+    item = claiming.__enter__()
+    assert isinstance(item, Fence)
+    assert item.is_owner()
+    assert patterns.transform("result", lambda v: "by the claimer", guard=item) == "by the claimer"
+    raw.revoke(item.lease_id)  # the claimer's lease is lost: so is its claim
+    assert item.lost.wait(timeout=10)
+    assert not item.is_owner()
+    with other.claim("q", timeout=5) as again:
+        assert again.fencing_token > item.fencing_token
+        with pytest.raises(ClaimLostError, match="'result' was not written"):
+            patterns.transform("result", lambda v: "stale", guard=item)
+        with pytest.raises(ClaimLostError):
+            patterns.try_transform("result", lambda v: "stale", guard=item)
+        assert raw.value("result") == b"by the claimer"
+        assert other.transform("result", lambda v: "by the new claimer", guard=again)
+    with pytest.raises(ClaimLostError):
+        claiming.__exit__(None, None, None)
+    assert raw.value("result") == b"by the new claimer"
 
 
 def test_an_expired_claim_cannot_ack(patterns: EtcdPatterns, other: EtcdPatterns, raw: Raw) -> None:

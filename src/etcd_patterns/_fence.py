@@ -1,0 +1,90 @@
+"""Fences: what every holder of something in etcd proves its holding with.
+
+A holder (a lock's holder, a claimed queue item, and every later primitive
+that hands something out) won its place by creating a key on its session
+lease. The key and its create revision, the *fencing token*, are the proof:
+while that key exists with that create revision, the holder still holds;
+once it is gone (released, or deleted by etcd with an expired lease), no
+key can ever have that create revision again.
+
+Guarantees:
+
+* A write guarded by a fence (``transform(..., guard=fence)``) carries the
+  compare ``create_revision(key) == fencing_token`` in its own transaction,
+  so it applies only while the holder still holds, at the write's revision.
+  When the fence has fallen, the write raises the holder's lost error
+  (`LockLostError`, `ClaimLostError`) and writes nothing.
+* Fencing tokens increase: a later holder of the same thing always has a
+  larger token, so a storage system that remembers the largest token it
+  has seen can reject a stale holder's writes.
+
+Cost: a guard adds one compare (and, on failure, one keys-only read) to the
+guarded transaction; `Fence.is_owner` is one round trip.
+
+Lease loss: when the holder's session lease is lost, etcd deletes the key,
+so the fence falls by itself; `Fence.lost` is set once the session learns
+of it.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from etcd3 import transactions
+
+from . import _ops as ops
+from ._errors import EtcdPatternsError
+from ._session import Session
+from ._transport import Transport
+
+
+class Fence:
+    """Proof that this process still holds something in etcd.
+
+    `HeldLock` and `ClaimedItem` are fences. Pass one as ``guard=`` to a
+    write, or use `guard` in your own transactions.
+
+    Attributes:
+        fencing_token: The create revision of the holder's key. It
+            increases with every new holder: pass it to a storage system
+            that rejects writes carrying an older token.
+        lease_id: The session lease that the holder's key carries.
+    """
+
+    def __init__(
+        self, *, etcd_key: bytes, fencing_token: int, session: Session, transport: Transport
+    ) -> None:
+        self.etcd_key = etcd_key
+        self.fencing_token = fencing_token
+        self.lease_id = session.lease_id
+        self._session = session
+        self._transport = transport
+
+    @property
+    def lost(self) -> threading.Event:
+        """Set when the session lease that carries the holder's key is lost."""
+        return self._session.lost
+
+    def is_owner(self) -> bool:
+        """Ask etcd whether the holder's key still exists: one round trip."""
+        response = self._transport.range(ops.range_request(self.etcd_key))
+        return any(kv.create_revision == self.fencing_token for kv in response.kvs)
+
+    def guard(self) -> Any:
+        """An etcd3 compare that holds only while this fence stands.
+
+        Put it into your own python3-etcd3 transactions, so that a write
+        applies only if this holder still holds::
+
+            client.transaction(compare=[fence.guard()], success=[...], failure=[])
+        """
+        return transactions.Create(self.etcd_key) == self.fencing_token
+
+    def _holds(self) -> Any:
+        """The guard as an etcdrpc compare, for the library's own transactions."""
+        return ops.compare_create(self.etcd_key, "==", self.fencing_token)
+
+    def _lost_error(self, consequence: str) -> EtcdPatternsError:
+        """The error a guarded write raises when the fence has fallen."""
+        return EtcdPatternsError(f"the holder's key {self.etcd_key!r} is gone; {consequence}")

@@ -1,0 +1,161 @@
+"""Waiting for etcd to change: the one wait loop that every pattern uses.
+
+Protocol, the shape of etcd's ``waitDeletes``:
+
+1. Read the state waited on, in one round trip, at some revision.
+2. If the caller's ``watch`` says the state is final, return it.
+3. Otherwise watch only the keys ``watch`` names (a lock waiter: its
+   predecessor; a consumer: the queue's items and claims), until an event
+   that ``watch`` accepts, the deadline, or `RECHECK_INTERVAL`.
+4. Read again, and go back to 2.
+
+The watches start at the current revision rather than at the read's: a
+watch that starts in the past is served from etcd's history, which etcd
+replays only every 100 ms, and a lock handoff must not wait for that. To
+miss nothing between the read and the watches, the state is read again once
+the watches exist, if etcd's revision moved past the read's; if that read
+names other keys to watch, or none, it is used at once.
+
+Guarantees:
+
+* Nothing is missed: every change after a read is either seen by the watch
+  or by the read that follows its creation.
+* No herd: a waiter watches only the keys its state names, so one change
+  wakes only the waiters that care about it.
+* Bounded: the deadline is checked before every watch, and a watch never
+  outlives it. A watch that silently stopped delivering (a member that
+  hangs, a cut stream) costs at most `RECHECK_INTERVAL` before a fresh read.
+* A refused watch is an error, not a spin: etcd refuses a watch by creating
+  and cancelling it at once ("permission denied", which is also how it
+  answers an expired auth token). The read that follows renews the token,
+  or raises `PermissionDeniedError` itself; a watch refused again after a
+  read that etcd allowed raises `PermissionDeniedError`.
+
+Cost: one watch stream and one read per wake-up, plus one read per watch
+when etcd moved on between the read and the watch.
+
+Lease loss: the loop knows nothing of leases. A caller that must stop
+waiting when its session is lost says so in ``watch``, by returning None.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, Protocol, TypeVar
+
+from ._errors import PermissionDeniedError
+from ._retry import Deadline
+from ._transport import Transport
+
+# A waiter reads again at least this often, whatever its watch says, so that
+# no wait can hang on a watch that silently stopped.
+RECHECK_INTERVAL = 5.0
+
+_PERMISSION_DENIED = "permission denied"
+
+
+class Observed(Protocol):
+    """A state read from etcd, and the revision the read reflects."""
+
+    @property
+    def revision(self) -> int: ...
+
+
+S = TypeVar("S", bound=Observed)
+
+
+class Watch(NamedTuple):
+    """What a waiter watches, and which events end the wait.
+
+    Attributes:
+        creates: One `WatchCreateRequest` per key or range, without a start
+            revision.
+        accept: Whether an event may have changed the state waited on.
+    """
+
+    creates: Sequence[Any]
+    accept: Callable[[Any], bool]
+
+
+def wait(
+    transport: Transport,
+    state: S,
+    *,
+    read: Callable[[], S],
+    watch: Callable[[S], Watch | None],
+    deadline: Deadline,
+    timeout_error: Callable[[], Exception],
+) -> S:
+    """Wait until ``watch(state)`` is None, and return that state.
+
+    Args:
+        transport: Sends the reads' requests and opens the watches.
+        state: The state from the caller's latest read.
+        read: Reads the state afresh, in one round trip.
+        watch: What to watch for a state; None once it is final. It may
+            raise, to end the wait with an error.
+        deadline: When to give up.
+        timeout_error: The error to raise when the deadline passes.
+
+    Raises:
+        PermissionDeniedError: etcd refused the watch twice, the second time
+            after a read it allowed.
+    """
+    refused: str | None = None
+    while (waiting := watch(state)) is not None:
+        remaining = deadline.remaining()
+        if remaining == 0:
+            raise timeout_error()
+        window = RECHECK_INTERVAL if remaining is None else min(RECHECK_INTERVAL, remaining)
+        outcome = _watch_once(transport, waiting, state, window=window, read=read, watch=watch)
+        if isinstance(outcome, _Refused):
+            if refused is not None:
+                raise PermissionDeniedError(
+                    f"etcd at {','.join(transport.endpoints)} refused to watch what it "
+                    f"allows to be read: {outcome.reason}"
+                )
+            refused = outcome.reason
+            state = read()
+            continue
+        refused = None
+        state = read() if outcome is None else outcome
+    return state
+
+
+class _Refused(NamedTuple):
+    reason: str
+
+
+def _watch_once(
+    transport: Transport,
+    waiting: Watch,
+    state: S,
+    *,
+    window: float,
+    read: Callable[[], S],
+    watch: Callable[[S], Watch | None],
+) -> S | _Refused | None:
+    """One watch stream: a fresher state, a refusal, or None to read again."""
+    created = 0
+    with contextlib.closing(transport.watch(waiting.creates, timeout=window)) as responses:
+        for response in responses:
+            if response.canceled:
+                if _PERMISSION_DENIED in response.cancel_reason:
+                    return _Refused(response.cancel_reason)
+                return None
+            if response.compact_revision:
+                return None
+            if response.created:
+                created += 1
+                if created == len(waiting.creates) and response.header.revision > state.revision:
+                    # etcd moved on between the read and the watches.
+                    fresh = read()
+                    now = watch(fresh)
+                    if now is None or list(now.creates) != list(waiting.creates):
+                        return fresh
+                    state = fresh
+                continue
+            if any(waiting.accept(event) for event in response.events):
+                return None
+    return None
