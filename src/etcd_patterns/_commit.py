@@ -47,6 +47,8 @@ late in that time has little left to settle in, and then raises
 from __future__ import annotations
 
 import secrets
+import threading
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -59,7 +61,7 @@ from ._errors import (
     OutcomeUnknownError,
 )
 from ._retry import Deadline
-from ._session import CLEANUP_TIMEOUT, Session, Slot
+from ._session import CLEANUP_TIMEOUT, Session
 from ._transport import Transport
 
 
@@ -81,6 +83,59 @@ class Committed:
     revision: int
     responses: Sequence[Any] | None
     session: Session
+
+
+@dataclass
+class Slot:
+    """A bookkeeping key, on a session lease, owned by one operation at a time.
+
+    Attributes:
+        key: The etcd key, under the session's ``scratch_prefix``.
+        token: The value this session last wrote to it; None if it has
+            never been written (or vanished with its lease).
+    """
+
+    key: bytes
+    token: str | None = None
+
+
+class _SlotPool:
+    """The slots of one session that no operation owns right now.
+
+    A slot goes back to the pool only when its token is known to be what
+    etcd holds: after an answer, or after a resolution. One whose state is
+    uncertain (an interrupted settling) is dropped, and stays in etcd until
+    its lease ends; an error that proves nothing was sent returns it.
+    """
+
+    def __init__(self, prefix: bytes) -> None:
+        self._prefix = prefix
+        self._free: list[Slot] = []
+        self._count = 0
+        self._lock = threading.Lock()
+
+    def borrow(self) -> Slot:
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+            self._count += 1
+            return Slot(self._prefix + str(self._count).encode())
+
+    def give_back(self, slot: Slot) -> None:
+        with self._lock:
+            self._free.append(slot)
+
+
+_pools: weakref.WeakKeyDictionary[Session, _SlotPool] = weakref.WeakKeyDictionary()
+_pools_lock = threading.Lock()
+
+
+def _pool(session: Session) -> _SlotPool:
+    with _pools_lock:
+        pool = _pools.get(session)
+        if pool is None:
+            pool = _pools[session] = _SlotPool(session.scratch_prefix)
+        return pool
 
 
 # A round is not started with less time than this left: it could hardly
@@ -137,7 +192,8 @@ def commit(
         first = False
         current = session()
         operations = success(current) if callable(success) else success
-        slot = current.borrow_slot()
+        pool = _pool(current)
+        slot = pool.borrow()
         # Whether slot.token is what etcd holds, so that the next operation
         # may use the slot; a slot left uncertain is dropped, never reused.
         known = True
@@ -185,7 +241,7 @@ def commit(
             slot.token = observed
         finally:
             if known:
-                current.return_slot(slot)
+                pool.give_back(slot)
     where = ",".join(transport.endpoints)
     raise EtcdUnavailableError(
         f"etcd at {where} lost the answers to every attempt at one write within "

@@ -15,14 +15,15 @@ longer than its TTL, and giving up on it locally would let it expire for
 real. `Session.confirmed_until` tells until when etcd surely held the lease;
 past it, the lease may or may not be gone.
 
-A key that a pattern means to delete at once (a waiter that gives up, on a
-timeout, an error or Ctrl-C) goes through `Session.withdraw`: one delete on
-the caller's thread, bounded by `CLEANUP_TIMEOUT`, so that the key is gone
-before the call returns whenever etcd answers. A key that could not be
-deleted (etcd was away, or the delete was itself interrupted) is handed to
-`Session.abandon`; the keepalive thread deletes it once etcd answers again,
-so it never outlives its purpose by more than a refresh interval while the
-process lives.
+Keys a pattern is done with are deleted by the session's `Janitor`
+(`_janitor`): at once on the caller's thread, or, if etcd is away, by the
+keepalive thread once etcd answers again.
+
+Sessions for TTLs other than the instance's own are retired once idle: when
+nobody has asked for one for `IDLE_RETIREMENT` seconds and its lease carries
+no key but its own scratch keys, its thread stops and its lease is revoked.
+A lease grant never holds up callers that want another TTL's session, and
+concurrent callers that want the same one share one grant.
 
 `close` stops the thread and revokes the lease, deleting its keys, and
 prints nothing. At interpreter exit, every session this process opened and
@@ -36,16 +37,15 @@ at WARNING, refresh failures and cleanup at DEBUG.
 from __future__ import annotations
 
 import atexit
+import copy
 import logging
 import math
 import os
 import threading
 import time
 import weakref
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable
 
-from . import _ops as ops
 from ._errors import (
     ClosedError,
     EtcdPatternsError,
@@ -53,13 +53,18 @@ from ._errors import (
     InvalidArgumentError,
     InvalidTypeError,
 )
+from ._janitor import Janitor, Orphan
 from ._keys import Keyspace
 from ._retry import Deadline
 from ._transport import CLEANUP_TIMEOUT, Transport
 
 log = logging.getLogger("etcd_patterns")
 
-__all__ = ["CLEANUP_TIMEOUT", "Orphan", "Session", "Sessions", "Slot", "check_ttl"]
+# How long a session for a TTL other than the instance's own may go unasked
+# for before it is retired, if its lease carries none of the patterns' keys.
+IDLE_RETIREMENT = 60.0
+
+__all__ = ["CLEANUP_TIMEOUT", "IDLE_RETIREMENT", "Orphan", "Session", "Sessions", "check_ttl"]
 
 
 def check_ttl(ttl: object, *, name: str = "ttl") -> int:
@@ -69,41 +74,6 @@ def check_ttl(ttl: object, *, name: str = "ttl") -> int:
     if not math.isfinite(ttl) or ttl <= 0:
         raise InvalidArgumentError(f"{name} must be a finite number > 0, not {ttl!r}")
     return math.ceil(ttl)
-
-
-@dataclass(frozen=True)
-class Orphan:
-    """A key this session wrote and means to delete, and how to tell it is still ours.
-
-    Attributes:
-        key: The etcd key.
-        create_revision: Delete it only if it is this incarnation; None if
-            the revision is unknown (a write whose answer never came).
-        value: With no revision: delete it only if it still holds this
-            value, which the write made unique to itself. Without either,
-            the key's name must be unique to the write.
-
-    A key of unknown revision is deleted only while it carries this
-    session's lease, too.
-    """
-
-    key: bytes
-    create_revision: int | None = None
-    value: bytes | None = None
-
-
-@dataclass
-class Slot:
-    """A bookkeeping key, on the session lease, owned by one operation at a time.
-
-    Attributes:
-        key: The etcd key.
-        token: The value this session last wrote to it; None if it has
-            never been written (or vanished with its lease).
-    """
-
-    key: bytes
-    token: str | None = None
 
 
 # The sessions this process opened and has not closed, for the exit hook.
@@ -125,25 +95,40 @@ class Session:
 
     Args:
         transport: Sends the lease requests.
-        keyspace: Names the session's bookkeeping keys.
+        keyspace: Names the session's scratch keys.
         ttl: The requested lease TTL in seconds. etcd may grant more.
+        retire: Called by the keepalive thread once the session is idle
+            (see `IDLE_RETIREMENT`); if it returns True, the session closes
+            itself. None: never retire.
     """
 
-    def __init__(self, transport: Transport, keyspace: Keyspace, ttl: int) -> None:
+    def __init__(
+        self,
+        transport: Transport,
+        keyspace: Keyspace,
+        ttl: int,
+        *,
+        retire: Callable[[Session, float], bool] | None = None,
+    ) -> None:
         self._transport = transport
-        self._keyspace = keyspace
         started = time.monotonic()
         response = transport.lease_grant(ttl)
         self.lease_id: int = response.ID
         self.ttl: int = response.TTL
+        self.scratch_prefix: bytes = keyspace.internal("slots", f"{self.lease_id:x}") + b"/"
+        """Keys under this prefix, on this lease, are the session's own
+        bookkeeping (the exactly-once commit's slots): they do not keep an
+        idle session from being retired."""
         self.lost = threading.Event()
         self._marked_lost = False
         self.confirmed_until: float = started + self.ttl
         """The `time.monotonic` instant until which etcd surely holds the lease."""
+        self.last_used: float = started
+        """The `time.monotonic` instant a caller last asked `Sessions` for it."""
+        self._retire = retire
+        self._idle_checked = started
+        self._janitor = Janitor(transport, self.lease_id)
         self._stop = threading.Event()
-        self._abandoned: list[Orphan] = []
-        self._slots: list[Slot] = []
-        self._slot_count = 0
         self._lock = threading.Lock()
         self._closed = False
         self._pid = os.getpid()
@@ -200,77 +185,12 @@ class Session:
             )
 
     def abandon(self, orphan: Orphan) -> None:
-        """Have the keepalive thread delete a key later."""
-        with self._lock:
-            self._abandoned.append(orphan)
+        """Have the keepalive thread delete a key later; see `Janitor.abandon`."""
+        self._janitor.abandon(orphan)
 
     def withdraw(self, orphan: Orphan) -> bool:
-        """Delete a key now, on the caller's thread; abandon it if that fails.
-
-        Takes at most `CLEANUP_TIMEOUT` (or the transport's timeout, if
-        shorter). It never waits for the keepalive thread: a key withdrawn
-        here is deleted here, whatever the janitor is doing.
-
-        Returns:
-            Whether etcd confirmed that the key is gone (or was not this
-            incarnation). False if it was handed to the keepalive thread.
-        """
-        request = self._delete_request(orphan)
-        try:
-            self._transport.txn(request, write=False, deadline=Deadline(CLEANUP_TIMEOUT))
-        except EtcdPatternsError as exc:
-            log.debug("key %r not withdrawn yet, left to the keepalive thread: %s", orphan.key, exc)
-            self.abandon(orphan)
-            return False
-        except BaseException:
-            self.abandon(orphan)  # a second Ctrl-C: let it through
-            raise
-        return True
-
-    def _delete_request(self, orphan: Orphan) -> Any:
-        if orphan.create_revision is not None:
-            return ops.delete_if_created(orphan.key, orphan.create_revision)
-        compare = [ops.compare_lease(orphan.key, "==", self.lease_id)]
-        if orphan.value is not None:
-            compare.append(ops.compare_value(orphan.key, "==", orphan.value))
-        return ops.txn(compare=compare, success=[ops.delete(orphan.key)], failure=[])
-
-    def delete_abandoned(self) -> None:
-        """Try once to delete every abandoned key; keep those etcd did not confirm.
-
-        Runs on the keepalive thread. Spends at most a third of the TTL, so
-        that a backlog never delays the next keepalive long enough to lose
-        the lease.
-        """
-        budget = Deadline(self.ttl / 3)
-        with self._lock:
-            pending, self._abandoned = self._abandoned, []
-        try:
-            while pending and not budget.expired():
-                request = self._delete_request(pending[-1])
-                try:
-                    self._transport.txn(request, write=False, deadline=budget)
-                except EtcdPatternsError as exc:
-                    log.debug("abandoned key %r not deleted yet: %s", pending[-1].key, exc)
-                    break
-                pending.pop()
-        finally:
-            with self._lock:
-                self._abandoned.extend(pending)
-
-    def borrow_slot(self) -> Slot:
-        """Take a bookkeeping key for one operation; `return_slot` gives it back."""
-        with self._lock:
-            if self._slots:
-                return self._slots.pop()
-            self._slot_count += 1
-            name = f"{self.lease_id:x}/{self._slot_count}"
-        return Slot(self._keyspace.internal("slots", name))
-
-    def return_slot(self, slot: Slot) -> None:
-        """Give back a slot whose ``token`` is known to be what etcd holds."""
-        with self._lock:
-            self._slots.append(slot)
+        """Delete a key now, or have the keepalive thread do it; see `Janitor.withdraw`."""
+        return self._janitor.withdraw(orphan)
 
     def _keep_alive(self) -> None:
         interval = max(self.ttl / 3, 0.5)
@@ -294,17 +214,50 @@ class Session:
                 return
             self.confirmed_until = sent + ttl
             wait = interval
-            if self._abandoned:
-                self.delete_abandoned()
+            if self._janitor.pending:
+                # Within a third of the TTL, so that a backlog never delays
+                # the next keepalive long enough to lose the lease.
+                self._janitor.sweep(Deadline(self.ttl / 3))
+            elif self._retire is not None:
+                checked = time.monotonic()
+                if self._idle(interval) and self._retire(self, checked):
+                    self.close()
+                    return
+
+    def _idle(self, interval: float) -> bool:
+        """Whether nobody asked for the session lately and its lease carries no pattern's key.
+
+        Asks etcd at most once per `IDLE_RETIREMENT`, and only then.
+        """
+        now = time.monotonic()
+        if now - self.last_used < IDLE_RETIREMENT or now - self._idle_checked < IDLE_RETIREMENT:
+            return False
+        self._idle_checked = now
+        try:
+            keys = self._transport.lease_keys(self.lease_id, deadline=Deadline(interval))
+        except EtcdPatternsError as exc:
+            log.debug("could not list the keys of lease %x: %s", self.lease_id, exc)
+            return False
+        return keys is not None and all(key.startswith(self.scratch_prefix) for key in keys)
+
+
+class _Grant:
+    """A lease grant in progress, that concurrent callers for its TTL wait on."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.session: Session | None = None
+        self.error: BaseException | None = None
 
 
 class Sessions:
-    """Creates sessions lazily, one per TTL, and replaces lost ones.
+    """Creates sessions lazily, one per TTL, replaces lost ones and retires idle ones.
 
     Args:
         transport: Sends the lease requests.
-        keyspace: Names the sessions' bookkeeping keys.
-        default_ttl: The TTL of the instance's own session.
+        keyspace: Names the sessions' scratch keys.
+        default_ttl: The TTL of the instance's own session, which is never
+            retired.
     """
 
     def __init__(self, transport: Transport, keyspace: Keyspace, default_ttl: int) -> None:
@@ -312,25 +265,84 @@ class Sessions:
         self._keyspace = keyspace
         self.default_ttl = default_ttl
         self._sessions: dict[int, Session] = {}
+        self._grants: dict[int, _Grant] = {}
         self._lock = threading.Lock()
         self._closed = False
         self._pid = os.getpid()
 
     def get(self, ttl: int | None = None) -> Session:
-        """The live session for ``ttl`` (default: the instance's), created if needed."""
+        """The live session for ``ttl`` (default: the instance's), created if needed.
+
+        The grant runs outside the lock that guards every TTL's session, so
+        a slow grant holds up only the callers that wait for the same TTL;
+        they share its outcome rather than each granting a lease.
+
+        Raises:
+            ClosedError: The instance is closed.
+            EtcdUnavailableError, PermissionDeniedError: The grant failed.
+        """
         ttl = self.default_ttl if ttl is None else ttl
         with self._lock:
             if self._closed:
                 raise ClosedError("this EtcdPatterns instance is closed")
             session = self._sessions.get(ttl)
             if session is not None and not session.lost.is_set():
+                session.last_used = time.monotonic()
                 return session
-            # Granting under the lock keeps concurrent callers from each
-            # creating a session; they wait for this one instead.
-            fresh = self._sessions[ttl] = Session(self._transport, self._keyspace, ttl)
+            grant = self._grants.get(ttl)
+            granting = grant is None
+            if grant is None:
+                grant = self._grants[ttl] = _Grant()
+        if not granting:
+            return self._await(grant)
+        try:
+            retire = None if ttl == self.default_ttl else self._retire
+            fresh = Session(self._transport, self._keyspace, ttl, retire=retire)
+        except BaseException as exc:
+            with self._lock:
+                del self._grants[ttl]
+            grant.error = exc
+            grant.done.set()
+            raise
+        with self._lock:
+            del self._grants[ttl]
+            closed = self._closed_meanwhile()
+            if not closed:
+                self._sessions[ttl] = fresh
+        grant.session = fresh
+        grant.done.set()
         if session is not None:
             session.close()
+        if closed:
+            fresh.close()
+            raise ClosedError("this EtcdPatterns instance is closed")
         return fresh
+
+    def _closed_meanwhile(self) -> bool:
+        # A method, so that the check made before the grant is not assumed
+        # to still hold after it.
+        return self._closed
+
+    def _await(self, grant: _Grant) -> Session:
+        # A grant takes at most the transport's timeout (then it fails).
+        if not grant.done.wait(self._transport.timeout + CLEANUP_TIMEOUT):
+            raise EtcdUnavailableError("a lease grant for this TTL did not finish in time")
+        if grant.session is not None:
+            return grant.session
+        error = grant.error
+        if isinstance(error, EtcdPatternsError):
+            # A copy: the same exception object must not unwind two threads.
+            raise copy.copy(error) from error
+        raise EtcdUnavailableError(f"the lease grant for this TTL failed: {error!r}") from error
+
+    def _retire(self, session: Session, since: float) -> bool:
+        """Forget an idle session, unless someone asked for it since ``since``."""
+        with self._lock:
+            if self._sessions.get(session.ttl) is not session or session.last_used >= since:
+                return False
+            del self._sessions[session.ttl]
+        log.debug("retiring idle session lease %x (ttl %ss)", session.lease_id, session.ttl)
+        return True
 
     def abandon(self, ttl: int | None, orphan: Orphan) -> None:
         """Hand a key, written under the session for ``ttl``, to that session to delete.

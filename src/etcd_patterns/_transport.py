@@ -208,6 +208,16 @@ class Transport:
         ttl: int = response.TTL
         return ttl
 
+    def lease_keys(self, lease_id: int, *, deadline: Deadline | None = None) -> list[bytes] | None:
+        """The keys a lease carries; None if the lease does not exist."""
+        request = etcdrpc.LeaseTimeToLiveRequest(ID=lease_id, keys=True)
+        response = self._unary(
+            etcdrpc.LeaseStub, "LeaseTimeToLive", request, write=False, deadline=deadline
+        )
+        if response.TTL <= 0:
+            return None
+        return list(response.keys)
+
     def watch(self, creates: Sequence[Any], *, timeout: float) -> Generator[Any, None, None]:
         """Stream the responses of one watch stream, for at most ``timeout``.
 

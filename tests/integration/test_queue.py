@@ -730,7 +730,7 @@ def test_cleaning_up_a_failed_claim_never_deletes_a_later_claim_on_the_item(
         claiming = faulty.claim("q", timeout=5)
         item = claiming.__enter__()
         session = item._session
-        wait_until(lambda: not session._abandoned)  # the janitor has run
+        wait_until(lambda: not session._janitor.pending)  # the janitor has run
         assert raw.count(".etcd-patterns/claims/") == 1  # the new claim is still there
         claiming.__exit__(None, None, None)  # and acks: no ClaimLostError
     client.close()

@@ -1,0 +1,141 @@
+"""Deleting keys a pattern is done with, now or as soon as etcd answers.
+
+A waiter that gives up, a claim released or let go, a lock released while
+etcd is away: each leaves a key, on a session lease, that must go. Left
+alone it would stay for as long as the process lives, since the session's
+keepalive keeps its lease, and it would hold up others (a contender ahead
+of every later waiter, a claimed item that nobody can see).
+
+Protocol:
+
+* `Janitor.withdraw` deletes a key at once, on the caller's thread, in one
+  round trip bounded by `CLEANUP_TIMEOUT`.
+* A key that could not be deleted (etcd away, or the delete interrupted) is
+  kept in a backlog by `Janitor.abandon`; the session's keepalive thread
+  runs `Janitor.sweep` after each refresh, until etcd confirms every delete.
+
+Guarantees:
+
+* A delete never removes someone else's key: it requires the key's create
+  revision, when known, and otherwise this session's lease, plus the value
+  the write made unique to itself, when there is one (see `Orphan`).
+* A key withdrawn is gone before `withdraw` returns, whenever etcd answers
+  within `CLEANUP_TIMEOUT`; an abandoned one, within a refresh interval of
+  etcd answering again, while the process lives.
+* A sweep spends at most the budget it is given, so that a backlog never
+  delays a keepalive long enough to lose the lease.
+
+Cost: one round trip per key.
+
+Lease loss: keys on a lost lease are gone with it; deleting them again
+changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from . import _ops as ops
+from ._errors import EtcdPatternsError
+from ._retry import Deadline
+from ._transport import CLEANUP_TIMEOUT, Transport
+
+log = logging.getLogger("etcd_patterns")
+
+
+@dataclass(frozen=True)
+class Orphan:
+    """A key this session wrote and means to delete, and how to tell it is still ours.
+
+    Attributes:
+        key: The etcd key.
+        create_revision: Delete it only if it is this incarnation; None if
+            the revision is unknown (a write whose answer never came).
+        value: With no revision: delete it only if it still holds this
+            value, which the write made unique to itself. Without either,
+            the key's name must be unique to the write.
+
+    A key of unknown revision is deleted only while it carries this
+    session's lease, too.
+    """
+
+    key: bytes
+    create_revision: int | None = None
+    value: bytes | None = None
+
+
+class Janitor:
+    """Deletes the keys of one session's lease that their patterns are done with.
+
+    Args:
+        transport: Sends the deletes.
+        lease_id: The session lease that keys of unknown revision carry.
+    """
+
+    def __init__(self, transport: Transport, lease_id: int) -> None:
+        self._transport = transport
+        self._lease_id = lease_id
+        self._backlog: list[Orphan] = []
+        self._lock = threading.Lock()
+
+    @property
+    def pending(self) -> int:
+        """How many abandoned keys are still to be deleted."""
+        with self._lock:
+            return len(self._backlog)
+
+    def abandon(self, orphan: Orphan) -> None:
+        """Have the next sweep delete a key."""
+        with self._lock:
+            self._backlog.append(orphan)
+
+    def withdraw(self, orphan: Orphan) -> bool:
+        """Delete a key now, on the caller's thread; abandon it if that fails.
+
+        Takes at most `CLEANUP_TIMEOUT` (or the transport's timeout, if
+        shorter). It never waits for a sweep: a key withdrawn here is
+        deleted here, whatever the backlog holds.
+
+        Returns:
+            Whether etcd confirmed that the key is gone (or was not this
+            incarnation). False if it was left to the sweep.
+        """
+        request = self._delete_request(orphan)
+        try:
+            self._transport.txn(request, write=False, deadline=Deadline(CLEANUP_TIMEOUT))
+        except EtcdPatternsError as exc:
+            log.debug("key %r not withdrawn yet, left to the keepalive thread: %s", orphan.key, exc)
+            self.abandon(orphan)
+            return False
+        except BaseException:
+            self.abandon(orphan)  # a second Ctrl-C: let it through
+            raise
+        return True
+
+    def sweep(self, budget: Deadline) -> None:
+        """Try once to delete every abandoned key; keep those etcd did not confirm."""
+        with self._lock:
+            pending, self._backlog = self._backlog, []
+        try:
+            while pending and not budget.expired():
+                request = self._delete_request(pending[-1])
+                try:
+                    self._transport.txn(request, write=False, deadline=budget)
+                except EtcdPatternsError as exc:
+                    log.debug("abandoned key %r not deleted yet: %s", pending[-1].key, exc)
+                    break
+                pending.pop()
+        finally:
+            with self._lock:
+                self._backlog.extend(pending)
+
+    def _delete_request(self, orphan: Orphan) -> Any:
+        if orphan.create_revision is not None:
+            return ops.delete_if_created(orphan.key, orphan.create_revision)
+        compare = [ops.compare_lease(orphan.key, "==", self._lease_id)]
+        if orphan.value is not None:
+            compare.append(ops.compare_value(orphan.key, "==", orphan.value))
+        return ops.txn(compare=compare, success=[ops.delete(orphan.key)], failure=[])
