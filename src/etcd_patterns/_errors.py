@@ -332,8 +332,11 @@ def _translate_status(
     code: grpc.StatusCode | None, details: str, *, where: str, write: bool
 ) -> EtcdPatternsError:
     name = code.name if code is not None else "UNKNOWN"
-    if any(sign in details for sign in _TLS_FAILURES):
+    if any(sign in details for sign in _TLS_FAILURES) and never_sent(code, details):
         # A certificate problem does not go away by itself: say so at once.
+        # Only when no connection was made, though: TLS wording on a
+        # connection that broke after a write went out proves nothing about
+        # the write, which falls to the ambiguity rules below.
         return PermissionDeniedError(
             f"TLS handshake with etcd at {where} failed (check ca_cert, cert_key and "
             f"cert_cert): {details}"

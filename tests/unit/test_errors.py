@@ -56,6 +56,10 @@ U = grpc.StatusCode
             True,
             PermissionDeniedError,
         ),
+        # TLS wording from a connection that broke mid-request is no
+        # certificate problem: a write may have applied, a read is retried.
+        (U.UNAVAILABLE, "Socket closed (SSL_ERROR_SYSCALL)", True, OutcomeUnknownError),
+        (U.UNAVAILABLE, "Socket closed (SSL_ERROR_SYSCALL)", False, EtcdUnavailableError),
         (U.UNAVAILABLE, "etcdserver: leader changed", True, OutcomeUnknownError),
         (U.DEADLINE_EXCEEDED, "Deadline Exceeded", True, OutcomeUnknownError),
         (U.UNAVAILABLE, "etcdserver: request timed out", True, OutcomeUnknownError),
