@@ -26,7 +26,10 @@ Lease loss: a transaction that puts the slot under an expired lease fails as
 a whole, so nothing is applied, and `commit` retries on a fresh session. If
 the lease was lost while the outcome was unknown, the slot's evidence is gone
 with it, and `OutcomeUnknownError` is raised: the one case this protocol
-cannot decide.
+cannot decide. So it is when etcd refuses the resolving transaction (the
+instance was closed meanwhile, or the role lost its permission): the write
+may have applied, so the refusal becomes the cause of an
+`OutcomeUnknownError`, never an error that would say nothing was done.
 
 Interruption: if the caller's thread is interrupted while the write is in
 flight (Ctrl-C, or another exception raised by a signal handler), the write

@@ -14,9 +14,11 @@ from typing import Any
 import pytest
 
 from etcd_patterns import (
+    ClosedError,
     EtcdPatterns,
     EtcdUnavailableError,
     OutcomeUnknownError,
+    PermissionDeniedError,
     ValueTooLargeError,
 )
 from etcd_patterns.testing import EtcdCluster, ExternalEtcd
@@ -127,6 +129,38 @@ def test_lost_answer_and_lost_lease_is_reported_not_guessed(
         faulty.transform("n", incr)
     assert raw.value("n") == b"1"  # applied: the library said it could not tell, not "failed"
     assert faulty.transform("n", incr) == "2"  # a fresh session carries on
+
+
+@pytest.mark.parametrize("refusal", ["closed", "permission denied"])
+def test_a_refused_resolution_is_an_unknown_outcome_with_the_refusal_as_cause(
+    etcd: EtcdCluster | ExternalEtcd, namespace: str, raw: Raw, refusal: str
+) -> None:
+    # Closing the instance, or losing the right to read the slot, while a
+    # write's answer is lost leaves its outcome unknown: it did apply here,
+    # so ClosedError or PermissionDeniedError ("this call did nothing")
+    # would mislead. The refusal is kept as the cause.
+    faults = Faults(namespace, ["lose-response"])
+    client = client_with_faults(etcd.endpoints, faults.injector)
+    raw.put("n", "0")
+    with EtcdPatterns(client, namespace=namespace) as patterns:
+        patterns._sessions.get()  # granted before the fault
+
+        def refuse(request: Any) -> None:
+            if refusal == "closed":
+                client.close()
+            else:
+
+                def denied(*args: Any, **kwargs: Any) -> Any:
+                    raise PermissionDeniedError("etcdserver: permission denied")
+
+                patterns._transport.txn = denied  # type: ignore[method-assign]
+
+        faults.injector.on_lost_response = refuse
+        with pytest.raises(OutcomeUnknownError) as info:
+            patterns.transform("n", incr)
+        expected = ClosedError if refusal == "closed" else PermissionDeniedError
+        assert isinstance(info.value.__cause__, expected)
+    assert raw.value("n") == b"1"
 
 
 @pytest.mark.timeout(120)
