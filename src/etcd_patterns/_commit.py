@@ -38,6 +38,10 @@ transaction, bounded by the session's `CLEANUP_TIMEOUT`. Once it answers, a
 copy of the write that etcd receives late can never apply, so the caller
 can withdraw what the write may have created, by name, for good.
 
+Settling that fails (etcd away): the resolving transaction goes to the
+session's janitor, which sends it before it deletes any key, so that what
+the caller withdraws or abandons cannot be created again by a late copy.
+
 Cost: no extra round trip on the normal path. The slot adds one compare and
 one put to the caller's transaction. Resolution costs one more round trip.
 
@@ -301,7 +305,12 @@ def _resolve(
     except LeaseNotFoundError as exc:
         session.mark_lost("etcd no longer knows it")
         raise OutcomeUnknownError(f"{cause}; the session lease that could tell is gone") from exc
-    except Exception as exc:
+    except BaseException as exc:
+        # etcd may still receive the write, late: have the session shut it
+        # out before it deletes anything the caller gives up on.
+        session.settle_later(request)
+        if not isinstance(exc, Exception):
+            raise
         raise OutcomeUnknownError(f"{cause}; and settling it failed: {exc}") from exc
     if response.succeeded:
         slot.token = token.decode("ascii")

@@ -13,6 +13,12 @@ Protocol:
 * A key that could not be deleted (etcd away, or the delete interrupted) is
   kept in a backlog by `Janitor.abandon`; the session's keepalive thread
   runs `Janitor.sweep` after each refresh, until etcd confirms every delete.
+* A write whose outcome could not be settled (see `_commit`) leaves a
+  resolving transaction with `Janitor.settle_first`. Until etcd has answered
+  every such transaction, no key is deleted: a late copy of the write,
+  which etcd may still receive and apply, could otherwise create the key
+  again after its delete, and leave it on a live lease with nobody to
+  delete it. Once answered, no copy of the write can ever apply.
 
 Guarantees:
 
@@ -79,13 +85,24 @@ class Janitor:
         self._transport = transport
         self._lease_id = lease_id
         self._backlog: list[Orphan] = []
+        self._unsettled: list[Any] = []
         self._lock = threading.Lock()
 
     @property
     def pending(self) -> int:
-        """How many abandoned keys are still to be deleted."""
+        """How many abandoned keys and unsettled writes are still to be dealt with."""
         with self._lock:
-            return len(self._backlog)
+            return len(self._backlog) + len(self._unsettled)
+
+    def settle_first(self, resolution: Any) -> None:
+        """Have a write's resolving transaction sent before any key is deleted.
+
+        Args:
+            resolution: A `TxnRequest` that is safe to send any number of
+                times, and that, once answered, shuts the write out.
+        """
+        with self._lock:
+            self._unsettled.append(resolution)
 
     def abandon(self, orphan: Orphan) -> None:
         """Have the next sweep delete a key."""
@@ -103,6 +120,13 @@ class Janitor:
             Whether etcd confirmed that the key is gone (or was not this
             incarnation). False if it was left to the sweep.
         """
+        with self._lock:
+            in_doubt = bool(self._unsettled)
+        if in_doubt:
+            # A write still in doubt may be what created this key: its
+            # resolution must come first, and etcd just failed to take it.
+            self.abandon(orphan)
+            return False
         request = self._delete_request(orphan)
         try:
             self._transport.txn(request, write=False, deadline=Deadline(CLEANUP_TIMEOUT))
@@ -116,7 +140,12 @@ class Janitor:
         return True
 
     def sweep(self, budget: Deadline) -> None:
-        """Try once to delete every abandoned key; keep those etcd did not confirm."""
+        """Try once to settle every write in doubt, then to delete every abandoned key.
+
+        Keeps what etcd did not confirm, for the next sweep.
+        """
+        if not self._settle(budget):
+            return
         with self._lock:
             pending, self._backlog = self._backlog, []
         try:
@@ -131,6 +160,23 @@ class Janitor:
         finally:
             with self._lock:
                 self._backlog.extend(pending)
+
+    def _settle(self, budget: Deadline) -> bool:
+        """Send the resolutions left to send, in order; whether none is left."""
+        with self._lock:
+            unsettled, self._unsettled = self._unsettled, []
+        try:
+            while unsettled and not budget.expired():
+                try:
+                    self._transport.txn(unsettled[0], write=False, deadline=budget)
+                except EtcdPatternsError as exc:
+                    log.debug("a write in doubt is not settled yet: %s", exc)
+                    break
+                unsettled.pop(0)
+        finally:
+            with self._lock:
+                self._unsettled[:0] = unsettled
+        return not unsettled
 
     def _delete_request(self, orphan: Orphan) -> Any:
         if orphan.create_revision is not None:

@@ -45,6 +45,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
+from typing import Any
 
 from ._errors import (
     ClosedError,
@@ -191,6 +192,10 @@ class Session:
     def withdraw(self, orphan: Orphan) -> bool:
         """Delete a key now, or have the keepalive thread do it; see `Janitor.withdraw`."""
         return self._janitor.withdraw(orphan)
+
+    def settle_later(self, resolution: Any) -> None:
+        """Shut out a write in doubt before any key is deleted; see `Janitor.settle_first`."""
+        self._janitor.settle_first(resolution)
 
     def _keep_alive(self) -> None:
         interval = max(self.ttl / 3, 0.5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -9,7 +10,7 @@ import pytest
 
 from etcd_patterns import EtcdPatterns
 from etcd_patterns.testing import EtcdCluster, ExternalEtcd
-from tests.helpers import FaultInjector, Raw, client_with_faults, wait_until
+from tests.helpers import FaultInjector, LostResponse, Raw, client_with_faults, wait_until
 
 TXN = "/etcdserverpb.KV/Txn"
 
@@ -177,6 +178,52 @@ def test_ctrl_c_before_etcd_received_the_registration_shuts_out_its_late_copy(
         assert not late.succeeded  # settled before the interruption went on
         assert raw.count("L/") == 1
     assert raw.count("L/") == 0
+
+
+def test_ctrl_c_with_etcd_away_shuts_out_the_late_copy_before_withdrawing(
+    etcd: EtcdCluster | ExternalEtcd,
+    namespace: str,
+    patterns: EtcdPatterns,
+    raw: Raw,
+) -> None:
+    # Ctrl-C while the registration is in flight, and etcd away for longer
+    # than the settling may take: the write stays in doubt. Its late copy
+    # must never create the key after the key was withdrawn, or a contender
+    # that nobody owns would sit on a live lease, ahead of everyone.
+    away = threading.Event()
+    held: list[str] = []
+
+    def plan(method: str, request: Any) -> str:
+        if method != TXN:
+            return "pass"
+        if touches_lock(request, "request_put") and not held:
+            held.append("registration")
+            interceptor.error = KeyboardInterrupt
+            away.set()
+            return "hold"
+        if away.is_set() and any(b".etcd-patterns/slots/" in c.key for c in request.compare):
+            held.append("resolution")
+            interceptor.error = LostResponse
+            return "hold"
+        return "pass"
+
+    interceptor = FaultInjector(plan)
+    client = client_with_faults(etcd.endpoints, interceptor)
+    with EtcdPatterns(client, namespace=namespace) as faulty, patterns.locked("L"):
+        with pytest.raises(KeyboardInterrupt):
+            faulty.lock("L", lambda: None)
+        assert held[0] == "registration"
+        assert "resolution" in held  # settling was tried, and etcd did not answer
+        away.clear()
+        janitor = faulty._sessions.get()._janitor
+        wait_until(lambda: janitor.pending == 0)  # settled, then withdrawn
+        continuation, details, request = interceptor.held[0]
+        late = continuation(details._replace(timeout=10.0), request).result()
+        assert not late.succeeded  # the late copy of the registration is shut out
+        assert raw.count("L/") == 1  # only the holder's key
+    client.close()
+    assert raw.count("L/") == 0
+    assert patterns.try_lock("L", lambda: "free").acquired
 
 
 def _checks_a_turn(request: Any) -> bool:
