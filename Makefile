@@ -53,11 +53,12 @@ demo: $(STAMP) $(ETCD_STAMP)
 bench: $(STAMP) $(ETCD_STAMP)
 	$(WITH_ETCD) $(BIN)/python -m benchmarks.run $(BENCH_ARGS)
 
-## torture: a long nemesis campaign; SEEDS=1-30 DURATION=60 by default, table in docs/reliability.md
+## torture: a long nemesis campaign; SEEDS=1-30 DURATION=60 JOBS=1 by default, table in docs/reliability.md
 SEEDS ?= 1-30
 DURATION ?= 60
+JOBS ?= 1
 torture: $(STAMP) $(ETCD_STAMP)
-	$(WITH_ETCD) $(BIN)/python -m tests.nemesis.campaign --seeds $(SEEDS) --duration $(DURATION) --write-docs
+	$(WITH_ETCD) $(BIN)/python -m tests.nemesis.campaign --seeds $(SEEDS) --duration $(DURATION) --jobs $(JOBS) --write-docs
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache site

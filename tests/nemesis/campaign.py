@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -212,23 +213,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default="1-3", help="e.g. 1-30 or 4,7")
     parser.add_argument("--duration", type=float, default=20.0, help="seconds per run")
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="runs at once, each on a cluster of its own"
+    )
     parser.add_argument("--write-docs", action="store_true", help="update docs/reliability.md")
     args = parser.parse_args(argv)
+    plan = [(w, seed) for seed in _seeds(args.seeds) for w in args.workloads.split(",")]
     runs: list[Run] = []
-    for seed in _seeds(args.seeds):
-        for workload in args.workloads.split(","):
-            result = run(workload, seed, args.duration)
+    # Threads are enough: a run spends its time waiting on its processes.
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        futures = [pool.submit(run, workload, seed, args.duration) for workload, seed in plan]
+        for future in as_completed(futures):
+            result = future.result()
             runs.append(result)
-            print(
-                f"seed {seed:3d} {workload:8s} ops {result.operations['total']:6d} "
-                f"unknown {result.unknown:3d} faults {sum(result.faults.values()):3d} "
-                f"violations {len(result.violations)} worst overrun {result.worst_overrun:+.2f}s",
-                flush=True,
-            )
-            if result.violations:
-                print(f"history kept in {result.history}")
-                print("\n".join(["schedule:", *result.schedule, "violations:"]))
-                print("\n".join(result.violations[:20]))
+            _report(result)
+    runs.sort(key=lambda r: (r.seed, r.workload))
     summary = table(runs)
     print(summary)
     if args.write_docs:
@@ -236,13 +235,26 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if any(r.violations for r in runs) else 0
 
 
+def _report(result: Run) -> None:
+    print(
+        f"seed {result.seed:3d} {result.workload:8s} ops {result.operations['total']:6d} "
+        f"unknown {result.unknown:3d} faults {sum(result.faults.values()):3d} "
+        f"violations {len(result.violations)} worst overrun {result.worst_overrun:+.2f}s",
+        flush=True,
+    )
+    if result.violations:
+        print(f"history kept in {result.history}")
+        print("\n".join(["schedule:", *result.schedule, "violations:"]))
+        print("\n".join(result.violations[:20]), flush=True)
+
+
 def _write_docs(summary: str, args: argparse.Namespace) -> None:
     path = Path(__file__).resolve().parents[2] / "docs" / "reliability.md"
     text = path.read_text()
     start, end = text.index(DOCS_BEGIN), text.index(DOCS_END)
     block = (
-        f"{DOCS_BEGIN}\n`make torture SEEDS={args.seeds} DURATION={args.duration:g}` "
-        f"(workloads: {args.workloads}):\n\n{summary}\n"
+        f"{DOCS_BEGIN}\n`make torture SEEDS={args.seeds} DURATION={args.duration:g} "
+        f"JOBS={args.jobs}` (workloads: {args.workloads}):\n\n{summary}\n"
     )
     path.write_text(text[:start] + block + text[end:])
 
