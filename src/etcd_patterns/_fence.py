@@ -22,8 +22,9 @@ Cost: a guard adds one compare (and, on failure, one keys-only read) to the
 guarded transaction; `Fence.is_owner` is one round trip.
 
 Lease loss: when the holder's session lease is lost, etcd deletes the key,
-so the fence falls by itself; `Fence.lost` is set once the session learns
-of it.
+so the fence falls by itself; `Fence.lost` is set once etcd tells the
+session so. While etcd cannot be reached, nobody can tell: `lost` stays
+clear, and `Fence.confirmed_until` says until when the hold was certain.
 """
 
 from __future__ import annotations
@@ -65,6 +66,18 @@ class Fence:
     def lost(self) -> threading.Event:
         """Set when the session lease that carries the holder's key is lost."""
         return self._session.lost
+
+    @property
+    def confirmed_until(self) -> float:
+        """The `time.monotonic` instant until which etcd surely holds the holder's lease.
+
+        It moves forward with every refresh that etcd confirms, about every
+        third of the TTL. `lost` is set only when etcd says the lease is
+        gone; a holder cut off from etcd (or paused) past this instant may
+        already have lost its hold without knowing it. Check it before an
+        action that no guard or fencing token can protect.
+        """
+        return self._session.confirmed_until
 
     def is_owner(self) -> bool:
         """Ask etcd whether the holder's key still exists: one round trip."""

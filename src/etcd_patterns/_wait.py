@@ -41,6 +41,7 @@ waiting when its session is lost says so in ``watch``, by returning None.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Protocol, TypeVar
 
@@ -53,6 +54,8 @@ from ._transport import Transport
 RECHECK_INTERVAL = 5.0
 
 _PERMISSION_DENIED = "permission denied"
+# How long to pause after a watch stream that failed before watching.
+_BROKEN_PAUSE = 0.05
 
 
 class Observed(Protocol):
@@ -119,12 +122,25 @@ def wait(
             state = read()
             continue
         refused = None
+        if isinstance(outcome, _Broken):
+            # The stream failed before it watched anything (a member that
+            # serves reads but not watches, say): pause briefly, so that a
+            # stream that keeps failing at once is not a spin.
+            time.sleep(min(_BROKEN_PAUSE, deadline.remaining() or _BROKEN_PAUSE))
+            outcome = None
         state = read() if outcome is None else outcome
     return state
 
 
 class _Refused(NamedTuple):
     reason: str
+
+
+class _Broken:
+    """A watch stream that ended before it watched anything."""
+
+
+_BROKEN = _Broken()
 
 
 def _watch_once(
@@ -135,8 +151,11 @@ def _watch_once(
     window: float,
     read: Callable[[], S],
     watch: Callable[[S], Watch | None],
-) -> S | _Refused | None:
-    """One watch stream: a fresher state, a refusal, or None to read again."""
+) -> S | _Refused | _Broken | None:
+    """One watch stream: a fresher state, a refusal, or None to read again.
+
+    `_BROKEN` if the stream ended before every watch was created.
+    """
     created = 0
     with contextlib.closing(transport.watch(waiting.creates, timeout=window)) as responses:
         for response in responses:
@@ -158,4 +177,4 @@ def _watch_once(
                 continue
             if any(waiting.accept(event) for event in response.events):
                 return None
-    return None
+    return None if created == len(waiting.creates) else _BROKEN

@@ -11,7 +11,8 @@ import grpc
 import pytest
 from etcd3 import etcdrpc
 
-from etcd_patterns import EtcdPatterns, EtcdUnavailableError, OutcomeUnknownError
+from etcd_patterns import EtcdPatterns, EtcdUnavailableError, LockLostError, OutcomeUnknownError
+from etcd_patterns._connect import _CHANNEL_OPTIONS
 from etcd_patterns.testing import EtcdCluster, FaultProxy
 from tests.helpers import Raw
 
@@ -104,3 +105,32 @@ def test_a_reset_cuts_a_waiting_watch_which_is_made_again(
         raw.put("q/1", "after the reset")
         consumer.join(timeout=20)
         assert got == ["after the reset"]
+
+
+@pytest.mark.timeout(60)
+def test_a_holder_cut_off_from_etcd_is_in_doubt_until_etcd_says_it_lost(
+    proxied: FaultProxy, namespace: str
+) -> None:
+    ttl, timeout = 3, 1.0
+    with EtcdPatterns.connect(proxied.endpoint, namespace=namespace, timeout=timeout) as etcd:
+        holding = etcd.locked("L", ttl=ttl)
+        held = holding.__enter__()
+        assert time.monotonic() < held.confirmed_until
+        proxied.blackhole()
+        threading.Event().wait(ttl + 1)  # let the lease's TTL run out in etcd
+        assert proxied.stats["bytes swallowed"] > 0
+        # Only etcd can say the lease is gone, and it cannot be asked: the
+        # hold is in doubt, not lost.
+        assert not held.lost.is_set()
+        assert held.confirmed_until < time.monotonic()
+        proxied.heal()
+        # The next refresh (retried every half second) hears it from etcd,
+        # once the connection is usable again: the blackhole swallowed bytes
+        # of it, and gRPC's keepalive may have to find it dead first.
+        options = dict(_CHANNEL_OPTIONS)
+        keepalive = (
+            options["grpc.keepalive_time_ms"] + options["grpc.keepalive_timeout_ms"]
+        ) / 1000
+        assert held.lost.wait(keepalive + 0.5 + timeout + 2)
+        with pytest.raises(LockLostError):
+            holding.__exit__(None, None, None)
