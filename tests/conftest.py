@@ -42,14 +42,6 @@ def etcd(etcd_server: EtcdCluster | ExternalEtcd) -> EtcdCluster | ExternalEtcd:
 
 
 @pytest.fixture
-def local_etcd(etcd: EtcdCluster | ExternalEtcd) -> EtcdCluster:
-    """The shared etcd, for tests that need to signal its processes."""
-    if not isinstance(etcd, EtcdCluster):
-        pytest.skip("needs an etcd started by the harness, not ETCD_ENDPOINTS")
-    return etcd
-
-
-@pytest.fixture
 def namespace(etcd_namespace: str) -> str:
     """A key prefix no other test uses."""
     return etcd_namespace

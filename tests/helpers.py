@@ -156,6 +156,24 @@ def client_with_faults(endpoints: Sequence[str], injector: FaultInjector) -> Any
     return client
 
 
+# etcd revokes expired leases in a sweep every 500 ms (its lessor's
+# revokeExpiredLeases loop).
+ETCD_EXPIRY_SWEEP = 0.5
+# What a loaded 2-core machine may add to a wake-up: a watch event delivered,
+# a thread scheduled, one read.
+SCHEDULING_GRACE = 1.0
+
+
+def freed_within(ttl: float) -> float:
+    """The longest from a holder's SIGKILL until a waiter has what it held.
+
+    At the kill, the holder's lease has at most ``ttl`` left (its last
+    refresh reset it to ``ttl``); etcd deletes its keys at the next sweep
+    after that; the waiter then wakes on its watch.
+    """
+    return ttl + ETCD_EXPIRY_SWEEP + SCHEDULING_GRACE
+
+
 def wait_until(condition: Callable[[], bool], *, timeout: float = 20.0) -> None:
     """Re-check ``condition`` every 10 ms until it holds; fail after ``timeout``.
 

@@ -33,6 +33,7 @@ of these, always raised ``from`` the original so the cause stays visible.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import grpc
@@ -61,6 +62,7 @@ __all__ = [
     "QuotaExceededError",
     "ValueDecodeError",
     "ValueTooLargeError",
+    "forked",
     "translate",
 ]
 
@@ -98,6 +100,15 @@ class ForkedProcessError(EtcdPatternsError, RuntimeError):
     fork-safe) and its session lease (whose locks and claims are the
     parent's), so it must make an instance of its own.
     """
+
+
+def forked(parent: int) -> ForkedProcessError:
+    """The error for an instance made in process ``parent`` and used in a child."""
+    return ForkedProcessError(
+        f"this EtcdPatterns instance was made in process {parent}, which forked "
+        f"this one ({os.getpid()}); make a new instance in each process after the "
+        "fork (see docs/reliability.md, 'Processes and fork')"
+    )
 
 
 class KeyNotFoundError(EtcdPatternsError, KeyError):

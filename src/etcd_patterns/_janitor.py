@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import _ops as ops
-from ._errors import EtcdPatternsError
+from ._errors import ClosedError, EtcdPatternsError, EtcdUnavailableError
 from ._retry import Deadline
 from ._transport import CLEANUP_TIMEOUT, Transport
 
@@ -113,23 +113,21 @@ class Janitor:
         """Delete a key now, on the caller's thread; abandon it if that fails.
 
         Takes at most `CLEANUP_TIMEOUT` (or the transport's timeout, if
-        shorter). It never waits for a sweep: a key withdrawn here is
-        deleted here, whatever the backlog holds.
+        shorter), in which it first sends any resolution still pending (one
+        may be for the write that created this key) and then the delete. It
+        never waits for a sweep: a key withdrawn here is deleted here,
+        whatever the backlog holds.
 
         Returns:
             Whether etcd confirmed that the key is gone (or was not this
             incarnation). False if it was left to the sweep.
         """
-        with self._lock:
-            in_doubt = bool(self._unsettled)
-        if in_doubt:
-            # A write still in doubt may be what created this key: its
-            # resolution must come first, and etcd just failed to take it.
-            self.abandon(orphan)
-            return False
-        request = self._delete_request(orphan)
+        deadline = Deadline(CLEANUP_TIMEOUT)
         try:
-            self._transport.txn(request, write=False, deadline=Deadline(CLEANUP_TIMEOUT))
+            if not self._settle(deadline):
+                self.abandon(orphan)
+                return False
+            self._transport.txn(self._delete_request(orphan), write=False, deadline=deadline)
         except EtcdPatternsError as exc:
             log.debug("key %r not withdrawn yet, left to the keepalive thread: %s", orphan.key, exc)
             self.abandon(orphan)
@@ -147,6 +145,10 @@ class Janitor:
         if not self._settle(budget):
             return
         with self._lock:
+            if self._unsettled:
+                # Another thread left a write in doubt meanwhile; the key it
+                # abandoned may be one of these.
+                return
             pending, self._backlog = self._backlog, []
         try:
             while pending and not budget.expired():
@@ -162,21 +164,31 @@ class Janitor:
                 self._backlog.extend(pending)
 
     def _settle(self, budget: Deadline) -> bool:
-        """Send the resolutions left to send, in order; whether none is left."""
-        with self._lock:
-            unsettled, self._unsettled = self._unsettled, []
-        try:
-            while unsettled and not budget.expired():
-                try:
-                    self._transport.txn(unsettled[0], write=False, deadline=budget)
-                except EtcdPatternsError as exc:
-                    log.debug("a write in doubt is not settled yet: %s", exc)
-                    break
-                unsettled.pop(0)
-        finally:
+        """Send the resolutions still pending, oldest first; whether none is left.
+
+        A resolution leaves the list only once etcd has answered it, so that
+        no other thread sees the list empty while one is in flight. Sending
+        one twice, from two threads, is harmless.
+        """
+        while not budget.expired():
             with self._lock:
-                self._unsettled[:0] = unsettled
-        return not unsettled
+                if not self._unsettled:
+                    return True
+                resolution = self._unsettled[0]
+            try:
+                self._transport.txn(resolution, write=False, deadline=budget)
+            except (EtcdUnavailableError, ClosedError) as exc:
+                log.debug("a write in doubt is not settled yet: %s", exc)
+                return False
+            except EtcdPatternsError as exc:
+                # Refused for good (the lease is gone, and the slot with it;
+                # or the role lost its permission): waiting cannot help, and
+                # must not hold up every later delete.
+                log.warning("giving up settling a write in doubt: %s", exc)
+            with self._lock:
+                # By identity: another thread may have settled it first.
+                self._unsettled = [r for r in self._unsettled if r is not resolution]
+        return False
 
     def _delete_request(self, orphan: Orphan) -> Any:
         if orphan.create_revision is not None:

@@ -53,6 +53,7 @@ from ._errors import (
     EtcdUnavailableError,
     InvalidArgumentError,
     InvalidTypeError,
+    forked,
 )
 from ._janitor import Janitor, Orphan
 from ._keys import Keyspace
@@ -235,7 +236,10 @@ class Session:
         Asks etcd at most once per `IDLE_RETIREMENT`, and only then.
         """
         now = time.monotonic()
-        if now - self.last_used < IDLE_RETIREMENT or now - self._idle_checked < IDLE_RETIREMENT:
+        # Longer than any one call may take: a write that got the session
+        # just before it went idle has landed, or failed, by then.
+        idle = max(IDLE_RETIREMENT, 2 * self._transport.timeout)
+        if now - self.last_used < idle or now - self._idle_checked < idle:
             return False
         self._idle_checked = now
         try:
@@ -287,6 +291,8 @@ class Sessions:
             EtcdUnavailableError, PermissionDeniedError: The grant failed.
         """
         ttl = self.default_ttl if ttl is None else ttl
+        if os.getpid() != self._pid:
+            raise forked(self._pid)
         with self._lock:
             if self._closed:
                 raise ClosedError("this EtcdPatterns instance is closed")
@@ -300,26 +306,38 @@ class Sessions:
                 grant = self._grants[ttl] = _Grant()
         if not granting:
             return self._await(grant)
+        fresh = self._grant(ttl, grant)
+        if session is not None:
+            session.close()
+        return fresh
+
+    def _grant(self, ttl: int, grant: _Grant) -> Session:
+        """Grant a session for ``ttl``, install it, and tell those waiting on ``grant``."""
+        fresh: Session | None = None
+        installed = False
         try:
             retire = None if ttl == self.default_ttl else self._retire
             fresh = Session(self._transport, self._keyspace, ttl, retire=retire)
-        except BaseException as exc:
             with self._lock:
-                del self._grants[ttl]
+                installed = not self._closed_meanwhile()
+                if installed:
+                    self._sessions[ttl] = fresh
+            if installed:
+                grant.session = fresh
+            else:
+                grant.error = ClosedError("this EtcdPatterns instance is closed")
+        except BaseException as exc:
             grant.error = exc
-            grant.done.set()
             raise
-        with self._lock:
-            del self._grants[ttl]
-            closed = self._closed_meanwhile()
-            if not closed:
-                self._sessions[ttl] = fresh
-        grant.session = fresh
-        grant.done.set()
-        if session is not None:
-            session.close()
-        if closed:
-            fresh.close()
+        finally:
+            # Whatever happened, no caller may wait on this grant for ever.
+            with self._lock:
+                if self._grants.get(ttl) is grant:
+                    del self._grants[ttl]
+            grant.done.set()
+            if fresh is not None and not installed:
+                fresh.close()
+        if fresh is None or not installed:
             raise ClosedError("this EtcdPatterns instance is closed")
         return fresh
 
@@ -338,7 +356,9 @@ class Sessions:
         if isinstance(error, EtcdPatternsError):
             # A copy: the same exception object must not unwind two threads.
             raise copy.copy(error) from error
-        raise EtcdUnavailableError(f"the lease grant for this TTL failed: {error!r}") from error
+        raise EtcdUnavailableError(
+            f"the lease grant for this TTL was interrupted ({error!r}); nothing was held"
+        ) from error
 
     def _retire(self, session: Session, since: float) -> bool:
         """Forget an idle session, unless someone asked for it since ``since``."""

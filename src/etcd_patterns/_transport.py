@@ -40,10 +40,10 @@ from etcd3 import etcdrpc
 from ._errors import (
     ClosedError,
     EtcdUnavailableError,
-    ForkedProcessError,
     LeaseNotFoundError,
     ValueTooLargeError,
     connection_failed,
+    forked,
     translate,
 )
 from ._retry import Deadline, retry_transient
@@ -356,11 +356,7 @@ class Transport:
 
     def _stub(self, stub_class: type[Any]) -> tuple[int, Any]:
         if self.forked:
-            raise ForkedProcessError(
-                f"this EtcdPatterns instance was made in process {self._pid}, which forked "
-                f"this one ({os.getpid()}); make a new instance in each process after the "
-                "fork (see docs/reliability.md, 'Processes and fork')"
-            )
+            raise forked(self._pid)
         with self._lock:
             if self._closed:
                 raise ClosedError("this EtcdPatterns instance is closed")

@@ -23,8 +23,11 @@ Guarantees:
 * No herd: a waiter watches only the keys its state names, so one change
   wakes only the waiters that care about it.
 * Bounded: the deadline is checked before every watch, and a watch never
-  outlives it. A watch that silently stopped delivering (a member that
-  hangs, a cut stream) costs at most `RECHECK_INTERVAL` before a fresh read.
+  outlives it; the wait then ends with at most one more read, itself
+  bounded by the instance's timeout. A watch that silently stopped
+  delivering (a member that hangs, a cut stream) costs at most
+  `RECHECK_INTERVAL` before a fresh read, and streams that fail at once
+  are retried with a growing pause (50 ms, doubling to 1 s), not in a spin.
 * A refused watch is an error, not a spin: etcd refuses a watch by creating
   and cancelling it at once ("permission denied", which is also how it
   answers an expired auth token). The read that follows renews the token,
@@ -54,8 +57,10 @@ from ._transport import Transport
 RECHECK_INTERVAL = 5.0
 
 _PERMISSION_DENIED = "permission denied"
-# How long to pause after a watch stream that failed before watching.
+# How long to pause after a watch stream that failed before watching; the
+# pause doubles while streams keep failing, up to the maximum.
 _BROKEN_PAUSE = 0.05
+_BROKEN_PAUSE_MAX = 1.0
 
 
 class Observed(Protocol):
@@ -106,6 +111,7 @@ def wait(
             after a read it allowed.
     """
     refused: str | None = None
+    pause = _BROKEN_PAUSE
     while (waiting := watch(state)) is not None:
         remaining = deadline.remaining()
         if remaining == 0:
@@ -124,10 +130,14 @@ def wait(
         refused = None
         if isinstance(outcome, _Broken):
             # The stream failed before it watched anything (a member that
-            # serves reads but not watches, say): pause briefly, so that a
-            # stream that keeps failing at once is not a spin.
-            time.sleep(min(_BROKEN_PAUSE, deadline.remaining() or _BROKEN_PAUSE))
+            # serves reads but not watches, or is overloaded): back off, so
+            # that a stream that keeps failing at once is not a spin.
+            left = deadline.remaining()
+            time.sleep(pause if left is None else min(pause, left))
+            pause = min(2 * pause, _BROKEN_PAUSE_MAX)
             outcome = None
+        else:
+            pause = _BROKEN_PAUSE
         state = read() if outcome is None else outcome
     return state
 
@@ -162,7 +172,7 @@ def _watch_once(
             if response.canceled:
                 if _PERMISSION_DENIED in response.cancel_reason:
                     return _Refused(response.cancel_reason)
-                return None
+                return None if created == len(waiting.creates) else _BROKEN
             if response.compact_revision:
                 return None
             if response.created:

@@ -13,13 +13,13 @@ from etcd3 import etcdrpc
 
 from etcd_patterns import EtcdPatterns, EtcdUnavailableError, LockLostError, OutcomeUnknownError
 from etcd_patterns._connect import _CHANNEL_OPTIONS
-from etcd_patterns.testing import EtcdCluster, FaultProxy
+from etcd_patterns.testing import EtcdCluster, ExternalEtcd, FaultProxy
 from tests.helpers import Raw
 
 
 @pytest.fixture
-def proxied(local_etcd: EtcdCluster) -> Iterator[FaultProxy]:
-    host, port = local_etcd.endpoints[0].rsplit(":", 1)
+def proxied(etcd: EtcdCluster | ExternalEtcd) -> Iterator[FaultProxy]:
+    host, port = etcd.endpoints[0].rsplit(":", 1)
     with FaultProxy((host, int(port)), seed=1) as proxy:
         yield proxy
 

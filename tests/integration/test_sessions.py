@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import threading
+from collections.abc import Iterator
 from types import FrameType
 from typing import Any
 
@@ -11,55 +12,69 @@ import pytest
 
 import etcd_patterns._session as session_module
 from etcd_patterns import EtcdPatterns, EtcdUnavailableError
+from etcd_patterns import _ops as ops
+from etcd_patterns._janitor import Janitor, Orphan
+from etcd_patterns._retry import Deadline
 from etcd_patterns._transport import CLEANUP_TIMEOUT
-from tests.helpers import wait_until
+from etcd_patterns.testing import EtcdCluster, ExternalEtcd
+from tests.helpers import Raw, wait_until
 
-# A lease of 3 s is refreshed every second; with IDLE, a session idle for
-# IDLE is retired at the next refresh after the next idle check.
+# A lease of 3 s is refreshed every second. A session is idle after
+# IDLE_RETIREMENT, or twice the instance's timeout if that is longer; with
+# IDLE and QUICK, after IDLE. It is retired at the next refresh after the
+# next idle check.
 TTL = 3
 REFRESH = TTL / 3
 IDLE = 1.0
+QUICK = IDLE / 2
 RETIRED_WITHIN = 2 * IDLE + 2 * REFRESH + CLEANUP_TIMEOUT
+
+
+@pytest.fixture
+def quick(etcd: EtcdCluster | ExternalEtcd, namespace: str) -> Iterator[EtcdPatterns]:
+    """An instance whose requests time out after QUICK seconds."""
+    with EtcdPatterns.connect(etcd.endpoints, namespace=namespace, timeout=QUICK) as instance:
+        yield instance
 
 
 @pytest.mark.timeout(60)
 def test_an_idle_session_of_another_ttl_is_retired(
-    patterns: EtcdPatterns, monkeypatch: pytest.MonkeyPatch
+    quick: EtcdPatterns, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(session_module, "IDLE_RETIREMENT", IDLE)
-    patterns.transform("k", lambda v: "1", default="")
-    own = patterns._sessions.get()
-    with patterns.locked("L", ttl=TTL) as held:
+    quick.transform("k", lambda v: "1", default="")
+    own = quick._sessions.get()
+    with quick.locked("L", ttl=TTL) as held:
         lease = held.lease_id
     assert lease != own.lease_id
-    transport = patterns._transport
+    transport = quick._transport
     wait_until(lambda: transport.lease_time_to_live(lease) == -1, timeout=RETIRED_WITHIN)
-    assert TTL not in patterns._sessions._sessions
+    assert TTL not in quick._sessions._sessions
     assert transport.lease_time_to_live(own.lease_id) > 0  # the instance's own is kept
-    with patterns.locked("L", ttl=TTL) as again:  # a new one when needed again
+    with quick.locked("L", ttl=TTL) as again:  # a new one when needed again
         assert again.lease_id != lease
         assert again.is_owner()
 
 
 @pytest.mark.timeout(60)
 def test_a_session_whose_lease_carries_a_key_is_not_retired(
-    patterns: EtcdPatterns, monkeypatch: pytest.MonkeyPatch
+    quick: EtcdPatterns, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(session_module, "IDLE_RETIREMENT", IDLE)
     checks = threading.Semaphore(0)
-    original = patterns._transport.lease_keys
+    original = quick._transport.lease_keys
 
     def lease_keys(*args: Any, **kwargs: Any) -> Any:
         keys = original(*args, **kwargs)
         checks.release()
         return keys
 
-    monkeypatch.setattr(patterns._transport, "lease_keys", lease_keys)
-    with patterns.locked("L", ttl=TTL) as held:
+    monkeypatch.setattr(quick._transport, "lease_keys", lease_keys)
+    with quick.locked("L", ttl=TTL) as held:
         for _ in range(2):  # two idle checks, each of which found the lock's key
             assert checks.acquire(timeout=RETIRED_WITHIN)
         assert held.is_owner()
-        assert patterns._sessions._sessions[TTL].lease_id == held.lease_id
+        assert quick._sessions._sessions[TTL].lease_id == held.lease_id
         assert not held.lost.is_set()
 
 
@@ -140,3 +155,71 @@ def test_callers_waiting_on_a_failed_grant_share_its_error(
     assert [type(e) for e in errors] == [EtcdUnavailableError, EtcdUnavailableError]
     assert errors[0] is not errors[1]
     assert patterns._sessions._grants == {}
+
+
+# -- the janitor ------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_no_key_is_deleted_while_a_write_left_in_doubt_meanwhile_is_unsettled(
+    patterns: EtcdPatterns, namespace: str, raw: Raw
+) -> None:
+    # The keepalive thread's sweep is settling an older write in doubt when
+    # another thread leaves one more in doubt and abandons the key that
+    # write may have created. The sweep must not delete that key before the
+    # newer resolution is answered: a late copy of the write could create it
+    # again, on a live lease, with nobody left to delete it.
+    transport = patterns._transport
+    lease = raw.grant(30)
+    key = f"{namespace}maybe-created".encode()
+    raw.put("maybe-created", "v", lease=lease)
+    janitor = Janitor(transport, lease)
+    older = ops.txn(compare=[], success=[ops.get(b"older")], failure=[])
+    newer = ops.txn(compare=[], success=[ops.get(b"newer")], failure=[])
+    away = threading.Event()
+    away.set()
+    original = transport.txn
+
+    def txn(request: Any, **kwargs: Any) -> Any:
+        if request is older and not janitor.pending > 1:
+            janitor.settle_first(newer)  # meanwhile, on another thread
+            janitor.abandon(Orphan(key))
+        if request is newer and away.is_set():
+            raise EtcdUnavailableError("etcd is away")
+        return original(request, **kwargs)
+
+    transport.txn = txn  # type: ignore[method-assign]
+    janitor.settle_first(older)
+    janitor.sweep(Deadline(5))
+    assert raw.value("maybe-created") == b"v"  # kept while the newer write is in doubt
+    assert janitor.pending == 2
+    away.clear()
+    janitor.sweep(Deadline(5))
+    assert raw.value("maybe-created") is None
+    assert janitor.pending == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_grant_interrupted_after_etcd_granted_leaves_nothing_behind(
+    patterns: EtcdPatterns, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    granted: list[int] = []
+    original = patterns._transport.lease_grant
+
+    def lease_grant(ttl: int, **kwargs: Any) -> Any:
+        response = original(ttl, **kwargs)
+        granted.append(response.ID)
+        return response
+
+    def interrupted() -> bool:
+        raise KeyboardInterrupt  # Ctrl-C just after etcd granted the lease
+
+    monkeypatch.setattr(patterns._transport, "lease_grant", lease_grant)
+    monkeypatch.setattr(patterns._sessions, "_closed_meanwhile", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        patterns.lock("A", lambda: None, ttl=9)
+    assert patterns._sessions._grants == {}  # nobody will wait on it
+    (lease,) = granted
+    assert patterns._transport.lease_time_to_live(lease) == -1  # revoked, not leaked
+    monkeypatch.undo()
+    assert patterns.lock("A", lambda: "next", ttl=9) == "next"
