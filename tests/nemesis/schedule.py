@@ -1,8 +1,12 @@
 """The nemesis: a fault schedule drawn from a seed, played against a proxied cluster.
 
 The same seed, duration and cluster size give the same schedule. Faults
-come one at a time, each against one member (never a majority), each for
-a drawn while, and every one heals before `Nemesis.run` returns.
+come one at a time, each for a drawn while, and every one heals before
+`Nemesis.run` returns. Each strikes one member (never a majority), but for
+``drop-answers-all``: the client's own network cutting answers, whichever
+member it talks to, while etcd stays healthy. That is what leaves a write
+in doubt even after the library tried to settle it, and so exercises every
+path that reports `OutcomeUnknownError`.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ KINDS = (
     "move-leader",
     "revoke-lease",
     "compact",
+    "drop-answers-all",
 )
 
 
@@ -93,26 +98,12 @@ class Nemesis:
             heal()
 
     def _inject(self, fault: Fault) -> Any:
+        """Strike; return what heals the fault."""
         node = self.cluster.nodes[fault.member]
-        proxy, peer = node.proxy, node.peer_proxy
-        if proxy is None or peer is None:
+        if node.proxy is None or node.peer_proxy is None:
             raise ValueError("the nemesis needs a proxied cluster")
-        if fault.kind == "blackhole-client":
-            proxy.blackhole()
-            return proxy.heal
-        if fault.kind == "delay-client":
-            proxy.delay(0.05, jitter=0.2)
-            return proxy.heal
-        if fault.kind == "drop-answers":
-            proxy.drop_answers()
-            return proxy.heal
-        if fault.kind == "reset-client":
-            proxy.reset()
-            return lambda: None
-        if fault.kind == "blackhole-peer":
-            peer.blackhole()
-            peer.reset()  # established raft streams stop too
-            return peer.heal
+        if fault.kind.endswith(("-client", "-peer")) or fault.kind.startswith("drop-answers"):
+            return self._cut(fault.kind, node)
         if fault.kind == "kill":
             node.kill()
             return lambda: self._restart(node)
@@ -121,14 +112,46 @@ class Nemesis:
             return node.resume
         if fault.kind == "move-leader":
             self._admin(lambda client: _move_leader(self.cluster, client, fault.member))
-            return lambda: None
-        if fault.kind == "revoke-lease":
+        elif fault.kind == "revoke-lease":
             self._admin(lambda client: _revoke_one_lease(client, fault.member))
-            return lambda: None
-        if fault.kind == "compact":
+        elif fault.kind == "compact":
             self._admin(_compact)
+        else:
+            raise ValueError(f"unknown fault {fault.kind!r}")
+        return lambda: None
+
+    def _cut(self, kind: str, node: EtcdNode) -> Any:
+        """A network fault, through the proxies; what heals it."""
+        proxy, peer = node.proxy, node.peer_proxy
+        assert proxy is not None  # checked by _inject
+        assert peer is not None
+        if kind == "blackhole-client":
+            proxy.blackhole()
+            return proxy.heal
+        if kind == "delay-client":
+            proxy.delay(0.05, jitter=0.2)
+            return proxy.heal
+        if kind == "drop-answers":
+            proxy.drop_answers()
+            return proxy.heal
+        if kind == "drop-answers-all":
+            proxies = [other.proxy for other in self.cluster.nodes if other.proxy is not None]
+            for each in proxies:
+                each.drop_answers()
+
+            def heal_every() -> None:
+                for each in proxies:
+                    each.heal()
+
+            return heal_every
+        if kind == "reset-client":
+            proxy.reset()
             return lambda: None
-        raise ValueError(f"unknown fault {fault.kind!r}")
+        if kind == "blackhole-peer":
+            peer.blackhole()
+            peer.reset()  # established raft streams stop too
+            return peer.heal
+        raise ValueError(f"unknown fault {kind!r}")
 
     def _restart(self, node: EtcdNode) -> None:
         node.start(wait=False)
