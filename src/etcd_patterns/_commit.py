@@ -23,7 +23,10 @@ slot's mod revision) or can never be, since it requires the slot to still
 hold ``last_token``; it is then safe to send again.
 
 Lease loss: a transaction that puts the slot under an expired lease fails as
-a whole, so nothing is applied, and `commit` retries on a fresh session. If
+a whole, so nothing is applied, and `commit` retries on a fresh session.
+So `commit` needs no local check that its session still lives before it
+reports success: a success proves that etcd held the lease at the write's
+revision, whatever the session's `lost` flag said. If
 the lease was lost while the outcome was unknown, the slot's evidence is gone
 with it, and `OutcomeUnknownError` is raised: the one case this protocol
 cannot decide. So it is when etcd refuses the resolving transaction (the
