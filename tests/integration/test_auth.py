@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import pytest
 from etcd3 import etcdrpc
 
-from etcd_patterns import EtcdPatterns, PermissionDeniedError
+from etcd_patterns import EtcdPatterns, EtcdUnavailableError, PermissionDeniedError
 from etcd_patterns._retry import Deadline
 from etcd_patterns._wait import Watch, wait
-from etcd_patterns.testing import EtcdCluster, find_etcd_binary
+from etcd_patterns.testing import EtcdCluster, find_etcd_binary, free_ports
+from tests.helpers import SCHEDULING_GRACE
 
 
 @pytest.fixture(scope="module")
@@ -140,3 +142,16 @@ def test_a_refused_watch_raises_instead_of_spinning(secured: EtcdCluster) -> Non
                 timeout_error=lambda: AssertionError("spun until the timeout"),
             )
         assert len(watches) == 2  # refused, read (allowed), refused again
+
+
+@pytest.mark.timeout(30)
+def test_connecting_with_credentials_to_an_unreachable_etcd_is_unavailable() -> None:
+    (port,) = free_ports(1)
+    endpoint = f"127.0.0.1:{port}"
+    timeout = 1.0
+    started = time.monotonic()
+    with pytest.raises(EtcdUnavailableError, match=endpoint):
+        EtcdPatterns.connect(endpoint, user="app", password="apppw", timeout=timeout)
+    # The deadline, plus one late wake-up for the attempt that ran into it
+    # and one for the retry that found it expired.
+    assert time.monotonic() - started < timeout + 2 * SCHEDULING_GRACE

@@ -163,6 +163,20 @@ def test_a_refused_resolution_is_an_unknown_outcome_with_the_refusal_as_cause(
     assert raw.value("n") == b"1"
 
 
+def test_try_transform_reports_a_lost_answer_and_a_lost_lease_as_unknown(
+    faulty: EtcdPatterns, faults: Faults, raw: Raw
+) -> None:
+    raw.put("n", "0")
+    faults.actions = ["lose-response"]
+    faults.injector.on_lost_response = lambda request: raw.revoke(
+        request.success[-1].request_put.lease
+    )
+    with pytest.raises(OutcomeUnknownError):
+        faulty.try_transform("n", incr)
+    assert faults.actions == []  # the fault fired
+    assert raw.value("n") == b"1"  # it had applied: unknown, not failed
+
+
 @pytest.mark.timeout(120)
 def test_counter_exact_under_random_lost_answers(
     faulty: EtcdPatterns, faults: Faults, raw: Raw

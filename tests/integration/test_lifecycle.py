@@ -197,11 +197,48 @@ def test_closing_the_users_client_under_a_wait_gives_closed_error(
         assert [type(error) for error in outcome] == [ClosedError]
 
 
+def _enter(context: Any) -> object:
+    with context as handle:
+        return handle
+
+
+# Every public call that talks to etcd.
 CALLS: dict[str, Callable[[EtcdPatterns], object]] = {
     "get_values": lambda p: p.get_values("k"),
     "transform": lambda p: p.transform("k", lambda v: v, default=""),
     "try_transform": lambda p: p.try_transform("k", lambda v: v, default=""),
+    "lock": lambda p: p.lock("L", lambda: None, timeout=0.5),
+    "try_lock": lambda p: p.try_lock("L", lambda: None),
+    "locked": lambda p: _enter(p.locked("L", timeout=0.5)),
+    "try_locked": lambda p: _enter(p.try_locked("L")),
+    "enqueue": lambda p: p.enqueue("q", "job"),
+    "enqueue_many": lambda p: p.enqueue_many("q", ["a", "b"]),
+    "dequeue": lambda p: p.dequeue("q", timeout=0.5),
+    "dequeue_many": lambda p: p.dequeue_many("q", 2, timeout=0.5),
+    "claim": lambda p: _enter(p.claim("q", timeout=0.5)),
 }
+
+
+def test_every_public_call_is_covered() -> None:
+    public = {
+        name
+        for name, member in vars(EtcdPatterns).items()
+        if callable(member) and not name.startswith("_") and name not in ("connect", "close")
+    }
+    assert public == set(CALLS)
+
+
+@pytest.mark.parametrize("method", CALLS)
+def test_every_call_after_close_raises_closed_error(
+    etcd: EtcdCluster | ExternalEtcd, namespace: str, raw: Raw, method: str
+) -> None:
+    patterns = EtcdPatterns.connect(etcd.endpoints, namespace=namespace)
+    patterns.transform("k", lambda v: "v", default="")
+    patterns.close()
+    before = raw.revision()
+    with pytest.raises(ClosedError):
+        CALLS[method](patterns)
+    assert raw.revision() == before  # nothing written
 
 
 @pytest.mark.parametrize("method", CALLS)
@@ -210,6 +247,7 @@ def test_unreachable_etcd_fails_within_the_timeout(method: str) -> None:
     endpoint = f"127.0.0.1:{port}"
     with EtcdPatterns.connect(endpoint, timeout=1.0) as patterns:
         started = time.monotonic()
+        # Nothing could be sent, so nothing is in doubt: never an unknown outcome.
         with pytest.raises(EtcdUnavailableError, match=endpoint):
             CALLS[method](patterns)
         # The deadline, plus one late wake-up for the attempt that ran into

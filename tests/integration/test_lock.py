@@ -333,6 +333,36 @@ def test_lock_reports_loss_with_the_blocks_result(patterns: EtcdPatterns, raw: R
     assert info.value.name == "L"
 
 
+@pytest.mark.timeout(60)
+def test_try_lock_reports_loss_with_the_blocks_result(patterns: EtcdPatterns, raw: Raw) -> None:
+    def block() -> str:
+        ((_, meta),) = raw.client.get_prefix(raw.key("L/"))
+        raw.revoke(meta.lease_id)
+        return "done"
+
+    with pytest.raises(LockLostError) as info:
+        patterns.try_lock("L", block)
+    assert info.value.result == "done"
+    assert info.value.name == "L"
+
+
+@pytest.mark.timeout(60)
+def test_leaving_locked_while_the_block_raises_keeps_the_blocks_error(
+    patterns: EtcdPatterns, raw: Raw
+) -> None:
+    # The lock was lost too, but the block's own error is what the caller
+    # must see; the loss is not raised over it.
+    def block() -> None:
+        with patterns.locked("L") as held:
+            raw.revoke(held.lease_id)
+            assert held.lost.wait(timeout=10)
+            _ = 1 / 0
+
+    with pytest.raises(ZeroDivisionError):
+        block()
+    assert raw.count("L/") == 0
+
+
 def test_guarded_writes(patterns: EtcdPatterns, raw: Raw) -> None:
     with patterns.locked("L") as held:
         assert patterns.transform("data", lambda v: "guarded", default="", guard=held) == "guarded"

@@ -16,6 +16,10 @@ from etcd_patterns._connect import _CHANNEL_OPTIONS
 from etcd_patterns.testing import EtcdCluster, ExternalEtcd, FaultProxy
 from tests.helpers import Raw
 
+# Dropped answers and cut connections: fault tests, never run on an etcd
+# that panics when clients drop connections mid-request.
+pytestmark = pytest.mark.chaos
+
 
 @pytest.fixture
 def proxied(etcd: EtcdCluster | ExternalEtcd) -> Iterator[FaultProxy]:
