@@ -87,7 +87,11 @@ def test_an_expired_token_is_renewed(secured: EtcdCluster) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_a_long_wait_outlives_its_token(secured: EtcdCluster) -> None:
+@pytest.mark.timeout(30)
+def test_a_wait_whose_token_expired_renews_it_and_watches_again(secured: EtcdCluster) -> None:
+    # The token goes stale just before the consumer's watch is made: etcd
+    # refuses the watch, the read that follows renews the token, and the
+    # next watch sees the item arrive.
     with (
         EtcdPatterns.connect(
             secured.endpoints, user="app", password="apppw", namespace="/app/"
@@ -96,13 +100,31 @@ def test_a_long_wait_outlives_its_token(secured: EtcdCluster) -> None:
             secured.endpoints, user="app", password="apppw", namespace="/app/"
         ) as producer,
     ):
+        transport = consumer._transport
+        client = transport._client
+        streams: list[object] = []
+        watching = threading.Event()
+        original = transport.watch
+
+        def watch(*args: Any, **kwargs: Any) -> Any:
+            streams.append(args)
+            if len(streams) == 1:
+                client.metadata = (("token", "stale"),)  # as if it had expired
+            for response in original(*args, **kwargs):
+                if response.created and not response.canceled:
+                    watching.set()
+                yield response
+
+        transport.watch = watch  # type: ignore[method-assign]
         received: list[str] = []
-        waiter = threading.Thread(target=lambda: received.append(consumer.dequeue("w", timeout=30)))
+        waiter = threading.Thread(target=lambda: received.append(consumer.dequeue("w", timeout=20)))
         waiter.start()
-        threading.Event().wait(3)  # the consumer's token expires while it waits
+        assert watching.wait(timeout=20)  # blocked on its second watch
         producer.enqueue("w", "late item")
-        waiter.join(timeout=30)
+        waiter.join(timeout=20)
         assert received == ["late item"]
+        assert len(streams) == 2  # refused once, then watched with a new token
+        assert client.metadata != (("token", "stale"),)
 
 
 class _Seen(NamedTuple):
