@@ -9,12 +9,14 @@ import statistics
 import sys
 import threading
 import time
+from functools import partial
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import pytest
 
+import etcd_patterns._wait as wait_module
 from etcd_patterns import (
     ClaimLostError,
     EtcdError,
@@ -120,34 +122,40 @@ def test_timeouts(patterns: EtcdPatterns) -> None:
     assert 0.5 <= waited < 0.5 + read + SCHEDULING_GRACE
 
 
-def test_a_blocked_dequeue_wakes_on_enqueue(patterns: EtcdPatterns, other: EtcdPatterns) -> None:
+@pytest.mark.timeout(120)
+def test_a_blocked_dequeue_wakes_on_enqueue(
+    patterns: EtcdPatterns, other: EtcdPatterns, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No re-read can come before the dequeue's own timeout: only the watch
+    # can wake the consumer.
+    wait_for = 20.0
+    monkeypatch.setattr(wait_module, "RECHECK_INTERVAL", 3 * wait_for)
     latencies = []
 
     def receive(into: list[tuple[str, float]]) -> None:
-        into.append((other.dequeue("q", timeout=30), time.monotonic()))
+        into.append((other.dequeue("q", timeout=wait_for), time.monotonic()))
 
     for i in range(20):
         received: list[tuple[str, float]] = []
         waiter = threading.Thread(target=receive, args=(received,))
         waiter.start()
         # Enqueue only once the consumer is blocked on its watch.
-        wait_until(lambda: _watching(other))
+        wait_until(partial(_watching, waiter))
         sent = time.monotonic()
         patterns.enqueue("q", f"v{i}")
-        waiter.join(timeout=30)
+        waiter.join(timeout=wait_for + 10)
         assert received[0][0] == f"v{i}"
         latencies.append(received[0][1] - sent)
     print(f"dequeue wake-up after enqueue: p50 {statistics.median(latencies) * 1000:.1f} ms")
 
 
-def _watching(instance: EtcdPatterns) -> bool:
-    """Whether some thread of this process is blocked in a watch wait."""
-    for top in sys._current_frames().values():
-        frame: FrameType | None = top
-        while frame is not None:
-            if frame.f_code.co_name == "_watch_once":
-                return True
-            frame = frame.f_back
+def _watching(thread: threading.Thread) -> bool:
+    """Whether ``thread`` is blocked in a watch of the wait loop."""
+    frame: FrameType | None = sys._current_frames().get(thread.ident or 0)
+    while frame is not None:
+        if frame.f_code.co_name == "_watch_once":
+            return True
+        frame = frame.f_back
     return False
 
 
@@ -288,7 +296,7 @@ def test_a_blocked_dequeue_survives_an_etcd_restart(namespace: str) -> None:
         received: list[str] = []
         waiter = threading.Thread(target=lambda: received.append(consumer.dequeue("q", timeout=40)))
         waiter.start()
-        wait_until(lambda: _watching(consumer))
+        wait_until(lambda: _watching(waiter))
         cluster.nodes[0].restart()
         producer.enqueue("q", "after the restart")
         waiter.join(timeout=40)
@@ -345,7 +353,7 @@ def test_a_released_claim_wakes_a_waiting_consumer(
     claiming = patterns.claim("q")
     claiming.__enter__()
     waiter.start()
-    wait_until(lambda: _watching(other))
+    wait_until(lambda: _watching(waiter))
     claiming.__exit__(RuntimeError, RuntimeError("give it back"), None)
     waiter.join(timeout=30)
     assert received == ["retry me"]
