@@ -114,14 +114,40 @@ def test_a_release_etcd_missed_is_completed_when_it_returns(namespace: str) -> N
         Raw(cluster.endpoints, namespace) as raw,
     ):
         holding = patterns.locked("L")
-        holding.__enter__()
+        held = holding.__enter__()
+        janitor = held._session._janitor
         cluster.nodes[0].pause()
         try:
             holding.__exit__(None, None, None)  # etcd does not answer: handed to the session
+            assert janitor.pending == 1
         finally:
             cluster.nodes[0].resume()
-        wait_until(lambda: raw.count("L/") == 0, timeout=15)
+        # The delete etcd had buffered, or the janitor's, removes the key;
+        # the lease was never let go meanwhile.
+        wait_until(lambda: raw.count("L/") == 0 and janitor.pending == 0, timeout=15)
+        assert not held.lost.is_set()
+        assert patterns._transport.lease_time_to_live(held.lease_id) > 0
         assert patterns.try_lock("L", lambda: "free").acquired
+
+
+def test_a_release_etcd_never_received_is_completed_by_the_session(
+    faulty: EtcdPatterns, plan: Plan, raw: Raw
+) -> None:
+    holding = faulty.locked("L")
+    held = holding.__enter__()
+    janitor = held._session._janitor
+    plan.action = "hold"
+    plan.lose["delete"] = 1_000_000  # no delete of the lock's key reaches etcd
+    holding.__exit__(None, None, None)
+    assert plan.lost  # the fault fired
+    assert janitor.pending == 1
+    assert raw.count("L/") == 1
+    plan.lose["delete"] = 0
+    wait_until(lambda: janitor.pending == 0)
+    # Deleted by the session's janitor, not by the lease running out.
+    assert raw.count("L/") == 0
+    assert not held.lost.is_set()
+    assert faulty._transport.lease_time_to_live(held.lease_id) > 0
 
 
 # -- Ctrl-C while a registration is in flight -------------------------------------
