@@ -58,8 +58,11 @@ class Faults:
 
 
 @pytest.fixture
-def faults(namespace: str) -> Faults:
-    return Faults(namespace, [])
+def faults(namespace: str) -> Iterator[Faults]:
+    planned = Faults(namespace, [])
+    yield planned
+    # A fault test proves nothing unless its faults fired.
+    assert planned.actions == [], f"faults never injected: {planned.actions}"
 
 
 @pytest.fixture
@@ -190,8 +193,11 @@ def test_counter_exact_under_random_lost_answers(
             faulty.transform("n", incr, default="0")
 
     run_together([work] * threads)
+    faults.actions.clear()  # a budget of faults, more than the writes need
     assert raw.value("n") == str(threads * rounds).encode()
     held = faults.injector.deliver_held()
+    assert held  # some writes were held back, and delivered late here
+    assert len(faults.on_fault) > len(held)  # and some answers were lost
     assert not any(response.succeeded for response in held)
     assert raw.value("n") == str(threads * rounds).encode()
     print(f"faults injected: {len(faults.on_fault)}, late deliveries rejected: {len(held)}")

@@ -28,6 +28,7 @@ from etcd_patterns import (
     QueueEmptyError,
     ValueDecodeError,
 )
+from etcd_patterns._queue import PREFETCH
 from etcd_patterns.testing import EtcdCluster, ExternalEtcd
 from tests.helpers import (
     SCHEDULING_GRACE,
@@ -615,22 +616,28 @@ def test_dequeue_many_keeps_what_it_took_when_etcd_fails_midway(
     etcd: Etcd, namespace: str, patterns: EtcdPatterns, raw: Raw
 ) -> None:
     took: list[int] = []
+    refused: list[int] = []
 
     def plan(method: str, request: Any) -> str:
         if method != TXN:
             return "pass"
         if took and request.failure and request.failure[0].HasField("request_range"):
+            refused.append(1)
             return "hold"  # every read after the first take fails
         if _takes_an_item(request):
             took.append(1)
         return "pass"
 
+    # More items than one read fetches, so that taking the rest needs a read.
+    items = [f"{i:03d}" for i in range(PREFETCH + 8)]
     client = client_with_faults(etcd.endpoints, FaultInjector(plan))
-    patterns.enqueue_many("q", [str(i) for i in range(5)])
+    patterns.enqueue_many("q", items)
     with EtcdPatterns(client, namespace=namespace, timeout=1) as faulty:
-        assert faulty.dequeue_many("q", 10) == [str(i) for i in range(5)]
+        assert faulty.dequeue_many("q", len(items)) == items[:PREFETCH]
     client.close()
-    assert raw.count("q/") == 0
+    assert took == [1]
+    assert refused  # the fault fired
+    assert raw.count("q/") == len(items) - PREFETCH
 
 
 def test_an_items_expired_lease_is_not_blamed_on_the_session(
