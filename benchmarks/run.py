@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "latest.json"
 REPORT = ROOT / "docs" / "benchmarks.md"
 IMAGES = ROOT / "docs" / "img"
-BACKGROUND = ("etcdserverpb.Lease/LeaseKeepAlive",)
+BACKGROUND = RpcCount.BACKGROUND
 
 
 @dataclass

@@ -161,10 +161,17 @@ class RpcCount:
     what reached the server, whatever the client did. A streaming call
     counts once, when it opens.
 
+    A metrics endpoint that cannot be read, or a counter that went down (a
+    member restarted while counting), raises `RuntimeError` on leaving the
+    block rather than count too few.
+
     Attributes:
         counts: ``"service/method"`` to number started, e.g.
             ``"etcdserverpb.KV/Txn"``.
     """
+
+    BACKGROUND = frozenset({"etcdserverpb.Lease/LeaseKeepAlive"})
+    """What a session sends on its own, on a timer: not caused by the block."""
 
     def __init__(self, metrics_urls: Sequence[str]) -> None:
         self._urls = list(metrics_urls)
@@ -174,8 +181,10 @@ class RpcCount:
     def _now(self) -> Counter[str]:
         total: Counter[str] = Counter()
         for url in self._urls:
-            with contextlib.suppress(OSError):
+            try:
                 total.update(_rpc_counts(url))
+            except OSError as exc:
+                raise RuntimeError(f"could not read etcd's metrics at {url}: {exc}") from exc
         return total
 
     def __enter__(self) -> RpcCount:
@@ -185,7 +194,18 @@ class RpcCount:
     def __exit__(self, *exc_info: object) -> None:
         after = self._now()
         after.subtract(self._before)
+        fallen = {key: n for key, n in after.items() if n < 0}
+        if fallen:
+            raise RuntimeError(
+                f"etcd's RPC counters went down while counting ({fallen}): "
+                "a member restarted, and the count would be wrong"
+            )
         self.counts = +after
+
+    @property
+    def requests(self) -> Counter[str]:
+        """`counts`, less the session keepalives that may fall inside any block."""
+        return Counter({k: n for k, n in self.counts.items() if k not in self.BACKGROUND})
 
     def total(self, service: str | None = None) -> int:
         """All RPCs, or those of one service such as ``"etcdserverpb.KV"``."""

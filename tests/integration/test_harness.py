@@ -13,7 +13,9 @@ from etcd_patterns.testing import (
     EtcdCluster,
     EtcdNotFoundError,
     EtcdStartError,
+    RpcCount,
     find_etcd_binary,
+    free_ports,
 )
 
 
@@ -109,3 +111,10 @@ def test_binary_lookup_order(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(EtcdNotFoundError, match="ETCD_BIN"):
         find_etcd_binary()
+
+
+def test_an_rpc_count_that_cannot_read_the_metrics_fails_loudly() -> None:
+    (port,) = free_ports(1)
+    counting = RpcCount([f"http://127.0.0.1:{port}/metrics"])
+    with pytest.raises(RuntimeError, match="could not read etcd's metrics"):
+        counting.__enter__()

@@ -551,10 +551,10 @@ def test_an_uncontended_cycle_is_two_round_trips(etcd: Etcd, patterns: EtcdPatte
     patterns.lock("L", lambda: None)  # the session lease is granted once, on first use
     with etcd.count_rpcs() as rpcs:
         patterns.lock("L", lambda: None)
-    assert rpcs.counts == {"etcdserverpb.KV/Txn": 2}
+    assert rpcs.requests == {"etcdserverpb.KV/Txn": 2}
     with etcd.count_rpcs() as rpcs:
         patterns.try_lock("L", lambda: None)
-    assert rpcs.counts == {"etcdserverpb.KV/Txn": 2}
+    assert rpcs.requests == {"etcdserverpb.KV/Txn": 2}
 
 
 @pytest.mark.timeout(120)
@@ -583,4 +583,4 @@ def test_contended_cost_per_acquisition_is_constant(
     # register, watch, a re-read if etcd moved on before the watch existed,
     # the re-read after the predecessor left, release: at most 5, whatever
     # the number of waiters.
-    assert per_acquisition <= 5
+    assert 2 <= per_acquisition <= 5

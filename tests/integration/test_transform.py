@@ -149,10 +149,10 @@ def test_cost_in_round_trips(
     patterns.transform("k", incr)  # the session lease is granted once, on first use
     with etcd.count_rpcs() as rpcs:
         patterns.try_transform("k", incr)
-    assert rpcs.counts == {"etcdserverpb.KV/Txn": 2}
+    assert rpcs.requests == {"etcdserverpb.KV/Txn": 2}
     with etcd.count_rpcs() as rpcs:
         patterns.transform("k", incr)
-    assert rpcs.counts == {"etcdserverpb.KV/Txn": 2}
+    assert rpcs.requests == {"etcdserverpb.KV/Txn": 2}
 
     calls: list[str] = []
 
@@ -165,7 +165,7 @@ def test_cost_in_round_trips(
     with etcd.count_rpcs() as rpcs:
         patterns.transform("k", once_meddling)
     # read, losing write, winning write: one more round trip per conflict.
-    assert rpcs.counts == {"etcdserverpb.KV/Txn": 3, "etcdserverpb.KV/Put": 1}
+    assert rpcs.requests == {"etcdserverpb.KV/Txn": 3, "etcdserverpb.KV/Put": 1}
 
 
 def test_threads_sharing_one_instance_count_exactly(patterns: EtcdPatterns, raw: Raw) -> None:
