@@ -248,9 +248,9 @@ def test_a_paused_holder_cannot_write(cluster: EtcdCluster, tmp_path: Path) -> N
 
 def _hold_both(endpoints: list[str], namespace: str, ttl: int, ready: Any) -> None:
     etcd = EtcdPatterns.connect(endpoints, namespace=namespace)
-    etcd.locked("L", ttl=ttl).__enter__()
     etcd.claim("q", ttl=ttl).__enter__()
-    ready.set()
+    ready.set()  # a job claimed; now hold the lock, or queue for it
+    etcd.locked("L", ttl=ttl).__enter__()
     threading.Event().wait()  # until SIGKILL
 
 
@@ -260,12 +260,16 @@ def test_killed_clients_release_locks_and_claims(cluster: EtcdCluster) -> None:
     with EtcdPatterns.connect(cluster.endpoints, namespace=namespace) as etcd:
         etcd.enqueue_many("q", [f"job{i}" for i in range(clients)])
         readies = [context.Event() for _ in range(clients)]
-        holders = [spawn(_hold_both, cluster.endpoints, namespace, ttl, r) for r in readies[:1]]
-        assert readies[0].wait(timeout=30)
-        # The others queue behind the first for the lock; each claims a job.
-        holders += [spawn(_hold_both, cluster.endpoints, namespace, ttl, r) for r in readies[1:]]
         with Raw(cluster.endpoints, namespace) as raw:  # nothing is killed yet
+            holders = [spawn(_hold_both, cluster.endpoints, namespace, ttl, readies[0])]
+            wait_until(lambda: raw.count("L/") == 1)  # the first holds the lock
+            # The others each claim a job, then queue behind the first.
+            holders += [
+                spawn(_hold_both, cluster.endpoints, namespace, ttl, r) for r in readies[1:]
+            ]
+            assert all(ready.wait(timeout=30) for ready in readies)
             wait_until(lambda: raw.count("L/") == clients)
+            assert raw.count(".etcd-patterns/claims/") == clients  # every job claimed
         for process in holders:
             os.kill(process.pid or 0, signal.SIGKILL)
         killed = time.monotonic()
