@@ -195,6 +195,31 @@ def key_value(bench: Bench) -> None:
     etcd.transform("n", lambda _: "0", default="")
     bench.timed("kv", "try_transform", lambda _: etcd.try_transform("n", incr), bench.n(300))
     bench.timed("kv", "transform, uncontended", lambda _: etcd.transform("n", incr), bench.n(300))
+    # Another writer gets in between each call's read and its write, once:
+    # the call pays for the losing write, whose answer carries the new value.
+    meddler = raw_client(bench.cluster.endpoints[0])
+    contested = etcd.namespace + "c"
+    etcd.transform("c", lambda _: "0", default="")
+
+    def conflicted(_: int) -> None:
+        meddled: list[bool] = []
+
+        def fn(value: str) -> str:
+            if not meddled:
+                meddled.append(True)
+                meddler.put(contested, str(int(value) + 100))
+            return incr(value)
+
+        etcd.transform("c", fn)
+
+    bench.timed(
+        "kv",
+        "transform, one conflict per call",
+        conflicted,
+        bench.n(200),
+        **{"meddling puts per call": 1},
+    )
+    meddler.close()
     for contenders in (2, 4, 8):
         per = bench.n(100)
         namespace = f"/bench/{uuid.uuid4().hex[:8]}/"
