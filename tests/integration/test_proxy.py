@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import etcd3
 import grpc
@@ -14,7 +14,7 @@ from etcd3 import etcdrpc
 from etcd_patterns import EtcdPatterns, EtcdUnavailableError, LockLostError, OutcomeUnknownError
 from etcd_patterns._connect import _CHANNEL_OPTIONS
 from etcd_patterns.testing import EtcdCluster, ExternalEtcd, FaultProxy
-from tests.helpers import Raw
+from tests.helpers import SCHEDULING_GRACE, Raw
 
 # Dropped answers and cut connections: fault tests, never run on an etcd
 # that panics when clients drop connections mid-request.
@@ -138,3 +138,37 @@ def test_a_holder_cut_off_from_etcd_is_in_doubt_until_etcd_says_it_lost(
         assert held.lost.wait(keepalive + 0.5 + timeout + 2)
         with pytest.raises(LockLostError):
             holding.__exit__(None, None, None)
+
+
+@pytest.mark.timeout(120)
+def test_a_member_that_hangs_without_dying_is_failed_over_within_the_timeout(
+    namespace: str,
+) -> None:
+    timeout = 1.0
+    with (
+        EtcdCluster(size=3, proxied=True, seed=1) as cluster,
+        EtcdPatterns.connect(cluster.endpoints, namespace=namespace, timeout=timeout) as etcd,
+    ):
+        etcd.transform("n", lambda v: "0", default="")
+        etcd.enqueue("q", "before")
+        in_use = etcd._transport._index  # the member this client talks to
+        hung = cluster.nodes[in_use].proxy
+        assert hung is not None
+        hung.blackhole()  # alive, connected, answering nothing
+        calls: dict[str, Callable[[], object]] = {
+            "transform": lambda: etcd.transform("n", lambda v: str(int(v) + 1)),
+            "get_values": lambda: etcd.get_values("n"),
+            "lock": lambda: etcd.lock("L", lambda: "held", timeout=timeout),
+            "enqueue": lambda: etcd.enqueue("q", "during"),
+            "dequeue": lambda: etcd.dequeue("q", timeout=timeout),
+        }
+        for name, call in calls.items():
+            started = time.monotonic()
+            call()  # succeeds on another member
+            elapsed = time.monotonic() - started
+            # The deadline, plus one late wake-up for the attempt that ran
+            # into the hung member and one for the retry elsewhere.
+            assert elapsed < timeout + 2 * SCHEDULING_GRACE, name
+        assert hung.stats["bytes swallowed"] > 0  # the fault fired
+        assert etcd.get_values("n") == ["1"]
+        hung.heal()
