@@ -470,6 +470,10 @@ class EtcdPatterns:
     ) -> list[str]:
         """Append several values, in order: one transaction per 60 values.
 
+        Each transaction is exactly once, but the call is not atomic: if a
+        later one fails, the earlier ones stay enqueued, and the error's
+        note (``__notes__``) says which values were.
+
         Returns:
             The items' keys, in order.
 

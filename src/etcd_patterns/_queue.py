@@ -199,8 +199,18 @@ class Queue:
         keys: list[str] = []
         for start in range(0, len(encoded), CHUNK):
             chunk = encoded[start : start + CHUNK]
-            lease = 0 if lease_ttl is None else self._transport.lease_grant(lease_ttl).ID
-            items = self._enqueue_chunk(raw, chunk, lease)
+            try:
+                lease = 0 if lease_ttl is None else self._transport.lease_grant(lease_ttl).ID
+                items = self._enqueue_chunk(raw, chunk, lease)
+            except EtcdPatternsError as exc:
+                if keys:
+                    # Each chunk is its own transaction: the earlier ones stay.
+                    exc.add_note(
+                        f"the first {len(keys)} of {len(encoded)} values were enqueued before "
+                        f"this failure, as {keys[0]!r} to {keys[-1]!r}; the rest were not"
+                        + (", or may have been" if isinstance(exc, OutcomeUnknownError) else "")
+                    )
+                raise
             keys.extend(self._keyspace.decode(item) for item in items)
         return keys
 

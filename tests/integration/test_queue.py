@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import os
 import signal
@@ -28,7 +29,7 @@ from etcd_patterns import (
     QueueEmptyError,
     ValueDecodeError,
 )
-from etcd_patterns._queue import PREFETCH
+from etcd_patterns._queue import CHUNK, PREFETCH
 from etcd_patterns.testing import EtcdCluster, ExternalEtcd
 from tests.helpers import (
     SCHEDULING_GRACE,
@@ -285,6 +286,39 @@ def test_a_lost_answer_to_the_take_delivers_exactly_once(
             faulty.dequeue("q", timeout=0)
     client.close()
     assert raw.count("q/") == 0
+
+
+def _enqueues(request: Any) -> bool:
+    return any(
+        op.HasField("request_put") and b"/q/" in op.request_put.key for op in request.success
+    )
+
+
+@pytest.mark.parametrize("action", ["lose-response", "hold"])
+@pytest.mark.parametrize("count", [1, CHUNK + 5])
+def test_a_lost_answer_to_an_enqueue_enqueues_exactly_once(
+    etcd: Etcd, namespace: str, raw: Raw, action: str, count: int
+) -> None:
+    injected: list[Any] = []
+
+    def plan(method: str, request: Any) -> str:
+        if method == TXN and not injected and _enqueues(request):
+            injected.append(request)
+            return action
+        return "pass"
+
+    injector = FaultInjector(plan)
+    client = client_with_faults(etcd.endpoints, injector)
+    values = [f"{i:03d}" for i in range(count)]
+    with EtcdPatterns(client, namespace=namespace) as faulty:
+        keys = faulty.enqueue_many("q", values)
+        assert len(injected) == 1  # the fault fired
+        late = injector.deliver_held()
+        assert not any(response.succeeded for response in late)  # shut out
+        assert len(set(keys)) == count
+        assert raw.count("q/") == count  # each value once
+        assert faulty.dequeue_many("q", count) == values
+    client.close()
 
 
 @pytest.mark.timeout(60)
@@ -692,6 +726,31 @@ def test_an_enqueue_whose_generated_keys_are_always_taken_fails_clearly(
     with pytest.raises(EtcdError, match="not enqueued"):
         patterns.enqueue("q", "mine")
     assert raw.count("q/") == 1
+
+
+def test_enqueue_many_that_fails_midway_says_what_was_enqueued(
+    patterns: EtcdPatterns, raw: Raw, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    raw.put("q/taken", "someone else's")
+    queue = patterns._queue
+    fresh = queue._new_id
+    drawn = itertools.count()
+    rest = 10
+
+    def new_id() -> bytes:
+        # The first chunk's keys are free; in every set drawn for the second
+        # chunk, the first key is taken.
+        n = next(drawn)
+        return b"taken" if n >= CHUNK and (n - CHUNK) % rest == 0 else fresh()
+
+    monkeypatch.setattr(queue, "_new_id", new_id)
+    values = [f"{i:03d}" for i in range(CHUNK + rest)]
+    with pytest.raises(EtcdError, match="not enqueued") as info:
+        patterns.enqueue_many("q", values)
+    (note,) = info.value.__notes__
+    assert f"the first {CHUNK} of {len(values)} values were enqueued" in note
+    assert raw.count("q/") == CHUNK + 1  # the first chunk, and the other writer's key
+    assert patterns.dequeue_many("q", CHUNK + 1) == ["someone else's", *values[:CHUNK]]
 
 
 @pytest.mark.timeout(60)
