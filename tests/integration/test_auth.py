@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -177,3 +179,26 @@ def test_connecting_with_credentials_to_an_unreachable_etcd_is_unavailable() -> 
     # The deadline, plus one late wake-up for the attempt that ran into it
     # and one for the retry that found it expired.
     assert time.monotonic() - started < timeout + 2 * SCHEDULING_GRACE
+
+
+def _cli(secured: EtcdCluster, *args: str, password: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            *(sys.executable, "-m", "etcd_patterns"),
+            *(f"--endpoints={secured.endpoints[0]}", "--namespace=/app/", "--user=app"),
+            *args,
+        ],
+        env={**os.environ, "ETCD_PASSWORD": password},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_the_cli_reads_the_password_from_the_environment(secured: EtcdCluster) -> None:
+    assert _cli(secured, "transform", "cli", "--set", "x", password="apppw").stdout == "x\n"
+    refused = _cli(secured, "get", "cli", password="s3cret-guess")
+    assert refused.returncode == 1
+    assert "authentication failed" in refused.stderr
+    assert "s3cret-guess" not in refused.stderr

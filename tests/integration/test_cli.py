@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from etcd_patterns import EtcdPatterns
-from etcd_patterns.testing import EtcdCluster, ExternalEtcd
-from tests.helpers import Raw
+from etcd_patterns.testing import EtcdCluster, ExternalEtcd, read_metrics
+from tests.helpers import Raw, wait_until
 
 Etcd = EtcdCluster | ExternalEtcd
 
@@ -131,3 +133,110 @@ def test_debug_shows_the_traceback(etcd: Etcd, namespace: str) -> None:
     result = cli(etcd, namespace, "--debug", "get", "")
     assert result.returncode == 1
     assert "Traceback" in result.stderr
+
+
+# A command run under `lock`, `try-lock` or `claim` that reports, from etcd
+# itself, the lease TTL and create revision of the key it was given.
+INSPECT = """
+import os, sys
+import etcd3
+host, port = sys.argv[1].rsplit(":", 1)
+client = etcd3.client(host=host, port=int(port))
+key = os.environ.get("ETCD_LOCK_KEY") or next(
+    meta.key.decode() for _, meta in client.get_prefix(sys.argv[2])
+)
+_, meta = client.get(key)
+print(client.get_lease_info(meta.lease_id).grantedTTL, meta.create_revision,
+      os.environ.get("ETCD_LOCK_REV", "-"))
+"""
+
+
+@pytest.mark.parametrize("command", ["lock", "try-lock"])
+def test_a_locks_ttl_and_etcd_lock_rev_are_etcds(etcd: Etcd, namespace: str, command: str) -> None:
+    result = cli(
+        etcd,
+        namespace,
+        *(command, "L", "--ttl", "7", "--"),
+        *(sys.executable, "-c", INSPECT, etcd.endpoints[0], "-"),
+    )
+    assert result.returncode == 0, result.stderr
+    ttl, create_revision, lock_rev = result.stdout.split()
+    assert ttl == "7"
+    assert lock_rev == create_revision  # ETCD_LOCK_REV is the key's create revision
+
+
+def test_a_claims_ttl_is_etcds(etcd: Etcd, namespace: str, patterns: EtcdPatterns) -> None:
+    patterns.enqueue("q", "job")
+    claims = namespace + ".etcd-patterns/claims/"
+    result = cli(
+        etcd,
+        namespace,
+        *("claim", "q", "--ttl", "7", "--timeout", "5", "--"),
+        *(sys.executable, "-c", INSPECT, etcd.endpoints[0], claims),
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[0] == "7"
+
+
+@pytest.mark.timeout(60)
+def test_an_enqueued_items_ttl(etcd: Etcd, namespace: str, raw: Raw) -> None:
+    key = cli(etcd, namespace, "enqueue", "q", "short-lived", "--ttl", "7").stdout.strip()
+    (_, meta), *_ = raw.client.get_prefix(raw.key("q/"))
+    assert raw.client.get_lease_info(meta.lease_id).grantedTTL == 7
+    assert key == meta.key.decode()[len(namespace) :]
+
+
+def test_a_claim_on_an_empty_queue_exits_75(etcd: Etcd, namespace: str) -> None:
+    result = cli(etcd, namespace, "claim", "q", "--timeout", "0", "--", "echo", "ran")
+    assert result.returncode == 75
+    assert result.stdout == ""
+
+
+@pytest.mark.timeout(60)
+def test_ctrl_c_exits_130(etcd: Etcd, namespace: str) -> None:
+    # The child restores the default SIGINT handling, which a parent running
+    # in the background may have left ignored.
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "from etcd_patterns.cli import main; sys.exit(main(sys.argv[1:]))",
+            f"--endpoints={','.join(etcd.endpoints)}",
+            f"--namespace={namespace}",
+            *("dequeue", "q", "--timeout", "30"),
+        ],
+    )
+    with Raw(etcd.endpoints, namespace) as raw:  # the consumer is waiting: its watch exists
+        before = raw.revision()
+        wait_until(lambda: _watchers(etcd) > 0)
+        assert raw.revision() == before
+    child.send_signal(signal.SIGINT)
+    assert child.wait(timeout=30) == 130
+
+
+def _watchers(etcd: Etcd) -> int:
+    return sum(
+        int(value)
+        for url in etcd.metrics_urls
+        for name, _, value in read_metrics(url)
+        if name == "etcd_debugging_mvcc_watcher_total"
+    )
+
+
+def test_the_installed_console_script(etcd: Etcd, namespace: str, raw: Raw) -> None:
+    script = Path(sys.executable).with_name("etcd-patterns")
+    assert script.exists()
+    raw.put("k", "v")
+    result = subprocess.run(
+        [
+            *(str(script), f"--endpoints={','.join(etcd.endpoints)}"),
+            *(f"--namespace={namespace}", "get", "k"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "v\n"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -62,3 +64,27 @@ def test_a_certificate_from_another_ca_is_refused(secure: EtcdCluster, tmp_path:
         pytest.raises(PermissionDeniedError, match="TLS handshake"),
     ):
         etcd.get_values("n")
+
+
+def test_the_cli_speaks_tls_with_its_flags(secure: EtcdCluster) -> None:
+    tls = files(secure)
+
+    def cli(*flags: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [
+                *(sys.executable, "-m", "etcd_patterns", *flags),
+                *(f"--endpoints={secure.endpoints[0]}", "--namespace=/tls-cli/"),
+                *("--request-timeout=2", "transform", "n", "--incr", "1"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    ok = cli(f"--cacert={tls.ca_cert}", f"--cert={tls.client_cert}", f"--key={tls.client_key}")
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout == "1\n"
+    without_certificate = cli(f"--cacert={tls.ca_cert}")
+    assert without_certificate.returncode == 1
+    assert "TLS handshake" in without_certificate.stderr
