@@ -50,6 +50,13 @@ class Raw:
         response = self.client.kvstub.Range(etcdrpc.RangeRequest(key=self.key(key)), 10)
         return response.kvs[0] if response.kvs else None
 
+    def snapshot(self) -> dict[bytes, tuple[bytes, int]]:
+        """Every key in the namespace: its value and mod revision."""
+        return {
+            meta.key: (value, meta.mod_revision)
+            for value, meta in self.client.get_prefix(self.namespace)
+        }
+
     def value(self, key: str) -> bytes | None:
         kv = self.get(key)
         return None if kv is None else bytes(kv.value)

@@ -41,11 +41,12 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from . import _ops as ops
-from ._errors import ClosedError, EtcdPatternsError, EtcdUnavailableError
+from ._errors import EtcdPatternsError, LeaseNotFoundError
 from ._retry import Deadline
 from ._transport import CLEANUP_TIMEOUT, Transport
 
@@ -86,6 +87,7 @@ class Janitor:
         self._lease_id = lease_id
         self._backlog: list[Orphan] = []
         self._unsettled: list[Any] = []
+        self._failed_at = float("-inf")
         self._lock = threading.Lock()
 
     @property
@@ -113,9 +115,10 @@ class Janitor:
         """Delete a key now, on the caller's thread; abandon it if that fails.
 
         Takes at most `CLEANUP_TIMEOUT` (or the transport's timeout, if
-        shorter), in which it first sends any resolution still pending (one
-        may be for the write that created this key) and then the delete. It
-        never waits for a sweep: a key withdrawn here is deleted here,
+        shorter). A key that a write in doubt may have created waits for
+        that write's resolution, which is sent first, unless settling just
+        failed (etcd is away: the key is then left to the sweep at once).
+        It never waits for a sweep: a key withdrawn here is deleted here,
         whatever the backlog holds.
 
         Returns:
@@ -124,7 +127,7 @@ class Janitor:
         """
         deadline = Deadline(CLEANUP_TIMEOUT)
         try:
-            if not self._settle(deadline):
+            if not self._may_delete(orphan, deadline):
                 self.abandon(orphan)
                 return False
             self._transport.txn(self._delete_request(orphan), write=False, deadline=deadline)
@@ -142,14 +145,13 @@ class Janitor:
 
         Keeps what etcd did not confirm, for the next sweep.
         """
-        if not self._settle(budget):
-            return
+        settled = self._settle(budget)
         with self._lock:
-            if self._unsettled:
-                # Another thread left a write in doubt meanwhile; the key it
-                # abandoned may be one of these.
-                return
-            pending, self._backlog = self._backlog, []
+            # Checked again with the backlog in hand: another thread may
+            # have left a write in doubt meanwhile, and abandoned its key.
+            in_doubt = not settled or bool(self._unsettled)
+            pending = [o for o in self._backlog if not in_doubt or _certain(o)]
+            self._backlog = [o for o in self._backlog if in_doubt and not _certain(o)]
         try:
             while pending and not budget.expired():
                 request = self._delete_request(pending[-1])
@@ -163,32 +165,47 @@ class Janitor:
             with self._lock:
                 self._backlog.extend(pending)
 
+    def _may_delete(self, orphan: Orphan, deadline: Deadline) -> bool:
+        """Whether no write in doubt can create ``orphan`` again after its delete."""
+        if _certain(orphan):
+            return True
+        with self._lock:
+            if not self._unsettled:
+                return True
+            failed_lately = time.monotonic() - self._failed_at < CLEANUP_TIMEOUT
+        # Settling that just failed would fail again: do not spend the
+        # caller's time twice on an etcd that is away.
+        return not failed_lately and self._settle(deadline)
+
     def _settle(self, budget: Deadline) -> bool:
         """Send the resolutions still pending, oldest first; whether none is left.
 
         A resolution leaves the list only once etcd has answered it, so that
         no other thread sees the list empty while one is in flight. Sending
-        one twice, from two threads, is harmless.
+        one twice, from two threads, is harmless. Only one refusal is final:
+        the lease is gone, and with it the slot, so that no copy of the write
+        can apply any more. Any other error keeps the resolution, and every
+        key a write in doubt may have created, for the next try.
         """
-        while not budget.expired():
+        while True:
             with self._lock:
                 if not self._unsettled:
                     return True
                 resolution = self._unsettled[0]
+            if budget.expired():
+                return False
             try:
                 self._transport.txn(resolution, write=False, deadline=budget)
-            except (EtcdUnavailableError, ClosedError) as exc:
-                log.debug("a write in doubt is not settled yet: %s", exc)
-                return False
+            except LeaseNotFoundError:
+                log.debug("a write in doubt can no longer apply: its lease is gone")
             except EtcdPatternsError as exc:
-                # Refused for good (the lease is gone, and the slot with it;
-                # or the role lost its permission): waiting cannot help, and
-                # must not hold up every later delete.
-                log.warning("giving up settling a write in doubt: %s", exc)
+                log.debug("a write in doubt is not settled yet: %s", exc)
+                with self._lock:
+                    self._failed_at = time.monotonic()
+                return False
             with self._lock:
                 # By identity: another thread may have settled it first.
                 self._unsettled = [r for r in self._unsettled if r is not resolution]
-        return False
 
     def _delete_request(self, orphan: Orphan) -> Any:
         if orphan.create_revision is not None:
@@ -197,3 +214,12 @@ class Janitor:
         if orphan.value is not None:
             compare.append(ops.compare_value(orphan.key, "==", orphan.value))
         return ops.txn(compare=compare, success=[ops.delete(orphan.key)], failure=[])
+
+
+def _certain(orphan: Orphan) -> bool:
+    """Whether the write that created ``orphan`` is known to have applied, once.
+
+    A key deleted by its create revision cannot be created again with that
+    revision: no write in doubt stands between it and its delete.
+    """
+    return orphan.create_revision is not None

@@ -230,15 +230,18 @@ class Session:
                     self.close()
                     return
 
+    def _idle_after(self) -> float:
+        # Longer than any one call may take: a write that got the session
+        # just before it went idle has landed, or failed, by then.
+        return max(IDLE_RETIREMENT, 2 * self._transport.timeout)
+
     def _idle(self, interval: float) -> bool:
         """Whether nobody asked for the session lately and its lease carries no pattern's key.
 
         Asks etcd at most once per `IDLE_RETIREMENT`, and only then.
         """
         now = time.monotonic()
-        # Longer than any one call may take: a write that got the session
-        # just before it went idle has landed, or failed, by then.
-        idle = max(IDLE_RETIREMENT, 2 * self._transport.timeout)
+        idle = self._idle_after()
         if now - self.last_used < idle or now - self._idle_checked < idle:
             return False
         self._idle_checked = now
@@ -354,8 +357,11 @@ class Sessions:
             return grant.session
         error = grant.error
         if isinstance(error, EtcdPatternsError):
-            # A copy: the same exception object must not unwind two threads.
-            raise copy.copy(error) from error
+            # A copy: the same exception object must not unwind two threads,
+            # nor share its notes with another.
+            shared = copy.copy(error)
+            shared.__notes__ = list(getattr(error, "__notes__", []))
+            raise shared from error
         raise EtcdUnavailableError(
             f"the lease grant for this TTL was interrupted ({error!r}); nothing was held"
         ) from error

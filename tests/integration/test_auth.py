@@ -88,7 +88,6 @@ def test_an_expired_token_is_renewed(secured: EtcdCluster) -> None:
         assert etcd.transform("n", lambda v: v + "1") == "11"
 
 
-@pytest.mark.timeout(60)
 @pytest.mark.timeout(30)
 def test_a_wait_whose_token_expired_renews_it_and_watches_again(secured: EtcdCluster) -> None:
     # The token goes stale just before the consumer's watch is made: etcd

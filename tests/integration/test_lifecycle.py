@@ -235,10 +235,10 @@ def test_every_call_after_close_raises_closed_error(
     patterns = EtcdPatterns.connect(etcd.endpoints, namespace=namespace)
     patterns.transform("k", lambda v: "v", default="")
     patterns.close()
-    before = raw.revision()
+    before = raw.snapshot()
     with pytest.raises(ClosedError):
         CALLS[method](patterns)
-    assert raw.revision() == before  # nothing written
+    assert raw.snapshot() == before  # nothing written
 
 
 @pytest.mark.parametrize("method", CALLS)

@@ -108,8 +108,9 @@ def test_lost_answer_to_the_release_is_not_a_lost_lock(
 def test_a_release_etcd_missed_is_completed_when_it_returns(namespace: str) -> None:
     with (
         EtcdCluster() as cluster,
+        # A TTL well beyond the pause, so that the lease lives through it.
         EtcdPatterns.connect(
-            cluster.endpoints, namespace=namespace, timeout=1, session_ttl=3
+            cluster.endpoints, namespace=namespace, timeout=1, session_ttl=6
         ) as patterns,
         Raw(cluster.endpoints, namespace) as raw,
     ):

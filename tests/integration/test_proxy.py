@@ -151,10 +151,6 @@ def test_a_member_that_hangs_without_dying_is_failed_over_within_the_timeout(
     ):
         etcd.transform("n", lambda v: "0", default="")
         etcd.enqueue("q", "before")
-        in_use = etcd._transport._index  # the member this client talks to
-        hung = cluster.nodes[in_use].proxy
-        assert hung is not None
-        hung.blackhole()  # alive, connected, answering nothing
         calls: dict[str, Callable[[], object]] = {
             "transform": lambda: etcd.transform("n", lambda v: str(int(v) + 1)),
             "get_values": lambda: etcd.get_values("n"),
@@ -163,12 +159,18 @@ def test_a_member_that_hangs_without_dying_is_failed_over_within_the_timeout(
             "dequeue": lambda: etcd.dequeue("q", timeout=timeout),
         }
         for name, call in calls.items():
+            # Hang the member this client talks to now, whichever it is.
+            in_use = etcd._transport._index
+            hung = cluster.nodes[in_use].proxy
+            assert hung is not None
+            hung.blackhole()  # alive, connected, answering nothing
             started = time.monotonic()
             call()  # succeeds on another member
             elapsed = time.monotonic() - started
+            hung.heal()
+            assert etcd._transport._index != in_use, name  # it failed over
+            assert hung.stats["bytes swallowed"] > 0, name  # the fault fired
             # The deadline, plus one late wake-up for the attempt that ran
             # into the hung member and one for the retry elsewhere.
             assert elapsed < timeout + 2 * SCHEDULING_GRACE, name
-        assert hung.stats["bytes swallowed"] > 0  # the fault fired
         assert etcd.get_values("n") == ["1"]
-        hung.heal()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 import threading
-from collections.abc import Iterator
 from types import FrameType
 from typing import Any
 
@@ -16,32 +15,28 @@ from etcd_patterns import _ops as ops
 from etcd_patterns._janitor import Janitor, Orphan
 from etcd_patterns._retry import Deadline
 from etcd_patterns._transport import CLEANUP_TIMEOUT
-from etcd_patterns.testing import EtcdCluster, ExternalEtcd
 from tests.helpers import Raw, wait_until
 
-# A lease of 3 s is refreshed every second. A session is idle after
-# IDLE_RETIREMENT, or twice the instance's timeout if that is longer; with
-# IDLE and QUICK, after IDLE. It is retired at the next refresh after the
+# A lease of 3 s is refreshed every second. With the idle threshold set to
+# IDLE, a session idle for IDLE is retired at the next refresh after the
 # next idle check.
 TTL = 3
 REFRESH = TTL / 3
 IDLE = 1.0
-QUICK = IDLE / 2
 RETIRED_WITHIN = 2 * IDLE + 2 * REFRESH + CLEANUP_TIMEOUT
 
 
 @pytest.fixture
-def quick(etcd: EtcdCluster | ExternalEtcd, namespace: str) -> Iterator[EtcdPatterns]:
-    """An instance whose requests time out after QUICK seconds."""
-    with EtcdPatterns.connect(etcd.endpoints, namespace=namespace, timeout=QUICK) as instance:
-        yield instance
+def quick(patterns: EtcdPatterns, monkeypatch: pytest.MonkeyPatch) -> EtcdPatterns:
+    """An instance whose per-TTL sessions count as idle after IDLE seconds."""
+    monkeypatch.setattr(session_module.Session, "_idle_after", lambda _self: IDLE)
+    return patterns
 
 
 @pytest.mark.timeout(60)
 def test_an_idle_session_of_another_ttl_is_retired(
-    quick: EtcdPatterns, monkeypatch: pytest.MonkeyPatch
+    quick: EtcdPatterns,
 ) -> None:
-    monkeypatch.setattr(session_module, "IDLE_RETIREMENT", IDLE)
     quick.transform("k", lambda v: "1", default="")
     own = quick._sessions.get()
     with quick.locked("L", ttl=TTL) as held:
@@ -223,3 +218,51 @@ def test_a_grant_interrupted_after_etcd_granted_leaves_nothing_behind(
     assert patterns._transport.lease_time_to_live(lease) == -1  # revoked, not leaked
     monkeypatch.undo()
     assert patterns.lock("A", lambda: "next", ttl=9) == "next"
+
+
+@pytest.mark.timeout(60)
+def test_withdraw_settles_a_write_in_doubt_then_deletes_what_it_may_have_created(
+    patterns: EtcdPatterns, namespace: str, raw: Raw
+) -> None:
+    transport = patterns._transport
+    lease = raw.grant(30)
+    raw.put("maybe-created", "mine", lease=lease)
+    created = raw.put("certainly-created", "mine", lease=lease)
+    janitor = Janitor(transport, lease)
+    resolution = ops.txn(compare=[], success=[ops.get(b"resolution")], failure=[])
+    sent: list[str] = []
+    away = threading.Event()
+    original = transport.txn
+
+    def txn(request: Any, **kwargs: Any) -> Any:
+        sent.append("resolution" if request is resolution else "delete")
+        if request is resolution and away.is_set():
+            raise EtcdUnavailableError("etcd is away")
+        return original(request, **kwargs)
+
+    transport.txn = txn  # type: ignore[method-assign]
+    maybe = Orphan(f"{namespace}maybe-created".encode(), value=b"mine")
+    certain = Orphan(f"{namespace}certainly-created".encode(), create_revision=created)
+
+    # etcd away: the sweep fails to settle, and a withdrawal right after it
+    # does not try again, nor delete what the write may have created; a key
+    # whose create revision is known is deleted all the same.
+    away.set()
+    janitor.settle_first(resolution)
+    janitor.sweep(Deadline(5))
+    sent.clear()
+    assert not janitor.withdraw(maybe)
+    assert sent == []
+    assert raw.value("maybe-created") == b"mine"
+    assert janitor.withdraw(certain)
+    assert sent == ["delete"]
+    assert raw.value("certainly-created") is None
+    # etcd back: the resolution goes first, then the delete.
+    away.clear()
+    janitor._failed_at = float("-inf")  # as if the failure were long past
+    sent.clear()
+    assert janitor.withdraw(Orphan(maybe.key, value=b"mine"))
+    assert sent == ["resolution", "delete"]
+    assert raw.value("maybe-created") is None
+    janitor.sweep(Deadline(5))  # the abandoned copy: already gone, harmless
+    assert janitor.pending == 0
