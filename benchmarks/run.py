@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -55,8 +55,8 @@ class Result:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def median(self) -> float:
-        return statistics.median(self.ops_per_s)
+    def median(self) -> float | None:
+        return statistics.median(self.ops_per_s) if self.ops_per_s else None
 
     def percentile(self, q: float) -> float | None:
         if not self.latencies_ms:
@@ -126,7 +126,8 @@ class Bench:
         p50 = result.percentile(0.5)
         rpc = "" if result.rpcs_per_op is None else f" {result.rpcs_per_op:.2f} RPC/op"
         lat = "" if p50 is None else f" p50 {p50:.2f} ms"
-        print(f"  {result.family:9} {result.name:44} {result.median:9.0f}/s{rpc}{lat}", flush=True)
+        rate = "latency only" if result.median is None else f"{result.median:9.0f}/s"
+        print(f"  {result.family:9} {result.name:44} {rate}{rpc}{lat}", flush=True)
 
 
 # -- baselines --------------------------------------------------------------------
@@ -157,29 +158,53 @@ def baselines(bench: Bench) -> None:
 # -- key-value --------------------------------------------------------------------
 
 
-def _increment_worker(endpoints: list[str], namespace: str, count: int, start: Any) -> None:
+def _increment_worker(
+    endpoints: list[str], namespace: str, count: int, start: Any, done: Any
+) -> None:
     with EtcdPatterns.connect(endpoints, namespace=namespace) as etcd:
         etcd.get_values("counter")
         start.wait(timeout=60)
         for _ in range(count):
             etcd.transform("counter", lambda v: str(int(v) + 1), default="0")
+        done.wait(timeout=600)
 
 
-def run_processes(target: Callable[..., None], args: tuple[Any, ...], count: int) -> float:
-    """Start ``count`` processes of ``target(*args, start)``; seconds from release to done."""
+@dataclass
+class Window:
+    """A steady-state measurement: from every worker's start to every worker's end.
+
+    Workers connect and warm up before ``start``, and close after ``done``,
+    so that neither their lease grants and first reads nor their lease
+    revokes and shutdown fall inside the window.
+    """
+
+    seconds: float
+    rpcs: int
+
+
+Worker = tuple[Callable[..., None], tuple[Any, ...]]
+
+
+def run_processes(bench: Bench, workers: Sequence[Worker]) -> Window:
+    """Run one process per ``(target, args)``, as ``target(*args, start, done)``; the window."""
     context = multiprocessing.get_context("spawn")
-    start = context.Barrier(count + 1)
-    processes = [context.Process(target=target, args=(*args, start)) for _ in range(count)]
+    start = context.Barrier(len(workers) + 1)
+    done = context.Barrier(len(workers) + 1)
+    processes = [
+        context.Process(target=target, args=(*args, start, done)) for target, args in workers
+    ]
     for process in processes:
         process.start()
     start.wait(timeout=120)
-    began = time.perf_counter()
+    with bench.cluster.count_rpcs() as counter:
+        began = time.perf_counter()
+        done.wait(timeout=600)
+        elapsed = time.perf_counter() - began
     for process in processes:
         process.join(timeout=600)
-    elapsed = time.perf_counter() - began
     if any(process.exitcode for process in processes):
-        raise RuntimeError(f"a worker of {target.__name__} failed")
-    return elapsed
+        raise RuntimeError(f"a worker of {workers[0][0].__name__} failed")
+    return Window(elapsed, rpcs(counter))
 
 
 def key_value(bench: Bench) -> None:
@@ -223,20 +248,19 @@ def key_value(bench: Bench) -> None:
     for contenders in (2, 4, 8):
         per = bench.n(100)
         namespace = f"/bench/{uuid.uuid4().hex[:8]}/"
-        rates = []
-        with bench.cluster.count_rpcs() as counter:
-            for _ in range(bench.rounds):
-                elapsed = run_processes(
-                    _increment_worker, (bench.cluster.endpoints, namespace, per), contenders
-                )
-                rates.append(contenders * per / elapsed)
+        windows = [
+            run_processes(
+                bench, [(_increment_worker, (bench.cluster.endpoints, namespace, per))] * contenders
+            )
+            for _ in range(bench.rounds)
+        ]
         total = contenders * per * bench.rounds
         bench.add(
             Result(
                 "kv",
                 f"transform, {contenders} processes (increments/s)",
-                rates,
-                rpcs_per_op=rpcs(counter) / total,
+                [contenders * per / window.seconds for window in windows],
+                rpcs_per_op=sum(window.rpcs for window in windows) / total,
                 extra={"contenders": contenders},
             )
         )
@@ -247,19 +271,29 @@ def key_value(bench: Bench) -> None:
 
 
 def _lock_worker(
-    endpoints: list[str], namespace: str, seconds: float, out: str, peer: bool, start: Any
+    endpoints: list[str],
+    namespace: str,
+    seconds: float,
+    out: str,
+    peer: bool,
+    start: Any,
+    done: Any,
 ) -> None:
     spans: list[tuple[float, float]] = []
     if peer:
         client = raw_client(endpoints[0])
+        client.get(namespace + "warm-up")
         start.wait(timeout=120)
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             lock = client.lock(namespace + "L", ttl=10)
-            lock.acquire()
-            began = time.monotonic()
-            spans.append((began, time.monotonic()))
-            lock.release()
+            # acquire() gives up after its own timeout and returns False:
+            # only a real acquisition counts.
+            if lock.acquire():
+                began = time.monotonic()
+                spans.append((began, time.monotonic()))
+                lock.release()
+        done.wait(timeout=600)
         client.close()
     else:
         with EtcdPatterns.connect(endpoints, namespace=namespace) as etcd:
@@ -270,6 +304,7 @@ def _lock_worker(
                 with etcd.locked("L"):
                     began = time.monotonic()
                     spans.append((began, time.monotonic()))
+            done.wait(timeout=600)
     Path(out).write_text(json.dumps(spans))
 
 
@@ -277,21 +312,10 @@ def contended_locks(bench: Bench, workers: int, *, peer: bool, tmp: Path) -> Res
     seconds = 4.0 * bench.scale
     namespace = f"/bench/{uuid.uuid4().hex[:8]}/"
     outs = [str(tmp / f"{'peer' if peer else 'ours'}-{workers}-{i}.json") for i in range(workers)]
-    context = multiprocessing.get_context("spawn")
-    start = context.Barrier(workers + 1)
-    processes = [
-        context.Process(
-            target=_lock_worker,
-            args=(bench.cluster.endpoints, namespace, seconds, out, peer, start),
-        )
-        for out in outs
-    ]
-    for process in processes:
-        process.start()
-    with bench.cluster.count_rpcs() as counter:
-        start.wait(timeout=120)
-        for process in processes:
-            process.join(timeout=600)
+    window = run_processes(
+        bench,
+        [(_lock_worker, (bench.cluster.endpoints, namespace, seconds, out, peer)) for out in outs],
+    )
     per_worker = [json.loads(Path(out).read_text()) for out in outs]
     spans = sorted(span for spans in per_worker for span in spans)
     handoffs = [(b[0] - a[1]) * 1000 for a, b in itertools.pairwise(spans)]
@@ -302,7 +326,7 @@ def contended_locks(bench: Bench, workers: int, *, peer: bool, tmp: Path) -> Res
         f"{who}, {workers} processes (handoffs/s)",
         [len(spans) / seconds],
         handoffs,
-        rpcs(counter) / max(1, len(spans)),
+        window.rpcs / max(1, len(spans)),
         {"contenders": workers, "acquisitions per worker": counts, "peer": peer},
     )
     bench.add(result)
@@ -342,20 +366,22 @@ def locks(bench: Bench, tmp: Path) -> None:
 # -- queue ------------------------------------------------------------------------
 
 
-def _producer(endpoints: list[str], namespace: str, count: int, start: Any) -> None:
+def _producer(endpoints: list[str], namespace: str, count: int, start: Any, done: Any) -> None:
     with EtcdPatterns.connect(endpoints, namespace=namespace) as etcd:
         etcd.enqueue("warm-up", "x")
         start.wait(timeout=120)
         for i in range(count):
             etcd.enqueue("q", str(i))
+        done.wait(timeout=600)
 
 
-def _consumer(endpoints: list[str], namespace: str, count: int, start: Any) -> None:
+def _consumer(endpoints: list[str], namespace: str, count: int, start: Any, done: Any) -> None:
     with EtcdPatterns.connect(endpoints, namespace=namespace) as etcd:
         etcd.enqueue("warm-up", "x")
         start.wait(timeout=120)
         for _ in range(count):
             etcd.dequeue("q", timeout=60)
+        done.wait(timeout=600)
 
 
 def queue(bench: Bench) -> None:
@@ -378,14 +404,14 @@ def queue(bench: Bench) -> None:
     many = bench.timed(
         "queue", "enqueue_many, 100 per call", lambda _: etcd.enqueue_many("m", batch), bench.n(20)
     )
-    many.extra["items_per_s"] = many.median * 100
+    many.extra["items_per_s"] = statistics.median(many.ops_per_s) * 100
     taken = bench.timed(
         "queue",
         "dequeue_many, 100 per call",
         lambda _: etcd.dequeue_many("m", 100, timeout=0),
         bench.n(20),
     )
-    taken.extra["items_per_s"] = taken.median * 100
+    taken.extra["items_per_s"] = statistics.median(taken.ops_per_s) * 100
 
     def claim_cycle(_: int) -> None:
         with etcd.claim("c", timeout=0):
@@ -396,27 +422,15 @@ def queue(bench: Bench) -> None:
 
     # 4 producers x 4 consumers, end to end.
     namespace, per = f"/bench/{uuid.uuid4().hex[:8]}/", bench.n(150)
-    context = multiprocessing.get_context("spawn")
-    start = context.Barrier(9)
-    processes = [
-        context.Process(target=target, args=(bench.cluster.endpoints, namespace, per, start))
-        for target in [_producer] * 4 + [_consumer] * 4
-    ]
-    for process in processes:
-        process.start()
-    with bench.cluster.count_rpcs() as counter:
-        start.wait(timeout=120)
-        began = time.perf_counter()
-        for process in processes:
-            process.join(timeout=600)
-        elapsed = time.perf_counter() - began
+    args = (bench.cluster.endpoints, namespace, per)
+    window = run_processes(bench, [(_producer, args)] * 4 + [(_consumer, args)] * 4)
     bench.add(
         Result(
             "queue",
             "4 producers x 4 consumers (items/s)",
-            [4 * per / elapsed],
+            [4 * per / window.seconds],
             [],
-            rpcs(counter) / (4 * per),
+            window.rpcs / (4 * per),
         )
     )
 
@@ -438,9 +452,9 @@ def queue(bench: Bench) -> None:
         etcd.enqueue("w", str(i))
         thread.join()
         latencies.append((got[0] - sent) * 1000)
-    bench.add(
-        Result("queue", "blocked dequeue wake-up", [1000 / statistics.median(latencies)], latencies)
-    )
+    # A latency, not a rate: one wake-up at a time, each after the waiter
+    # was seen blocked on its watch.
+    bench.add(Result("queue", "blocked dequeue wake-up", [], latencies, extra={"latency only": 1}))
     for instance in (etcd, single, waiter):
         instance.close()
 
@@ -562,6 +576,13 @@ def main() -> None:
     data = {
         "machine": machine,
         "rounds": args.rounds,
+        "settings": {
+            "cluster members": args.cluster,
+            "rounds per single-process case": args.rounds,
+            "scale": args.scale,
+            "seconds per contended lock case": 4.0 * args.scale,
+            "tooz": not args.skip_tooz,
+        },
         "results": [asdict(r) for r in bench.results],
     }
     RESULTS.write_text(json.dumps(data, indent=1))
