@@ -235,7 +235,10 @@ def write_report(data: dict[str, Any], report: Path, images: Path) -> None:
         "for the others, over the baseline case of the same run. Absolute rates drift on a "
         "shared machine; ratios and RPC counts much less.",
         "- **RPCs/op** are counted by etcd itself (`grpc_server_started_total`), background "
-        "lease keepalives excluded; a watch stream counts once.",
+        "lease keepalives excluded. This library opens a watch stream per wait, which etcd "
+        "counts once; python-etcd3 multiplexes all of a client's watches over one stream, so "
+        "for its Lock the watches it creates are counted (client-side) in place of its "
+        "streams.",
         "",
     ]
     for family, title in FAMILIES.items():
