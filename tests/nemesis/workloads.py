@@ -20,6 +20,7 @@ from etcd_patterns import (
     LockLostError,
     OutcomeUnknownError,
 )
+from etcd_patterns._queue import PREFETCH
 from etcd_patterns._session import CLEANUP_TIMEOUT
 from tests.nemesis.history import OK, Op, Recorder
 
@@ -124,15 +125,20 @@ def producer(endpoints: list[str], out: str, name: str, stop: Any) -> None:
     recorder.close()
 
 
+# More than one read of candidates fetches, so that a batch often takes
+# what it read and then reads and takes again within the one call.
+BATCH = PREFETCH + 8
+
+
 def consumer(endpoints: list[str], out: str, name: str, stop: Any) -> None:
-    """Dequeue items, one at a time or a few at once."""
+    """Dequeue items, one at a time or in batches."""
     recorder = Recorder(Path(out), name)
     chance = random.Random(name)
     with _connect(endpoints) as etcd:
         while not stop.is_set():
             with recorder.op("dequeue", bound=BOUNDS["dequeue"]) as op:
                 if chance.random() < 0.2:
-                    op.value = etcd.dequeue_many("q", 3, timeout=OP_TIMEOUT)
+                    op.value = etcd.dequeue_many("q", BATCH, timeout=OP_TIMEOUT)
                 else:
                     op.value = etcd.dequeue("q", timeout=OP_TIMEOUT)
     recorder.close()
