@@ -15,10 +15,14 @@ Protocol:
   runs `Janitor.sweep` after each refresh, until etcd confirms every delete.
 * A write whose outcome could not be settled (see `_commit`) leaves a
   resolving transaction with `Janitor.settle_first`. Until etcd has answered
-  every such transaction, no key is deleted: a late copy of the write,
-  which etcd may still receive and apply, could otherwise create the key
-  again after its delete, and leave it on a live lease with nobody to
-  delete it. Once answered, no copy of the write can ever apply.
+  every such transaction, no key that such a write may have created is
+  deleted: a late copy of the write, which etcd may still receive and
+  apply, could otherwise create the key again after its delete, and leave
+  it on a live lease with nobody to delete it. Once answered, no copy of
+  the write can ever apply. A key deleted by its create revision needs no
+  such wait: the write that made it is known to have applied, once.
+  Only a lost lease settles a write for good without an answer, since the
+  write's own bookkeeping key is gone with it.
 
 Guarantees:
 
