@@ -154,6 +154,16 @@ def _rpc_counts(metrics_url: str) -> Counter[str]:
     return counts
 
 
+def _all_stopped(tasks: Path) -> bool:
+    """Whether every thread under ``/proc/<pid>/task`` is stopped (or cannot be seen)."""
+    try:
+        states = [(task / "stat").read_text() for task in tasks.iterdir()]
+    except OSError:
+        return True  # no /proc here, or the process is gone
+    # The state follows the command name, which is in parentheses.
+    return all(stat.rpartition(")")[2].split()[0] in ("T", "t") for stat in states)
+
+
 class RpcCount:
     """RPCs started on etcd's side while a ``with`` block ran.
 
@@ -450,9 +460,25 @@ class EtcdNode:
             self.kill()
 
     def pause(self) -> None:
-        """Freeze the process with SIGSTOP: it holds its sockets but answers nothing."""
-        if self.process is not None:
-            self.process.send_signal(signal.SIGSTOP)
+        """Freeze the process with SIGSTOP: it holds its sockets but answers nothing.
+
+        Returns once every thread of the process has stopped (where the
+        system shows it, in ``/proc``): the kernel stops a process's threads
+        one by one, and on a busy machine the others may serve requests for
+        a while after the signal was sent.
+        """
+        if self.process is None:
+            return
+        self.process.send_signal(signal.SIGSTOP)
+        tasks = Path(f"/proc/{self.process.pid}/task")
+        # A state in the kernel, with no event to wait on: poll it.
+        poll = Retrying(
+            stop=stop_after_delay(10),
+            wait=wait_fixed(0.001),
+            retry=retry_if_result(lambda stopped: not stopped),
+            retry_error_callback=lambda _state: False,
+        )
+        poll(_all_stopped, tasks)
 
     def resume(self) -> None:
         """Continue a paused process with SIGCONT."""
