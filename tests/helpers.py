@@ -13,6 +13,8 @@ import grpc
 from etcd3 import etcdrpc
 from tenacity import Retrying, retry_if_result, stop_after_delay, wait_fixed
 
+from etcd_patterns.testing import EtcdCluster, ExternalEtcd, read_metrics
+
 
 class Raw:
     """A plain python3-etcd3 client confined to a namespace, for checking what etcd holds."""
@@ -179,6 +181,16 @@ def freed_within(ttl: float) -> float:
     after that; the waiter then wakes on its watch.
     """
     return ttl + ETCD_EXPIRY_SWEEP + SCHEDULING_GRACE
+
+
+def watchers(etcd: EtcdCluster | ExternalEtcd) -> int:
+    """How many watchers etcd serves right now, over every member."""
+    return sum(
+        int(value)
+        for url in etcd.metrics_urls
+        for name, _, value in read_metrics(url)
+        if name == "etcd_debugging_mvcc_watcher_total"
+    )
 
 
 def wait_until(condition: Callable[[], bool], *, timeout: float = 20.0) -> None:

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from etcd_patterns import EtcdPatterns
-from etcd_patterns.testing import EtcdCluster, ExternalEtcd, read_metrics
-from tests.helpers import Raw, wait_until
+from etcd_patterns.testing import EtcdCluster, ExternalEtcd
+from tests.helpers import Raw, wait_until, watchers
 
 Etcd = EtcdCluster | ExternalEtcd
 
@@ -196,7 +196,7 @@ def test_a_claim_on_an_empty_queue_exits_75(etcd: Etcd, namespace: str) -> None:
 def test_ctrl_c_exits_130(etcd: Etcd, namespace: str) -> None:
     # The child restores the default SIGINT handling, which a parent running
     # in the background may have left ignored.
-    before = _watchers(etcd)
+    before = watchers(etcd)
     child = subprocess.Popen(
         [
             sys.executable,
@@ -208,18 +208,9 @@ def test_ctrl_c_exits_130(etcd: Etcd, namespace: str) -> None:
             *("dequeue", "q", "--timeout", "30"),
         ],
     )
-    wait_until(lambda: _watchers(etcd) > before)  # the consumer waits on its watch
+    wait_until(lambda: watchers(etcd) > before)  # the consumer waits on its watch
     child.send_signal(signal.SIGINT)
     assert child.wait(timeout=30) == 130
-
-
-def _watchers(etcd: Etcd) -> int:
-    return sum(
-        int(value)
-        for url in etcd.metrics_urls
-        for name, _, value in read_metrics(url)
-        if name == "etcd_debugging_mvcc_watcher_total"
-    )
 
 
 def test_the_installed_console_script(etcd: Etcd, namespace: str, raw: Raw) -> None:

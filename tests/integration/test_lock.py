@@ -24,8 +24,8 @@ from etcd_patterns import (
     LockTimeoutError,
     NotALockError,
 )
-from etcd_patterns.testing import EtcdCluster, ExternalEtcd, find_etcd_binary, read_metrics
-from tests.helpers import Raw, freed_within, run_processes, run_together, wait_until
+from etcd_patterns.testing import EtcdCluster, ExternalEtcd, find_etcd_binary
+from tests.helpers import Raw, freed_within, run_processes, run_together, wait_until, watchers
 
 Etcd = EtcdCluster | ExternalEtcd
 
@@ -428,16 +428,6 @@ def test_etcdctl_lock_excludes_us(
     assert patterns.lock("L", lambda: "ours", timeout=10) == "ours"
 
 
-def _watchers(etcd: Etcd) -> int:
-    """How many watchers etcd serves right now, over every member."""
-    return sum(
-        int(value)
-        for url in etcd.metrics_urls
-        for name, _, value in read_metrics(url)
-        if name == "etcd_debugging_mvcc_watcher_total"
-    )
-
-
 @pytest.mark.timeout(60)
 def test_we_exclude_etcdctl_lock(
     etcd: Etcd, namespace: str, patterns: EtcdPatterns, raw: Raw, tmp_path: Path
@@ -447,12 +437,12 @@ def test_we_exclude_etcdctl_lock(
     marker = tmp_path / "ran"
     command = [sys.executable, "-c", "import sys; open(sys.argv[1], 'w').close()", str(marker)]
     with patterns.locked("L"):
-        before = _watchers(etcd)
+        before = watchers(etcd)
         waiter = etcdctl(etcd, "lock", namespace + "L", "--", *command)
         wait_until(lambda: contenders(raw) == 2)  # etcdctl is queued behind us
         # Go's Mutex watches its predecessor only once it found it does not
         # hold the lock: from then on it cannot run its command before we go.
-        wait_until(lambda: _watchers(etcd) > before)
+        wait_until(lambda: watchers(etcd) > before)
         assert not marker.exists()
         assert waiter.poll() is None
     assert waiter.wait(timeout=20) == 0
@@ -466,12 +456,12 @@ def test_a_lock_name_ending_with_a_slash_is_etcdctls_too(
     # etcdctl and Go's Mutex accept "/my-lock/": contenders "/my-lock//<lease>".
     with patterns.locked("my-lock/") as held:
         assert held.key.startswith("my-lock//")
-        before = _watchers(etcd)
+        before = watchers(etcd)
         waiter = etcdctl(
             etcd, "lock", namespace + "my-lock/", "--", "echo", "acquired", stdout=subprocess.PIPE
         )
         wait_until(lambda: raw.count("my-lock//") == 2)  # etcdctl is queued behind us
-        wait_until(lambda: _watchers(etcd) > before)  # and waits for us, as above
+        wait_until(lambda: watchers(etcd) > before)  # and waits for us, as above
         assert waiter.poll() is None
     out, _ = waiter.communicate(timeout=20)
     assert waiter.returncode == 0
