@@ -20,8 +20,9 @@ Keys a pattern is done with are deleted by the session's `Janitor`
 keepalive thread once etcd answers again.
 
 Sessions for TTLs other than the instance's own are retired once idle: when
-nobody has asked for one for `IDLE_RETIREMENT` seconds and its lease carries
-no key but its own scratch keys, its thread stops and its lease is revoked.
+nobody has asked for one for `IDLE_RETIREMENT` seconds (or twice the
+instance's timeout, if longer) and its lease carries no key but its own
+scratch keys, its thread stops and its lease is revoked.
 A lease grant never holds up callers that want another TTL's session, and
 concurrent callers that want the same one share one grant.
 

@@ -321,27 +321,17 @@ def test_lease_loss_while_holding(
 
 
 @pytest.mark.timeout(60)
-def test_lock_reports_loss_with_the_blocks_result(patterns: EtcdPatterns, raw: Raw) -> None:
+@pytest.mark.parametrize("call", ["lock", "try_lock"])
+def test_a_loss_is_reported_with_the_blocks_result(
+    patterns: EtcdPatterns, raw: Raw, call: str
+) -> None:
     def block() -> str:
         ((_, meta),) = raw.client.get_prefix(raw.key("L/"))
         raw.revoke(meta.lease_id)
         return "done"
 
     with pytest.raises(LockLostError) as info:
-        patterns.lock("L", block)
-    assert info.value.result == "done"
-    assert info.value.name == "L"
-
-
-@pytest.mark.timeout(60)
-def test_try_lock_reports_loss_with_the_blocks_result(patterns: EtcdPatterns, raw: Raw) -> None:
-    def block() -> str:
-        ((_, meta),) = raw.client.get_prefix(raw.key("L/"))
-        raw.revoke(meta.lease_id)
-        return "done"
-
-    with pytest.raises(LockLostError) as info:
-        patterns.try_lock("L", block)
+        getattr(patterns, call)("L", block)
     assert info.value.result == "done"
     assert info.value.name == "L"
 

@@ -47,6 +47,16 @@ class _Probe:
             return None
         return Watch([etcdrpc.WatchCreateRequest(key=self.key)], lambda _event: True)
 
+    def wait_until_it_exists(self, state: _Key) -> _Key:
+        return wait(
+            self.transport,
+            state,
+            read=self.read,
+            watch=self.until_it_exists,
+            deadline=Deadline(3 * RECHECK_INTERVAL),
+            timeout_error=lambda: AssertionError("missed"),
+        )
+
 
 @pytest.fixture
 def probe(patterns: EtcdPatterns, namespace: str) -> _Probe:
@@ -58,14 +68,7 @@ def test_a_change_between_the_read_and_the_watch_is_not_missed(probe: _Probe, ra
     before = probe.read()
     assert not before.exists
     raw.put("k", "v")  # after the read, before any watch exists
-    after = wait(
-        probe.transport,
-        before,
-        read=probe.read,
-        watch=probe.until_it_exists,
-        deadline=Deadline(3 * RECHECK_INTERVAL),
-        timeout_error=lambda: AssertionError("missed"),
-    )
+    after = probe.wait_until_it_exists(before)
     assert after.exists
     # Found by the read made once the watch existed, not by a recheck.
     assert (probe.streams, probe.reads) == (1, 2)
@@ -86,14 +89,7 @@ def test_a_change_while_watching_wakes_the_waiter(probe: _Probe, raw: Raw) -> No
     probe.transport.watch = announced  # type: ignore[method-assign]
     putter = threading.Thread(target=lambda: watching.wait(10) and raw.put("k", "v"))
     putter.start()
-    after = wait(
-        probe.transport,
-        before,
-        read=probe.read,
-        watch=probe.until_it_exists,
-        deadline=Deadline(3 * RECHECK_INTERVAL),
-        timeout_error=lambda: AssertionError("missed"),
-    )
+    after = probe.wait_until_it_exists(before)
     putter.join(timeout=10)
     assert after.exists
     assert probe.streams == 1
