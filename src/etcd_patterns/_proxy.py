@@ -3,8 +3,11 @@
 Put one in front of a member's client URL (or its peer URL), point clients at
 `FaultProxy.address`, and switch faults on and off while they run:
 
-* `blackhole`: accept connections and bytes, forward nothing, answer
-  nothing: a hung member, or one side of a partition.
+* `blackhole`: accept connections and bytes, and hold them: nothing is
+  forwarded or answered until `heal`, which delivers what was held, in
+  order. This is a hung member, or a partition: TCP loses no bytes, it
+  retransmits them until the network heals, so a request sent into a
+  blackhole may still reach etcd, late.
 * `delay`: hold every chunk for a fixed delay plus random jitter, per
   direction.
 * `drop_answers`: forward requests to etcd, then cut the connection as the
@@ -127,6 +130,7 @@ class FaultProxy:
         self._mode = _Mode()
         self._links: set[_Link] = set()
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
         self._random = random.Random(seed)
         self._stop = threading.Event()
         self._acceptor = threading.Thread(
@@ -156,7 +160,7 @@ class FaultProxy:
     # -- faults -------------------------------------------------------------
 
     def blackhole(self) -> None:
-        """Forward nothing, answer nothing, until `heal`."""
+        """Hold every byte, both ways, until `heal` delivers them."""
         self._set(_Mode(blackhole=True))
         self.stats["blackhole"] += 1
 
@@ -180,7 +184,7 @@ class FaultProxy:
         self.stats["connections cut"] += len(links)
 
     def heal(self) -> None:
-        """End every fault: forward everything, at once."""
+        """End every fault: forward everything, held bytes first."""
         self._set(_Mode())
 
     def close(self) -> None:
@@ -197,8 +201,17 @@ class FaultProxy:
     # -- machinery ----------------------------------------------------------
 
     def _set(self, mode: _Mode) -> None:
-        with self._lock:
+        with self._changed:
             self._mode = mode
+            self._changed.notify_all()
+
+    def _hold(self, link: _Link) -> _Mode:
+        """Wait while the proxy is a blackhole; return the mode that ended it."""
+        with self._changed:
+            while self._mode.blackhole and not link.closed.is_set():
+                # Woken by a change of mode; the timeout notices a closed link.
+                self._changed.wait(0.1)
+            return self._mode
 
     def _accept(self) -> None:
         while not self._stop.is_set():
@@ -246,8 +259,10 @@ class FaultProxy:
                 else:
                     begins, link.asked = link.asked, False
                 if mode.blackhole:
-                    self.stats["bytes swallowed"] += len(data)
-                    continue
+                    self.stats["bytes held"] += len(data)
+                    mode = self._hold(link)
+                    if link.closed.is_set():
+                        break
                 if mode.delay or mode.jitter:
                     time.sleep(mode.delay + self._random.uniform(0, mode.jitter))
                     self.stats["chunks delayed"] += 1
