@@ -1,0 +1,414 @@
+"""Contender queues: the protocol that locks and elections share.
+
+Protocol, etcd's own (Go's ``concurrency.Mutex`` and ``concurrency.Election``,
+and so ``etcdctl lock`` and ``etcdctl elect``), so that each excludes the
+others:
+
+* A contender for ``name`` writes a key directly under ``name/``, carrying
+  its session lease, and in the same round trip reads the newest key created
+  before its own: its predecessor.
+* The contender whose key has the lowest create revision under ``name/``
+  wins: it holds the lock, or leads the election.
+* With a predecessor, a contender watches the predecessor's key, and only
+  it (no thundering herd), until it is deleted; then it re-reads, in one
+  round trip, its own key and its new predecessor, if any. It wins only
+  from a read that saw its own key.
+* Leaving deletes the contender's key, guarded by its create revision:
+  never anyone else's, even after its lease expired and another won.
+* A contender that gives up (timeout, exception, Ctrl-C) deletes its key;
+  when etcd cannot be reached, its session deletes it once etcd answers.
+
+Guarantees:
+
+* While the session lease lives, at most one contender wins, and waiters
+  win in the order they registered (FIFO).
+* The winner's fencing token, the create revision of its key, increases
+  with every new winner.
+* A registration is written through the exactly-once commit, so a copy of
+  it that etcd receives late never creates a key that nobody owns.
+* A key under ``name/`` without a lease is data, which no contender would
+  ever delete: a contender that finds one before its own raises the
+  pattern's misuse error rather than wait for ever. So does a ``name`` that
+  is itself a key holding a value, and nothing is written then.
+
+Cost: winning uncontended is one round trip, and leaving is one. Each
+predecessor that leaves costs one watch and one read.
+
+Lease loss: etcd deletes the contender's key with its lease. A waiter whose
+key vanished registers again, on a fresh session, at the back of the queue;
+a winner learns of the loss from its session's ``lost`` event and from its
+fence, which has fallen.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from etcd3 import etcdrpc
+from etcd3.etcdrpc import kv_pb2
+
+from . import _ops as ops
+from ._commit import commit
+from ._errors import EtcdPatternsError, OutcomeUnknownError
+from ._keys import Keyspace, children_range
+from ._retry import Deadline
+from ._session import Orphan, Session, Sessions
+from ._transport import Transport
+from ._wait import Watch, wait
+
+_DELETE = kv_pb2.Event.DELETE
+
+
+class Won(NamedTuple):
+    """A contender key that won.
+
+    Attributes:
+        key: The key, with the namespace.
+        revision: Its create revision: the fencing token.
+        session: The session whose lease the key carries.
+    """
+
+    key: bytes
+    revision: int
+    session: Session
+
+
+class Attempt(NamedTuple):
+    """The outcome of `Contenders.try_win`.
+
+    Attributes:
+        revision: The etcd revision of the attempt.
+        won: The winning key; None if another contender was there first.
+    """
+
+    revision: int
+    won: Won | None
+
+
+class Winner(NamedTuple):
+    """The winning key, from one read.
+
+    Attributes:
+        kv: The winning key, with its value and create revision; None if
+            there is no contender.
+        revision: The revision the read reflects.
+    """
+
+    kv: Any | None
+    revision: int
+
+
+class _Turn(NamedTuple):
+    """Where a contender stands, from one read.
+
+    Attributes:
+        exists: Whether my key is still there.
+        predecessor: The newest key created before mine (keys only); None
+            if there is none, so that, if my key exists, I have won.
+        revision: The revision the read reflects.
+    """
+
+    exists: bool
+    predecessor: Any | None
+    revision: int
+
+
+class _Registration(NamedTuple):
+    """A contender key written by `Contenders._register`.
+
+    Attributes:
+        revision: The key's create revision.
+        session: The session whose lease the key carries.
+        turn: Where the key stood when it was written.
+    """
+
+    revision: int
+    session: Session
+    turn: _Turn
+
+
+class Contenders:
+    """Contender queues of one pattern, over one transport and set of sessions.
+
+    Args:
+        transport: Sends requests.
+        keyspace: Maps names to etcd keys.
+        sessions: Provides the session lease for each TTL.
+        noun: What the pattern calls a name ("lock", "election"), for errors.
+        misuse: The pattern's error for a name that holds data.
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        keyspace: Keyspace,
+        sessions: Sessions,
+        *,
+        noun: str,
+        misuse: Callable[[str], EtcdPatternsError],
+    ) -> None:
+        self._transport = transport
+        self._keyspace = keyspace
+        self._sessions = sessions
+        self._noun = noun
+        self._misuse = misuse
+        self._sequence = itertools.count(1)
+        self._instance = secrets.token_hex(8)
+
+    def contend(
+        self,
+        raw: bytes,
+        value: bytes,
+        *,
+        lease_ttl: int | None,
+        deadline: Deadline,
+        timeout_error: Callable[[], Exception],
+    ) -> Won:
+        """Register under ``raw/`` and wait until this contender wins.
+
+        Args:
+            raw: The name, with the namespace.
+            value: The contender key's value.
+            lease_ttl: The session's TTL; None for the default.
+            deadline: When to give up; the key is withdrawn then, as on any
+                other error.
+            timeout_error: Makes the error raised when the deadline passes.
+        """
+        while True:
+            my_key = self._contender_key(raw)
+            try:
+                registered = self._register(raw, my_key, value, lease_ttl)
+            except BaseException as exc:
+                self.withdraw_unsettled(lease_ttl, my_key, exc)
+                raise
+            revision, session = registered.revision, registered.session
+            try:
+                if self._wait_turn(
+                    raw,
+                    my_key,
+                    revision,
+                    session,
+                    turn=registered.turn,
+                    deadline=deadline,
+                    timeout_error=timeout_error,
+                ):
+                    return Won(my_key, revision, session)
+            except BaseException:
+                session.withdraw(Orphan(my_key, revision))
+                raise
+            # My key vanished: the session was lost. Queue again on a fresh
+            # one, unless time is up; like any new contender, at the back.
+            # Should the old lease live after all, its key must not stay
+            # ahead of the new one.
+            session.abandon(Orphan(my_key, revision))
+            if deadline.expired():
+                raise timeout_error()
+
+    def try_win(self, raw: bytes, value: bytes, *, lease_ttl: int | None) -> Attempt:
+        """Register only if there is no contender at all: one round trip."""
+        start, end = children_range(raw)
+        my_key = self._contender_key(raw)
+        try:
+            # Free means no contender at all: an empty range compares as a
+            # key with create revision 0.
+            committed = commit(
+                self._transport,
+                lambda: self._sessions.get(lease_ttl),
+                compare=[
+                    ops.compare_create(start, "==", 0, range_end=end),
+                    ops.compare_version(raw, "==", 0),
+                ],
+                success=lambda session: [ops.put(my_key, value, lease=session.lease_id)],
+                failure=[
+                    ops.get(raw, keys_only=True),
+                    ops.get(start, end, oldest_first=True, limit=1, keys_only=True),
+                ],
+            )
+        except BaseException as exc:
+            self.withdraw_unsettled(lease_ttl, my_key, exc)
+            raise
+        if committed.succeeded:
+            return Attempt(committed.revision, Won(my_key, committed.revision, committed.session))
+        assert committed.responses is not None  # failures always carry responses
+        if ops.kvs(committed.responses, 0):
+            raise self._name_holds_data(raw)
+        (winner,) = ops.kvs(committed.responses, 1) or [None]
+        if winner is not None and not winner.lease:
+            raise self._data_under_name(raw, winner.key)
+        return Attempt(committed.revision, None)
+
+    def winner(self, raw: bytes) -> Winner:
+        """The winning key, if any, with its value: one round trip."""
+        start, end = children_range(raw)
+        response = self._transport.range(ops.range_request(start, end, oldest_first=True, limit=1))
+        (first,) = response.kvs or [None]
+        if first is not None and not first.lease:
+            raise self._data_under_name(raw, first.key)
+        return Winner(first, response.header.revision)
+
+    def leave(self, key: bytes, revision: int, session: Session) -> bool:
+        """Delete a contender's key, if it is still this contender's.
+
+        Returns:
+            False if the key was already gone: the contender had lost its
+            place. True otherwise, including when etcd could not be reached,
+            in which case the session deletes the key as soon as etcd
+            answers again.
+        """
+        request = ops.delete_if_created(key, revision)
+        try:
+            try:
+                return bool(self._transport.txn(request).succeeded)
+            except OutcomeUnknownError:
+                # A second copy can only delete this contender's key, so it
+                # is safe to send; but if the first copy did delete it, the
+                # second finds it gone. The key vanishes without us only
+                # with its lease, so a live lease means the first copy did.
+                if self._transport.txn(request, write=False).succeeded:
+                    return True
+                return self._transport.lease_time_to_live(session.lease_id) > 0
+        except EtcdPatternsError:
+            session.abandon(Orphan(key, revision))
+            return True
+        except BaseException:
+            session.abandon(Orphan(key, revision))  # Ctrl-C: still let go
+            raise
+
+    def withdraw_unsettled(self, lease_ttl: int | None, my_key: bytes, exc: BaseException) -> None:
+        """Never leave a contender behind when registering ``my_key`` did not return.
+
+        The key's name is this attempt's alone, so it is deleted by name.
+        """
+        if isinstance(exc, EtcdPatternsError):
+            # etcd failed us, so a delete now would likely fail too: the
+            # session deletes the key once etcd answers, if its lease still
+            # carries one.
+            self._sessions.abandon(lease_ttl, Orphan(my_key))
+        else:
+            # Interrupted (Ctrl-C): the commit has settled the write, so no
+            # late copy can create the key after this delete.
+            self._sessions.withdraw(lease_ttl, Orphan(my_key))
+
+    # -- the queue ----------------------------------------------------------
+
+    def _register(
+        self, raw: bytes, my_key: bytes, value: bytes, lease_ttl: int | None
+    ) -> _Registration:
+        """Write my key and read my predecessor in one round trip.
+
+        The write goes through the exactly-once commit: a copy of it that
+        etcd receives late can never create my key a second time (after I
+        left, say), which would leave a contender that nobody owns.
+        """
+        start, end = children_range(raw)
+        committed = commit(
+            self._transport,
+            lambda: self._sessions.get(lease_ttl),
+            compare=[ops.compare_version(raw, "==", 0)],
+            # The range runs before the put, so it sees the newest key
+            # created before mine.
+            success=lambda session: [
+                ops.get(start, end, newest_first=True, limit=1, keys_only=True),
+                ops.put(my_key, value, lease=session.lease_id),
+            ],
+            failure=[ops.get(raw, keys_only=True)],
+        )
+        if not committed.succeeded:
+            raise self._name_holds_data(raw)
+        revision = committed.revision
+        if committed.responses is None:
+            # Settled after a lost answer: read what the answer would have
+            # said, and whether my key is still there to say it of.
+            turn = self._check_turn(raw, my_key, revision)
+        else:
+            (predecessor,) = ops.kvs(committed.responses, 0) or [None]
+            turn = _Turn(exists=True, predecessor=predecessor, revision=revision)
+        return _Registration(revision, committed.session, turn)
+
+    def _check_turn(self, raw: bytes, my_key: bytes, revision: int) -> _Turn:
+        """Whether my key exists, and my current predecessor, in one round trip."""
+        start, end = children_range(raw)
+        request = ops.txn(
+            compare=[],
+            success=[
+                ops.get(my_key, keys_only=True),
+                ops.get(
+                    start,
+                    end,
+                    newest_first=True,
+                    limit=1,
+                    keys_only=True,
+                    max_create_revision=revision - 1,
+                ),
+            ],
+            failure=[],
+        )
+        response = self._transport.txn(request, write=False)
+        (predecessor,) = ops.kvs(response.responses, 1) or [None]
+        return _Turn(
+            exists=bool(ops.kvs(response.responses, 0)),
+            predecessor=predecessor,
+            revision=response.header.revision,
+        )
+
+    def _wait_turn(
+        self,
+        raw: bytes,
+        my_key: bytes,
+        revision: int,
+        session: Session,
+        *,
+        turn: _Turn,
+        deadline: Deadline,
+        timeout_error: Callable[[], Exception],
+    ) -> bool:
+        """Wait until I win (True), or my key or session is gone (False).
+
+        True is only ever reported from a read that saw my key.
+        """
+
+        def watch(turn: _Turn) -> Watch | None:
+            if not turn.exists or turn.predecessor is None or session.lost.is_set():
+                return None
+            if not turn.predecessor.lease:
+                raise self._data_under_name(raw, turn.predecessor.key)
+            # Only the predecessor: no herd.
+            create = etcdrpc.WatchCreateRequest(
+                key=turn.predecessor.key, filters=[etcdrpc.WatchCreateRequest.NOPUT]
+            )
+            return Watch([create], lambda event: event.type == _DELETE)
+
+        final = wait(
+            self._transport,
+            turn,
+            read=lambda: self._check_turn(raw, my_key, revision),
+            watch=watch,
+            deadline=deadline,
+            timeout_error=timeout_error,
+        )
+        return final.exists and final.predecessor is None
+
+    # -- helpers ------------------------------------------------------------
+
+    def _contender_key(self, raw: bytes) -> bytes:
+        # Unique to this instance and attempt, and known before the session
+        # that will carry it, so that an unsettled attempt can be withdrawn.
+        return raw + f"/{self._instance}-{next(self._sequence)}".encode()
+
+    def _data_under_name(self, raw: bytes, key: bytes) -> EtcdPatternsError:
+        noun = self._noun
+        return self._misuse(
+            f"key {self._keyspace.decode(key)!r} under {noun} {self._keyspace.decode(raw)!r} "
+            f"carries no lease, so it is data, not a contender, and would win the {noun} "
+            f"for ever; store data outside the {noun}'s directory"
+        )
+
+    def _name_holds_data(self, raw: bytes) -> EtcdPatternsError:
+        noun = self._noun
+        return self._misuse(
+            f"{noun} name {self._keyspace.decode(raw)!r} is a key that holds a value; "
+            f"a {noun} needs a name of its own"
+        )
