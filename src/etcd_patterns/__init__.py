@@ -11,10 +11,12 @@ Start with `EtcdPatterns.connect`::
 Throwaway etcd servers for tests live in `etcd_patterns.testing`.
 """
 
+from ._election import Elected, LeaderInfo, Leadership
 from ._errors import (
     ClaimLostError,
     ClosedError,
     ConflictError,
+    ElectionTimeoutError,
     EtcdError,
     EtcdPatternsError,
     EtcdUnavailableError,
@@ -22,11 +24,13 @@ from ._errors import (
     InvalidArgumentError,
     InvalidTypeError,
     KeyNotFoundError,
+    LeadershipLostError,
     LeaseNotFoundError,
     LockLostError,
     LockReentryError,
     LockTimeoutError,
     NotALockError,
+    NotAnElectionError,
     NotAValueError,
     OutcomeUnknownError,
     PermissionDeniedError,
@@ -49,6 +53,8 @@ __all__ = [
     "ClaimedItem",
     "ClosedError",
     "ConflictError",
+    "Elected",
+    "ElectionTimeoutError",
     "EtcdError",
     "EtcdPatterns",
     "EtcdPatternsError",
@@ -59,6 +65,9 @@ __all__ = [
     "InvalidArgumentError",
     "InvalidTypeError",
     "KeyNotFoundError",
+    "LeaderInfo",
+    "Leadership",
+    "LeadershipLostError",
     "LeaseNotFoundError",
     "LockLostError",
     "LockReentryError",
@@ -66,6 +75,7 @@ __all__ = [
     "Locked",
     "NotALockError",
     "NotAValueError",
+    "NotAnElectionError",
     "OutcomeUnknownError",
     "PermissionDeniedError",
     "QueueEmptyError",

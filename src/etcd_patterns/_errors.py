@@ -18,6 +18,9 @@ and every wait that runs out of time raises a `TimeoutError`::
     ├── LockLostError                          a lock's ownership was lost
     ├── LockReentryError (RuntimeError)        a thread re-acquired a lock it holds
     ├── NotALockError (ValueError)             a lock's name is a key holding a value
+    ├── ElectionTimeoutError (TimeoutError)    not elected, or no change seen, in time
+    ├── LeadershipLostError                    a leader's leadership was lost
+    ├── NotAnElectionError (ValueError)        an election's name is a key holding a value
     ├── QueueEmptyError (TimeoutError)         no item arrived within the timeout
     ├── ClaimLostError                         a claimed item's claim expired
     ├── EtcdUnavailableError                   etcd did not answer in time; nothing changed
@@ -43,6 +46,7 @@ __all__ = [
     "ClaimLostError",
     "ClosedError",
     "ConflictError",
+    "ElectionTimeoutError",
     "EtcdError",
     "EtcdPatternsError",
     "EtcdUnavailableError",
@@ -50,12 +54,14 @@ __all__ = [
     "InvalidArgumentError",
     "InvalidTypeError",
     "KeyNotFoundError",
+    "LeadershipLostError",
     "LeaseNotFoundError",
     "LockLostError",
     "LockReentryError",
     "LockTimeoutError",
     "NotALockError",
     "NotAValueError",
+    "NotAnElectionError",
     "OutcomeUnknownError",
     "PermissionDeniedError",
     "QueueEmptyError",
@@ -184,6 +190,38 @@ class NotALockError(EtcdPatternsError, ValueError):
 
     A lock lives in the directory ``name/``; a value stored at ``name`` itself
     means the name is already used for data. Nothing was written.
+    """
+
+
+class ElectionTimeoutError(EtcdPatternsError, TimeoutError):
+    """A campaign was not elected, or an observer saw no change, within the timeout.
+
+    A campaign that times out leaves no key behind.
+    """
+
+
+class LeadershipLostError(EtcdPatternsError):
+    """A leader is leader no more: its session lease expired or was revoked.
+
+    Raised by `Leadership.proclaim` and by writes guarded by the leadership
+    (which then wrote nothing), and on leaving the block of
+    `EtcdPatterns.elected` if the leadership was lost in it.
+
+    Attributes:
+        name: The election's name.
+    """
+
+    def __init__(self, message: str, *, name: str) -> None:
+        super().__init__(message)
+        self.name = name
+
+
+class NotAnElectionError(EtcdPatternsError, ValueError):
+    """The election's name is a key that holds a value, or has data under it.
+
+    An election lives in the directory ``name/``, where every key is a
+    candidate on its lease; a value at ``name`` itself, or a key without a
+    lease under it, means the name is used for data. Nothing was written.
     """
 
 

@@ -13,11 +13,12 @@ from __future__ import annotations
 import atexit
 import logging
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
 from ._connect import build_client, parse_endpoints
+from ._election import Elected, Elections, LeaderInfo
 from ._errors import InvalidArgumentError, InvalidTypeError
 from ._fence import Fence
 from ._keys import Keyspace
@@ -133,6 +134,7 @@ class EtcdPatterns:
         self._sessions = Sessions(self._transport, self._keyspace, ttl)
         self._kv = KeyValue(self._transport, self._keyspace, self._sessions.get)
         self._locks = Locks(self._transport, self._keyspace, self._sessions)
+        self._elections = Elections(self._transport, self._keyspace, self._sessions)
         self._queue = Queue(self._transport, self._keyspace, self._sessions, prefetch=prefetch)
         _open_instances.add(self)
 
@@ -439,6 +441,88 @@ class EtcdPatterns:
         if the lock is held elsewhere (one round trip, nothing written).
         """
         return TryLocked(self._locks, key, ttl)
+
+    # -- election -----------------------------------------------------------
+
+    def elected(
+        self,
+        name: str | bytes,
+        value: str | bytes,
+        *,
+        ttl: float | None = None,
+        timeout: float | None = None,
+    ) -> Elected:
+        """Lead the election ``name`` for a ``with`` block.
+
+        ``with etcd.elected("scheduler", "host-1") as leadership:`` campaigns
+        with ``value`` as this candidate's proposal, waits until elected
+        (first come, first served), and resigns on leaving the block. The
+        protocol is etcd's own, so ``etcdctl elect`` and Go's
+        ``concurrency.Election`` take part in the same election. Cost: two
+        round trips uncontended, campaign and resignation.
+
+        ``leadership`` is a `Leadership`, a `Fence`: its ``fencing_token``,
+        ``lost`` event, ``is_leader()``, ``proclaim(value)``, and
+        ``guard=leadership`` for writes that must apply only while it leads.
+
+        Args:
+            name: The election's name, without the namespace. Candidates'
+                keys live under ``name/``.
+            value: What this candidate proposes, e.g. its address: the
+                leader's value, as `leader` and `observe` report it.
+            ttl: Lease TTL in seconds: how soon another candidate is elected
+                if this process dies. None uses the instance's
+                ``session_ttl``. The block may run longer: the lease is kept
+                alive meanwhile.
+            timeout: How long to wait to be elected; None waits forever.
+
+        Raises:
+            ElectionTimeoutError: Not elected within ``timeout`` (a
+                `TimeoutError`); no key is left behind.
+            LeadershipLostError: On leaving the block, the leadership had
+                been lost (its lease expired or was revoked), unless the
+                block is already raising.
+            NotAnElectionError: ``name`` holds a value, or data without a
+                lease lies under it; nothing was written.
+            EtcdUnavailableError: etcd did not answer within ``timeout`` of
+                the instance.
+        """
+        return Elected(self._elections, name, value, ttl, timeout)
+
+    def leader(self, name: str | bytes) -> LeaderInfo | None:
+        """The current leader of the election ``name``, or None: one round trip.
+
+        Returns:
+            ``(key, value, fencing_token)`` of the oldest candidate, whether
+            it campaigned through this library or ``etcdctl elect``.
+
+        Raises:
+            NotAnElectionError: Data without a lease lies under ``name/``.
+        """
+        return self._elections.leader(name)
+
+    def observe(
+        self, name: str | bytes, *, timeout: float | None = None
+    ) -> Iterator[LeaderInfo | None]:
+        """Follow the leader of the election ``name``.
+
+        Yields the current leader first (None if there is none), then the
+        leader after each change: a new leader, a proclaimed value, or no
+        leader. States in between may coalesce, but the latest is never
+        missed. Each change costs one watch and one read; nothing is held
+        in etcd, so the iterator can be dropped at any time.
+
+        Args:
+            name: The election's name, without the namespace.
+            timeout: How long to wait for each next change; None waits
+                forever.
+
+        Raises:
+            ElectionTimeoutError: No change within ``timeout`` (a
+                `TimeoutError`), raised by the iterator.
+            NotAnElectionError: Data without a lease lies under ``name/``.
+        """
+        return self._elections.observe(name, timeout=timeout)
 
     # -- queue --------------------------------------------------------------
 

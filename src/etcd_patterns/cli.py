@@ -7,6 +7,8 @@
     etcd-patterns enqueue DIR VALUE [--ttl S]
     etcd-patterns dequeue DIR [--timeout S]
     etcd-patterns claim DIR [--ttl S] [--timeout S] -- CMD...
+    etcd-patterns elect NAME VALUE [--ttl S] [--timeout S] [-- CMD...]
+    etcd-patterns leader NAME [--watch] [--timeout S]
 
 Connection options come before the subcommand: ``--endpoints`` (default
 ``$ETCD_ENDPOINTS``, then ``127.0.0.1:2379``), ``--namespace``,
@@ -14,24 +16,40 @@ Connection options come before the subcommand: ``--endpoints`` (default
 ``--cert``, ``--key`` for TLS. An error is one line on stderr; ``--debug``
 shows its traceback.
 
+``elect`` prints its key once elected, then runs CMD while it leads, with
+``ETCD_ELECTION_KEY`` and ``ETCD_ELECTION_REV`` set (as ``lock`` sets
+``etcdctl lock``'s ``ETCD_LOCK_KEY`` and ``ETCD_LOCK_REV``), and resigns
+when CMD exits. Without CMD, it leads until SIGINT or SIGTERM. SIGINT and
+SIGTERM are passed on to CMD, and the leadership is resigned once it exits.
+If the leadership is lost, CMD is sent SIGTERM. ``leader`` prints the
+leader's value; with ``--watch``, one line per change, an empty line while
+nobody leads.
+
 Exit status: 0 on success; a command's own status for ``lock``,
-``try-lock`` and ``claim``; 75 (``EX_TEMPFAIL``) when a lock is held or a
-wait timed out, so a script can try again later; 69 (``EX_UNAVAILABLE``)
-when etcd cannot be reached; 2 for bad usage; 1 for any other error.
+``try-lock``, ``claim`` and ``elect`` (128 + N if it died of signal N); 75
+(``EX_TEMPFAIL``) when a lock is held, a wait timed out, an election has no
+leader, or a leadership was lost, so a script can try again later; 69
+(``EX_UNAVAILABLE``) when etcd cannot be reached; 130 on Ctrl-C while
+waiting; 2 for bad usage; 1 for any other error.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
+import threading
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from types import FrameType
 
 from ._errors import (
     EtcdPatternsError,
     EtcdUnavailableError,
+    LeadershipLostError,
     OutcomeUnknownError,
     QueueEmptyError,
 )
@@ -101,6 +119,22 @@ def _parser() -> argparse.ArgumentParser:
     claim.add_argument("--ttl", type=float, help="lease TTL of the claim in seconds")
     claim.add_argument("--timeout", type=float, help="seconds to wait (default: forever)")
     claim.usage = "etcd-patterns [options] claim DIR [options] -- CMD [ARGS...]"
+
+    elect = commands.add_parser(
+        "elect", help="campaign; print the key once elected, and run CMD while leading"
+    )
+    elect.add_argument("name")
+    elect.add_argument("value", help="this candidate's proposal: the leader's value")
+    elect.add_argument("--ttl", type=float, help="lease TTL in seconds")
+    elect.add_argument("--timeout", type=float, help="seconds to wait (default: forever)")
+    elect.usage = "etcd-patterns [options] elect NAME VALUE [options] [-- CMD [ARGS...]]"
+
+    leader = commands.add_parser("leader", help="print the leader's value, or follow it")
+    leader.add_argument("name")
+    leader.add_argument(
+        "--watch", action="store_true", help="print a line per change (empty: no leader)"
+    )
+    leader.add_argument("--timeout", type=float, help="with --watch: seconds to wait per change")
     return parser
 
 
@@ -168,6 +202,84 @@ def _claim(etcd: EtcdPatterns, args: argparse.Namespace) -> int:
     return 0
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread as Ctrl-C raises KeyboardInterrupt."""
+
+
+@contextmanager
+def _terminate_as_exception() -> Iterator[None]:
+    """Turn SIGTERM into `_Terminated`, so that ``with`` blocks unwind."""
+
+    def raise_terminated(signum: int, frame: FrameType | None) -> None:
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _status(returncode: int) -> int:
+    """A child's exit status as a shell reports it: 128 + N for signal N."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def _elect(etcd: EtcdPatterns, args: argparse.Namespace) -> int:
+    with (
+        _terminate_as_exception(),
+        etcd.elected(args.name, args.value, ttl=args.ttl, timeout=args.timeout) as leadership,
+    ):
+        key = etcd.namespace + leadership.key
+        print(key, flush=True)
+        if not args.cmd:
+            try:
+                leadership.lost.wait()
+            except (KeyboardInterrupt, _Terminated):
+                return 0  # asked to resign
+            # Lost: leaving the block raises LeadershipLostError.
+            return EX_TEMPFAIL
+        env = dict(os.environ)
+        env["ETCD_ELECTION_KEY"] = key
+        env["ETCD_ELECTION_REV"] = str(leadership.fencing_token)
+        child = subprocess.Popen(args.cmd, env=env)
+        # Stop the command if the leadership is lost while it runs.
+        stopper = threading.Thread(target=_stop_on_loss, args=(leadership.lost, child), daemon=True)
+        stopper.start()
+        while True:
+            try:
+                returncode = child.wait()
+                break
+            except KeyboardInterrupt:
+                child.send_signal(signal.SIGINT)
+            except _Terminated:
+                child.send_signal(signal.SIGTERM)
+        # If the leadership was lost, leaving the block raises
+        # LeadershipLostError.
+        return _status(returncode)
+
+
+def _stop_on_loss(lost: threading.Event, child: subprocess.Popen[bytes]) -> None:
+    while child.poll() is None:
+        if lost.wait(timeout=0.5):
+            if child.poll() is None:
+                child.terminate()
+            return
+
+
+def _leader(etcd: EtcdPatterns, args: argparse.Namespace) -> int:
+    if not args.watch:
+        info = etcd.leader(args.name)
+        if info is None:
+            print(f"etcd-patterns: election {args.name!r} has no leader", file=sys.stderr)
+            return EX_TEMPFAIL
+        print(info.value)
+        return 0
+    for info in etcd.observe(args.name, timeout=args.timeout):
+        print("" if info is None else info.value, flush=True)
+    return 0  # pragma: no cover - observe never ends by itself
+
+
 _HANDLERS = {
     "get": _get,
     "transform": _transform,
@@ -176,6 +288,8 @@ _HANDLERS = {
     "enqueue": _enqueue,
     "dequeue": _dequeue,
     "claim": _claim,
+    "elect": _elect,
+    "leader": _leader,
 }
 
 
@@ -194,12 +308,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _HANDLERS[args.command](etcd, args)
     except KeyboardInterrupt:
         return 130
+    except _Terminated:
+        return 128 + signal.SIGTERM
     except (EtcdPatternsError, ValueError, TypeError, OSError) as exc:
         if args.debug:
             traceback.print_exc()
         else:
             print(f"etcd-patterns: {exc}", file=sys.stderr)
-        if isinstance(exc, (TimeoutError, QueueEmptyError)):
+        if isinstance(exc, (TimeoutError, QueueEmptyError, LeadershipLostError)):
             return EX_TEMPFAIL
         return EX_UNAVAILABLE if isinstance(exc, (EtcdUnavailableError, OutcomeUnknownError)) else 1
 

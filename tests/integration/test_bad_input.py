@@ -13,6 +13,7 @@ from etcd_patterns import (
     InvalidArgumentError,
     InvalidTypeError,
     NotALockError,
+    NotAnElectionError,
     NotAValueError,
     ValueTooLargeError,
 )
@@ -102,6 +103,40 @@ CASES: list[tuple[str, Call, type[BaseException]]] = [
     ("try_lock name is a value", lambda p: p.try_lock("k", noop), NotALockError),
     ("locked empty name", lambda p: p.locked("").__enter__(), InvalidArgumentError),
     ("try_locked ttl str", lambda p: p.try_locked("L", ttl="x").__enter__(), InvalidTypeError),  # type: ignore[arg-type]
+    # election
+    ("elected None name", lambda p: p.elected(None, "v").__enter__(), InvalidTypeError),  # type: ignore[arg-type]
+    ("elected empty name", lambda p: p.elected("", "v").__enter__(), InvalidArgumentError),
+    (
+        "elected reserved name",
+        lambda p: p.elected(".etcd-patterns/e", "v").__enter__(),
+        InvalidArgumentError,
+    ),
+    ("elected int value", lambda p: p.elected("E", 1).__enter__(), InvalidTypeError),  # type: ignore[arg-type]
+    ("elected None value", lambda p: p.elected("E", None).__enter__(), InvalidTypeError),  # type: ignore[arg-type]
+    (
+        "elected non-UTF-8 value",
+        lambda p: p.elected("E", b"\xff").__enter__(),
+        InvalidArgumentError,
+    ),
+    ("elected oversized value", lambda p: p.elected("E", BIG).__enter__(), ValueTooLargeError),
+    ("elected ttl 0", lambda p: p.elected("E", "v", ttl=0).__enter__(), InvalidArgumentError),
+    ("elected ttl str", lambda p: p.elected("E", "v", ttl="5").__enter__(), InvalidTypeError),  # type: ignore[arg-type]
+    (
+        "elected timeout NaN",
+        lambda p: p.elected("E", "v", timeout=float("nan")).__enter__(),
+        InvalidArgumentError,
+    ),
+    (
+        "elected timeout str",
+        lambda p: p.elected("E", "v", timeout="1").__enter__(),
+        InvalidTypeError,
+    ),  # type: ignore[arg-type]
+    ("elected name is a value", lambda p: p.elected("k", "v").__enter__(), NotAnElectionError),
+    ("leader empty name", lambda p: p.leader(""), InvalidArgumentError),
+    ("leader int name", lambda p: p.leader(3), InvalidTypeError),  # type: ignore[arg-type]
+    ("observe empty name", lambda p: p.observe(""), InvalidArgumentError),
+    ("observe timeout -1", lambda p: p.observe("E", timeout=-1), InvalidArgumentError),
+    ("observe timeout str", lambda p: p.observe("E", timeout="1"), InvalidTypeError),  # type: ignore[arg-type]
     # queue
     ("enqueue None dir", lambda p: p.enqueue(None, "v"), InvalidTypeError),  # type: ignore[arg-type]
     ("enqueue empty dir", lambda p: p.enqueue("", "v"), InvalidArgumentError),

@@ -23,6 +23,7 @@ from etcd3 import etcdrpc
 from etcd_patterns import (
     EtcdPatterns,
     EtcdUnavailableError,
+    LeadershipLostError,
     LockLostError,
     OutcomeUnknownError,
     QueueEmptyError,
@@ -241,6 +242,112 @@ def test_a_paused_holder_cannot_write(cluster: EtcdCluster, tmp_path: Path) -> N
     print(f"lock taken over {taken:.1f}s after the pause; the paused holder saw {outcome}")
     assert outcome == ["guarded write rejected", "LockLostError"]
     assert holder.exitcode == 0
+
+
+# -- a paused leader ----------------------------------------------------------------
+
+
+def _paused_leader(endpoints: list[str], namespace: str, ready: Any, resume: Any, out: str) -> None:
+    outcome = []
+    timeout, ttl = 5, 2
+    with EtcdPatterns.connect(endpoints, namespace=namespace, timeout=timeout) as etcd:
+        try:
+            with etcd.elected("E", "paused", ttl=ttl) as leadership:
+                ready.set()
+                resume.wait(timeout=60)  # SIGSTOP lands here
+                # The next keepalive, due at once, hears from etcd that the
+                # lease is gone; it may take one request timeout.
+                if leadership.lost.wait(timeout=ttl + timeout):
+                    outcome.append("lost")
+                try:
+                    leadership.proclaim("stale value")
+                    outcome.append("proclaimed")
+                except LeadershipLostError:
+                    outcome.append("proclaim rejected")
+                try:
+                    etcd.transform("data", lambda _: "stale write", guard=leadership)
+                    outcome.append("written")
+                except LeadershipLostError:
+                    outcome.append("guarded write rejected")
+        except LeadershipLostError:
+            outcome.append("LeadershipLostError")
+    Path(out).write_text("\n".join(outcome))
+
+
+def test_a_paused_leader_is_replaced_and_cannot_write(cluster: EtcdCluster, tmp_path: Path) -> None:
+    namespace = "/chaos/paused-leader/"
+    context = multiprocessing.get_context("spawn")
+    ready, resume = context.Event(), context.Event()
+    out = str(tmp_path / "leader.txt")
+    leader = spawn(_paused_leader, cluster.endpoints, namespace, ready, resume, out)
+    try:
+        assert ready.wait(timeout=30)
+        os.kill(leader.pid or 0, signal.SIGSTOP)
+        with EtcdPatterns.connect(cluster.endpoints, namespace=namespace) as other:
+            stopped = time.monotonic()
+            # Elected once the paused leader's lease expires.
+            with other.elected("E", "successor", timeout=30) as leadership:
+                taken = time.monotonic() - stopped
+                other.transform("data", lambda _: "current leader", default="", guard=leadership)
+                os.kill(leader.pid or 0, signal.SIGCONT)
+                resume.set()
+                leader.join(timeout=30)
+                info = other.leader("E")
+                assert info is not None
+                assert (info.key, info.value) == (leadership.key, "successor")
+            assert other.get_values("data") == ["current leader"]
+    finally:
+        if leader.is_alive():
+            os.kill(leader.pid or 0, signal.SIGCONT)
+            leader.join(timeout=30)
+    outcome = Path(out).read_text().splitlines()
+    print(f"leader replaced {taken:.1f}s after the pause; the paused leader saw {outcome}")
+    assert outcome == ["lost", "proclaim rejected", "guarded write rejected", "LeadershipLostError"]
+    assert leader.exitcode == 0
+
+
+# -- an observer across a member kill -----------------------------------------------
+
+
+def test_an_observer_sees_every_leader_across_a_leader_kill(cluster: EtcdCluster) -> None:
+    namespace, changes, kill_at = "/chaos/observe/", 20, 10
+    seen: list[str | None] = []
+    changed = threading.Condition()
+
+    def saw(value: str | None) -> Callable[[], bool]:
+        return lambda: bool(seen) and seen[-1] == value
+
+    with (
+        EtcdPatterns.connect(cluster.endpoints, namespace=namespace, timeout=5) as observing,
+        EtcdPatterns.connect(cluster.endpoints, namespace=namespace, timeout=5) as campaigning,
+    ):
+
+        def observe() -> None:
+            for info in observing.observe("E", timeout=60):
+                with changed:
+                    seen.append(None if info is None else info.value)
+                    changed.notify_all()
+                if info is None and len(seen) > 1 and seen[-2] == f"leader {changes - 1}":
+                    return
+
+        observer = threading.Thread(target=observe)
+        observer.start()
+        killed = None
+        for i in range(changes):
+            if i == kill_at:
+                killed = cluster.leader()
+                killed.kill()
+            # Each leader stays until the observer has seen it.
+            with campaigning.elected("E", f"leader {i}", timeout=30), changed:
+                assert changed.wait_for(saw(f"leader {i}"), timeout=30), seen
+        observer.join(timeout=30)
+        assert not observer.is_alive()
+    assert killed is not None
+    assert not killed.running  # the fault fired: etcd's leader was down from then on
+    leaders = [value for value in seen if value is not None]
+    print(f"the observer saw {len(seen)} states, {len(leaders)} leaders")
+    assert leaders == [f"leader {i}" for i in range(changes)]
+    assert seen[-1] is None  # the last state: nobody leads
 
 
 # -- clients killed ---------------------------------------------------------------

@@ -229,3 +229,132 @@ def test_the_installed_console_script(etcd: Etcd, namespace: str, raw: Raw) -> N
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout == "v\n"
+
+
+# -- elect and leader -------------------------------------------------------------
+
+
+def cli_process(etcd: Etcd, namespace: str, *args: str) -> subprocess.Popen[str]:
+    """The command line as a running process whose stdout the test reads."""
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            # Default Ctrl-C handling, which a parent in the background may
+            # have left ignored.
+            "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "from etcd_patterns.cli import main; sys.exit(main(sys.argv[1:]))",
+            f"--endpoints={','.join(etcd.endpoints)}",
+            f"--namespace={namespace}",
+            *args,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_elect_runs_the_command_while_leading(etcd: Etcd, namespace: str, raw: Raw) -> None:
+    script = "import os; print(os.environ['ETCD_ELECTION_KEY'], os.environ['ETCD_ELECTION_REV'])"
+    result = cli(etcd, namespace, "elect", "E", "me", "--", sys.executable, "-c", script)
+    assert result.returncode == 0, result.stderr
+    printed_key, command_output = result.stdout.splitlines()
+    key, revision = command_output.split()
+    assert key == printed_key
+    assert key.startswith(namespace + "E/")
+    assert int(revision) > 0
+    assert raw.count("E/") == 0  # resigned
+    failing = cli(etcd, namespace, "elect", "E", "me", "--", sys.executable, "-c", "exit(3)")
+    assert failing.returncode == 3  # the command's own status
+
+
+def test_leader_prints_the_value_or_exits_75(
+    etcd: Etcd, namespace: str, patterns: EtcdPatterns
+) -> None:
+    none = cli(etcd, namespace, "leader", "E")
+    assert (none.returncode, none.stdout) == (75, "")
+    assert "no leader" in none.stderr
+    with patterns.elected("E", "host-1"):
+        assert cli(etcd, namespace, "leader", "E").stdout == "host-1\n"
+
+
+@pytest.mark.timeout(60)
+def test_elect_without_a_command_leads_until_sigterm(
+    etcd: Etcd, namespace: str, patterns: EtcdPatterns, raw: Raw
+) -> None:
+    child = cli_process(etcd, namespace, "elect", "E", "me")
+    assert child.stdout is not None
+    key = child.stdout.readline().strip()  # printed once elected
+    info = patterns.leader("E")
+    assert info is not None
+    assert (namespace + info.key, info.value) == (key, "me")
+    child.send_signal(signal.SIGTERM)
+    _, err = child.communicate(timeout=30)
+    assert child.returncode == 0, err
+    assert raw.count("E/") == 0  # resigned
+
+
+@pytest.mark.timeout(60)
+def test_elect_passes_sigterm_on_and_resigns_when_the_command_exits(
+    etcd: Etcd, namespace: str, raw: Raw
+) -> None:
+    script = (
+        "import signal, sys, threading\n"
+        "def stop(*_):\n"
+        "    print('stopping', flush=True); sys.exit(7)\n"
+        "signal.signal(signal.SIGTERM, stop)\n"
+        "print('running', flush=True)\n"
+        "threading.Event().wait(60)\n"
+    )
+    child = cli_process(etcd, namespace, "elect", "E", "me", "--", sys.executable, "-c", script)
+    assert child.stdout is not None
+    child.stdout.readline()  # the key
+    assert child.stdout.readline().strip() == "running"
+    assert raw.count("E/") == 1
+    child.send_signal(signal.SIGTERM)
+    out, err = child.communicate(timeout=30)
+    assert (child.returncode, out.strip()) == (7, "stopping"), err
+    assert raw.count("E/") == 0
+
+
+@pytest.mark.timeout(60)
+def test_elect_stops_the_command_when_the_leadership_is_lost(
+    etcd: Etcd, namespace: str, raw: Raw
+) -> None:
+    script = (
+        "import signal, sys, threading\n"
+        "def stop(*_):\n"
+        "    print('stopped', flush=True); sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, stop)\n"
+        "print('running', flush=True)\n"
+        "threading.Event().wait(60)\n"
+    )
+    child = cli_process(
+        etcd, namespace, "elect", "E", "me", "--ttl", "3", "--", sys.executable, "-c", script
+    )
+    assert child.stdout is not None
+    key = child.stdout.readline().strip()
+    assert child.stdout.readline().strip() == "running"
+    _, meta = raw.client.get(key)
+    raw.client.revoke_lease(meta.lease_id)  # the leadership is lost
+    out, err = child.communicate(timeout=30)
+    assert child.returncode == 75, err
+    assert out.strip() == "stopped"
+    assert "no longer leads" in err
+
+
+@pytest.mark.timeout(60)
+def test_leader_watch_prints_each_change(
+    etcd: Etcd, namespace: str, patterns: EtcdPatterns
+) -> None:
+    child = cli_process(etcd, namespace, "leader", "E", "--watch")
+    assert child.stdout is not None
+    assert child.stdout.readline() == "\n"  # nobody leads
+    with patterns.elected("E", "first") as leadership:
+        assert child.stdout.readline() == "first\n"
+        leadership.proclaim("second")
+        assert child.stdout.readline() == "second\n"
+    assert child.stdout.readline() == "\n"
+    child.send_signal(signal.SIGINT)
+    child.communicate(timeout=30)
+    assert child.returncode == 130
