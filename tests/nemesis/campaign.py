@@ -168,6 +168,8 @@ def _judge(workload: str, history: list[Any], final: dict[str, Any]) -> list[che
         verdicts.append(checkers.check_counter(history, final["counter"]))
     elif workload == "lock":
         verdicts.append(checkers.check_lock(history))
+    elif workload == "election":
+        verdicts += [checkers.check_lock(history), checkers.check_observer(history)]
     elif workload == "queue":
         verdicts.append(checkers.check_queue(history, final["remaining"]))
     elif workload == "claims":

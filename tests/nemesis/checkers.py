@@ -102,6 +102,37 @@ def check_lock(history: Sequence[Op]) -> Verdict:
     return verdict
 
 
+def check_observer(history: Sequence[Op]) -> Verdict:
+    """An observer never sees leadership go back, nor a value proclaimed by another leader.
+
+    Each "observe" op is one state an observer saw: the leader's value (None
+    if nobody led) and its fencing ``token``. The leader is the oldest
+    candidate, so its token never decreases as time goes on, and etcd's
+    reads are linearizable, so neither does what one observer sees. A
+    candidate proclaims ``"<name>:<token>"`` with its own token: a value
+    naming another token was written to another leader's key.
+    """
+    verdict = Verdict("observer")
+    states = [op for op in history if op.kind == "observe" and op.outcome == OK]
+    last: dict[str, Op] = {}
+    for op in states:
+        token = op.info.get("token")
+        if token is None:
+            continue
+        before = last.get(op.process)
+        if before is not None and token < before.info["token"]:
+            verdict.violations.append(f"leadership went back: {_show(before)} {_show(op)}")
+        last[op.process] = op
+        _, colon, proclaimed = str(op.value).rpartition(":")
+        if colon and int(proclaimed) != token:
+            verdict.violations.append(f"a value proclaimed by another leader: {_show(op)}")
+    verdict.counts = {
+        "states seen": len(states),
+        "leaders seen": len({op.info.get("token") for op in states} - {None}),
+    }
+    return verdict
+
+
 def check_queue(history: Sequence[Op], remaining: Sequence[str]) -> Verdict:
     """Exactly-once delivery by `dequeue`, and each producer's order per consumer.
 

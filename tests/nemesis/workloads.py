@@ -17,6 +17,7 @@ from typing import Any
 from etcd_patterns import (
     EtcdPatterns,
     EtcdPatternsError,
+    LeadershipLostError,
     LockLostError,
     OutcomeUnknownError,
 )
@@ -41,6 +42,10 @@ BOUNDS = {
     "dequeue": OP_TIMEOUT + 4 * TIMEOUT,
     # as dequeue, then the ack, or the release of the claim
     "claim": OP_TIMEOUT + 4 * TIMEOUT + CLEANUP_TIMEOUT,
+    # as acquire
+    "campaign": OP_TIMEOUT + 3 * TIMEOUT + CLEANUP_TIMEOUT,
+    # the wait for a change, a read when etcd moved on before the watch, the last read
+    "observe": OP_TIMEOUT + 2 * TIMEOUT,
 }
 NAMESPACE = "/nemesis/"
 
@@ -68,47 +73,96 @@ def counter(endpoints: list[str], out: str, name: str, stop: Any) -> None:
 def lock(endpoints: list[str], out: str, name: str, stop: Any) -> None:
     """Take the lock; in each section, write the fencing token to a register, guarded."""
     recorder = Recorder(Path(out), name)
-    chance = random.Random(name)
     with _connect(endpoints) as etcd:
         while not stop.is_set():
-            holding = etcd.locked("L", timeout=OP_TIMEOUT)
-            with recorder.op("acquire", bound=BOUNDS["acquire"]) as op:
-                held = holding.__enter__()
-            if op.outcome != OK:
-                continue
-            began = time.monotonic()
-            token, previous, lost = held.fencing_token, None, False
-            seen: list[int] = []
-
-            def write(value: str, token: int = token, seen: list[int] = seen) -> str:
-                seen.append(int(value))
-                return str(token)
-
-            try:
-                etcd.transform("register", write, default="0", guard=held, timeout=OP_TIMEOUT)
-                previous = seen[-1]
-            except LockLostError:
-                lost = True
-            except EtcdPatternsError:
-                pass  # not written, or not known to be: nothing to check
-            time.sleep(chance.uniform(0, 0.02))  # the section's own work
-            ended = time.monotonic()
-            lost = lost or held.lost.is_set()
-            try:
-                holding.__exit__(None, None, None)
-            except LockLostError:
-                lost = True
-            except EtcdPatternsError:
-                pass
-            recorder.record(
-                Op(
-                    name,
-                    "section",
-                    began,
-                    ended,
-                    info={"token": token, "previous": previous, "lost": lost},
-                )
+            _section(
+                etcd,
+                recorder,
+                name,
+                etcd.locked("L", timeout=OP_TIMEOUT),
+                kind="acquire",
+                lost_error=LockLostError,
             )
+    recorder.close()
+
+
+def candidate(endpoints: list[str], out: str, name: str, stop: Any) -> None:
+    """Campaign; while leading, proclaim the fencing token, and write it to a register, guarded."""
+    recorder = Recorder(Path(out), name)
+    with _connect(endpoints) as etcd:
+        while not stop.is_set():
+            _section(
+                etcd,
+                recorder,
+                name,
+                etcd.elected("E", name, timeout=OP_TIMEOUT),
+                kind="campaign",
+                lost_error=LeadershipLostError,
+                proclaim=True,
+            )
+    recorder.close()
+
+
+def _section(
+    etcd: EtcdPatterns,
+    recorder: Recorder,
+    name: str,
+    holding: Any,
+    *,
+    kind: str,
+    lost_error: type[EtcdPatternsError],
+    proclaim: bool = False,
+) -> None:
+    """Hold a fence once: a guarded write of its token, recorded as a "section" op."""
+    with recorder.op(kind, bound=BOUNDS[kind]) as op:
+        fence = holding.__enter__()
+    if op.outcome != OK:
+        return
+    began = time.monotonic()
+    token, previous, lost = fence.fencing_token, None, False
+    seen: list[int] = []
+
+    def write(value: str) -> str:
+        seen.append(int(value))
+        return str(token)
+
+    try:
+        if proclaim:
+            # Observers check that a leader's value names the leader's token.
+            fence.proclaim(f"{name}:{token}")
+        etcd.transform("register", write, default="0", guard=fence, timeout=OP_TIMEOUT)
+        previous = seen[-1]
+    except lost_error:
+        lost = True
+    except EtcdPatternsError:
+        pass  # not written, or not known to be: nothing to check
+    time.sleep(random.Random(token).uniform(0, 0.02))  # the section's own work
+    ended = time.monotonic()
+    lost = lost or fence.lost.is_set()
+    try:
+        holding.__exit__(None, None, None)
+    except lost_error:
+        lost = True
+    except EtcdPatternsError:
+        pass
+    recorder.record(
+        Op(name, "section", began, ended, info={"token": token, "previous": previous, "lost": lost})
+    )
+
+
+def observer(endpoints: list[str], out: str, name: str, stop: Any) -> None:
+    """Follow the election's leader, recording each state seen."""
+    recorder = Recorder(Path(out), name)
+    with _connect(endpoints) as etcd:
+        while not stop.is_set():
+            changes = etcd.observe("E", timeout=OP_TIMEOUT)
+            while not stop.is_set():
+                with recorder.op("observe", bound=BOUNDS["observe"]) as op:
+                    info = next(changes)
+                    op.value = None if info is None else info.value
+                    op.info["token"] = None if info is None else info.fencing_token
+                if op.outcome != OK:
+                    break  # a timeout, or etcd away: observe afresh
     recorder.close()
 
 
@@ -183,6 +237,7 @@ def claim_one(
 WORKLOADS: dict[str, list[Any]] = {
     "counter": [counter, counter, counter],
     "lock": [lock, lock, lock],
+    "election": [candidate, candidate, candidate, observer],
     "queue": [producer, producer, consumer, consumer],
     "claims": [producer, producer, claimer, claimer],
 }

@@ -53,6 +53,24 @@ def test_lock_catches_a_token_granted_twice() -> None:
     assert not checkers.check_lock([section(0, 1, 10), section(2, 3, 10)]).ok
 
 
+# -- observer -----------------------------------------------------------------------
+
+
+def test_observer_catches_leadership_going_back() -> None:
+    good = [
+        op("observe", value="p1", token=10),
+        op("observe", value=None, token=None),
+        op("observe", value="p2:12", token=12),
+    ]
+    assert checkers.check_observer(good).ok
+    bad = [op("observe", value="p2:12", token=12), op("observe", value="p1", token=10)]
+    assert not checkers.check_observer(bad).ok
+
+
+def test_observer_catches_a_value_proclaimed_by_another_leader() -> None:
+    assert not checkers.check_observer([op("observe", value="p1:10", token=12)]).ok
+
+
 # -- queue --------------------------------------------------------------------------
 
 
