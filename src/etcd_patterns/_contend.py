@@ -25,7 +25,9 @@ Guarantees:
 * The winner's fencing token, the create revision of its key, increases
   with every new winner.
 * A registration is written through the exactly-once commit, so a copy of
-  it that etcd receives late never creates a key that nobody owns.
+  it that etcd receives late never creates a key that nobody owns. One
+  whose outcome stays unknown (its answer lost, and then its lease) is
+  withdrawn and made again: waiting never ends in `OutcomeUnknownError`.
 * A key under ``name/`` without a lease is data, which no contender would
   ever delete: a contender that finds one before its own raises the
   pattern's misuse error rather than wait for ever. So does a ``name`` that
@@ -181,6 +183,14 @@ class Contenders:
             my_key = self._contender_key(raw)
             try:
                 registered = self._register(raw, my_key, value, lease_ttl)
+            except OutcomeUnknownError as exc:
+                # My key may exist, but nothing says where it stands (its
+                # lease may be gone, with the evidence): withdraw it, and
+                # register afresh, at the back, unless time is up.
+                self.withdraw_unsettled(lease_ttl, my_key, exc)
+                if deadline.expired():
+                    raise timeout_error() from exc
+                continue
             except BaseException as exc:
                 self.withdraw_unsettled(lease_ttl, my_key, exc)
                 raise

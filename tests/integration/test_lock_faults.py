@@ -288,3 +288,30 @@ def test_a_lease_lost_just_after_a_lost_answer_was_settled_grants_nothing(
         assert mine is not None  # granted from a read that saw my key
         assert mine.create_revision == held.fencing_token
         assert held.lease_id != leases[0]  # on a fresh session
+
+
+@pytest.mark.parametrize("pattern", ["lock", "election"])
+def test_a_registration_whose_answer_and_lease_are_lost_is_made_again(
+    faulty: EtcdPatterns, injector: FaultInjector, raw: Raw, pattern: str
+) -> None:
+    # The registration applies; its answer is lost, and then its lease, so
+    # nothing can tell whether it applied. The contender withdraws it and
+    # registers afresh, rather than fail with OutcomeUnknownError.
+    leases: list[int] = []
+
+    def plan(method: str, request: Any) -> str:
+        if method == TXN and not leases and touches_lock(request, "request_put"):
+            (put,) = [op.request_put for op in request.success if op.HasField("request_put")][:1]
+            leases.append(put.lease)
+            return "lose-response"
+        return "pass"
+
+    injector.plan = plan
+    injector.on_lost_response = lambda request: raw.revoke(leases[0])
+    holding = faulty.locked("L") if pattern == "lock" else faulty.elected("L", "me")
+    with holding as fence:
+        assert leases  # the fault fired
+        assert fence.lease_id != leases[0]  # on a fresh session
+        assert raw.count("L/") == 1  # only the new registration
+        assert raw.get(fence.key).create_revision == fence.fencing_token
+    assert raw.count("L/") == 0
