@@ -1,11 +1,19 @@
-"""The main job of ``make demo``: a work queue that survives a crashed worker.
+"""The main job of ``make demo``: a work queue that survives a crashed worker,
+then a scheduler that fails over.
 
-A producer enqueues 1,000 jobs. Four worker processes take them with
+Act 1: a producer enqueues 1,000 jobs. Four worker processes take them with
 ``claim``; each job increments a shared counter with ``transform``, and every
 100 jobs a worker writes a report under a lock, with a fenced write. Midway,
 a worker that has just claimed a job is killed with SIGKILL: its claim
-expires with its lease, and another worker processes the job. At the end a
-table checks the invariants; the exit status is non-zero if any broke.
+expires with its lease, and another worker processes the job.
+
+Act 2: three scheduler processes campaign in one election; the leader
+records ticks with writes fenced by its leadership. The leader is paused
+(SIGSTOP) past its TTL, then resumed: its next fenced write is rejected.
+The next leader is killed (SIGKILL), and another takes over.
+
+After each act a table checks the invariants; the exit status is non-zero if
+any broke.
 
 Uses a throwaway etcd from ``etcd_patterns.testing``, or ``$ETCD_ENDPOINTS``.
 """
@@ -18,7 +26,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from tempfile import TemporaryDirectory
@@ -28,13 +36,25 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 from rich.table import Table
 
-from etcd_patterns import EtcdPatterns, QueueEmptyError
+from etcd_patterns import (
+    EtcdPatterns,
+    EtcdPatternsError,
+    LeaderInfo,
+    LeadershipLostError,
+    OutcomeUnknownError,
+    QueueEmptyError,
+)
 from etcd_patterns.testing import EtcdCluster
 
 JOBS = 1000
 WORKERS = 4
 REPORT_EVERY = 100
 CLAIM_TTL = 2  # seconds until a dead worker's job comes back
+SCHEDULERS = 3
+LEADER_TTL = 2  # seconds until a dead or paused leader is replaced
+# etcd deletes expired leases in a sweep every 0.5 s; then a waiter wakes.
+REPLACED_WITHIN = LEADER_TTL + 1.5
+ACTING = "is acting"  # what a leader proclaims once it acts as one
 
 
 def incr(value: str) -> str:
@@ -73,6 +93,145 @@ def victim(endpoints: str, namespace: str, claimed: Any, out: str) -> None:
     Path(out).write_text(job.value)
     claimed.set()
     threading.Event().wait()
+
+
+def tick(token: int) -> Callable[[str], str]:
+    """A fenced tick: ``"<token> <count>"``, noting if the tokens went back."""
+
+    def write(value: str) -> str:
+        previous, _, count = value.partition(" ")
+        went_back = int(previous or 0) > token
+        return f"{token} {int(count or 0) + 1}" + (" BACK" if went_back else "")
+
+    return write
+
+
+def scheduler(endpoints: str, namespace: str, name: str, out: str, stop: str) -> None:
+    """Campaign; while leading, tick through writes fenced by the leadership.
+
+    ``stop`` is a file whose existence says to stop: a process killed while
+    waiting on a `multiprocessing.Event` would leave it unusable.
+    """
+    with EtcdPatterns.connect(endpoints, namespace=namespace) as etcd, open(out, "a") as log:
+        while not os.path.exists(stop):
+            try:
+                with etcd.elected("scheduler", name, ttl=LEADER_TTL, timeout=0.5) as leadership:
+                    token = leadership.fencing_token
+                    log.write(f"elected {token}\n")
+                    log.flush()
+                    leadership.proclaim(f"{name} {ACTING}")  # observers now know it acts
+                    while not os.path.exists(stop):
+                        try:
+                            etcd.transform("ticks", tick(token), default="", guard=leadership)
+                        except LeadershipLostError:
+                            log.write(f"rejected {token}\n")
+                            log.flush()
+                            break
+                        except OutcomeUnknownError:
+                            continue  # a tick in flight while paused: try the next one
+                        time.sleep(0.05)  # the scheduler's own work
+            except EtcdPatternsError:
+                # Not elected in time, or the leadership lost on leaving the
+                # block: campaign again.
+                continue
+
+
+def next_leader(changes: Iterator[LeaderInfo | None], than: LeaderInfo | None) -> LeaderInfo:
+    """The first acting leader after ``than`` that ``observe`` reports."""
+    for leader in changes:
+        if leader is None or not leader.value.endswith(ACTING):
+            continue
+        if than is None or leader.key != than.key:
+            return leader
+    raise AssertionError("observe ended")  # pragma: no cover - it never does
+
+
+Check = tuple[str, str, bool]  # an invariant, what was measured, whether it holds
+
+
+def render(title: str, checks: list[Check]) -> Table:
+    table = Table(title=title)
+    for column in ("invariant", "measured", "holds"):
+        table.add_column(column)
+    for name, measured, ok in checks:
+        table.add_row(name, measured, "[green]yes[/]" if ok else "[red]NO[/]")
+    return table
+
+
+def election_act(console: Console, endpoints: str, namespace: str, workdir: Path) -> list[Check]:
+    """Act 2: a paused leader, then a killed one; returns the invariants checked."""
+    context = multiprocessing.get_context("spawn")
+    stop = workdir / "stop-schedulers"
+    logs = {f"scheduler{i}": str(workdir / f"scheduler{i}.log") for i in range(SCHEDULERS)}
+    processes = {
+        name: context.Process(target=scheduler, args=(endpoints, namespace, name, log, str(stop)))
+        for name, log in logs.items()
+    }
+    for process in processes.values():
+        process.start()
+    console.print(f"started {SCHEDULERS} schedulers campaigning to lead 'scheduler'")
+    with EtcdPatterns.connect(endpoints, namespace=namespace) as etcd:
+        changes = etcd.observe("scheduler", timeout=60)
+        first = next_leader(changes, None)
+        first_name = first.value.split()[0]
+        paused = processes[first_name]
+        os.kill(paused.pid or 0, signal.SIGSTOP)
+        stopped = time.monotonic()
+        console.print(f"paused the leader, {first_name}, with SIGSTOP (ttl {LEADER_TTL}s)")
+        second = next_leader(changes, first)
+        second_name = second.value.split()[0]
+        after_pause = time.monotonic() - stopped
+        console.print(f"{second_name} leads {after_pause:.2f}s later")
+        os.kill(paused.pid or 0, signal.SIGCONT)
+        rejected = f"rejected {first.fencing_token}"
+        until = time.monotonic() + 10
+        while rejected not in Path(logs[first_name]).read_text() and time.monotonic() < until:
+            time.sleep(0.1)  # the resumed leader's next tick, due at once
+        was_rejected = rejected in Path(logs[first_name]).read_text()
+        outcome = "was rejected" if was_rejected else "was NOT rejected"
+        console.print(f"resumed {first_name}: its next fenced write {outcome}")
+        killed = processes[second_name]
+        os.kill(killed.pid or 0, signal.SIGKILL)
+        shot = time.monotonic()
+        third = next_leader(changes, second)
+        after_kill = time.monotonic() - shot
+        console.print(
+            f"killed {second_name} with SIGKILL; {third.value.split()[0]} leads "
+            f"{after_kill:.2f}s later"
+        )
+        stop.touch()
+        for process in processes.values():
+            process.join(timeout=30)
+        ticks = etcd.get_values("ticks")[0]
+    elected = sorted(
+        int(line.split()[1])
+        for log in logs.values()
+        for line in Path(log).read_text().splitlines()
+        if line.startswith("elected")
+    )
+    checks = [
+        (
+            f"a paused leader is replaced within ttl + 1.5s ({REPLACED_WITHIN:.1f}s)",
+            f"{after_pause:.2f}s",
+            after_pause <= REPLACED_WITHIN,
+        ),
+        (
+            "the paused leader's later fenced write was rejected",
+            f"token {first.fencing_token}: {'rejected' if was_rejected else 'not rejected'}",
+            was_rejected,
+        ),
+        (
+            f"a killed leader is replaced within ttl + 1.5s ({REPLACED_WITHIN:.1f}s)",
+            f"{after_kill:.2f}s",
+            after_kill <= REPLACED_WITHIN,
+        ),
+        (
+            "one leader at a time: fencing tokens never went back",
+            f"{len(elected)} terms, {len(set(elected))} tokens; {ticks.split()[1]} fenced ticks",
+            "BACK" not in ticks and len(set(elected)) == len(elected),
+        ),
+    ]
+    return checks
 
 
 def main() -> int:
@@ -160,14 +319,13 @@ def main() -> int:
                 not etcd.get_values("jobs"),
             ),
         ]
-        table = Table(title=f"{JOBS} jobs, {WORKERS} workers, {elapsed:.1f}s")
-        for column in ("invariant", "measured", "holds"):
-            table.add_column(column)
-        for name, measured, ok in checks:
-            table.add_row(name, measured, "[green]yes[/]" if ok else "[red]NO[/]")
-        console.print(table)
+        console.print(render(f"{JOBS} jobs, {WORKERS} workers, {elapsed:.1f}s", checks))
         console.print(f"last report: {etcd.get_values('report')[0]}")
-        return 0 if all(ok for _, _, ok in checks) else 1
+
+        election = election_act(console, endpoints, namespace, workdir)
+        title = f"{SCHEDULERS} schedulers, a paused leader and a killed one"
+        console.print(render(title, election))
+        return 0 if all(ok for _, _, ok in checks + election) else 1
 
 
 if __name__ == "__main__":

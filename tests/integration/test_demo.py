@@ -19,3 +19,4 @@ def test_the_demo_holds_its_invariants() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "NO" not in result.stdout
     assert "redelivered" in result.stdout
+    assert "its next fenced write was rejected" in result.stdout  # act 2 ran
