@@ -20,11 +20,13 @@ from etcd_patterns import (
     ElectionTimeoutError,
     EtcdPatterns,
     LeaderInfo,
+    Leadership,
     LeadershipLostError,
     NotAnElectionError,
 )
+from etcd_patterns._wait import RECHECK_INTERVAL
 from etcd_patterns.testing import EtcdCluster, ExternalEtcd, find_etcd_binary
-from tests.helpers import Raw, freed_within, run_processes, wait_until, watchers
+from tests.helpers import SCHEDULING_GRACE, Raw, freed_within, run_processes, wait_until, watchers
 
 Etcd = EtcdCluster | ExternalEtcd
 
@@ -196,6 +198,44 @@ def test_observe_yields_the_leader_then_each_change(
         leadership.proclaim("b")
         assert next(changes) == LeaderInfo(leadership.key, "b", leadership.fencing_token)
     assert next(changes) is None
+
+
+def seen_after(
+    etcd: Etcd, changes: Iterator[LeaderInfo | None], change: Callable[[], object]
+) -> tuple[LeaderInfo | None, float]:
+    """Make ``change`` while the observer waits on its watch; what it saw, and how soon."""
+    before = watchers(etcd)
+    seen: list[LeaderInfo | None] = []
+    observer = threading.Thread(target=lambda: seen.append(next(changes)))
+    observer.start()
+    wait_until(lambda: watchers(etcd) > before)  # the observer watches
+    changed = time.monotonic()
+    change()
+    observer.join(timeout=2 * RECHECK_INTERVAL)
+    assert seen, "the observer saw nothing"
+    return seen[0], time.monotonic() - changed
+
+
+def test_an_observer_on_its_watch_wakes_for_each_change(
+    etcd: Etcd, patterns: EtcdPatterns, other: EtcdPatterns
+) -> None:
+    changes = patterns.observe("E", timeout=3 * RECHECK_INTERVAL)
+    assert next(changes) is None
+    holding = other.elected("E", "a")
+    leadership: list[Leadership] = []
+    woken = [seen_after(etcd, changes, lambda: leadership.append(holding.__enter__()))]
+    (mine,) = leadership
+    woken.append(seen_after(etcd, changes, lambda: mine.proclaim("b")))
+    woken.append(seen_after(etcd, changes, lambda: holding.__exit__(None, None, None)))
+    token = mine.fencing_token
+    assert [info for info, _ in woken] == [
+        LeaderInfo(mine.key, "a", token),
+        LeaderInfo(mine.key, "b", token),
+        None,
+    ]
+    # Woken by the watch: one event and one read, not the read that follows
+    # a quiet RECHECK_INTERVAL.
+    assert all(after < SCHEDULING_GRACE for _, after in woken), woken
 
 
 def test_observe_times_out_without_a_change(patterns: EtcdPatterns) -> None:
