@@ -11,7 +11,9 @@ server-side Election service take part in the same elections:
   and its value is the leader's value. Each waiting candidate watches only
   the key created just before its own (no herd).
 * `Leadership.proclaim` changes the leader's value, in one transaction
-  guarded by the leader key's create revision: only while it still leads.
+  guarded by the leader key's create revision (only while it still leads)
+  and by its mod revision as last written (so that a late copy of an
+  earlier proclamation never overwrites a later one).
 * Resigning deletes the leader's key, guarded by its create revision, so it
   never deletes the next leader's key.
 * An observer reads the oldest key under ``name/``, then watches only that
@@ -56,7 +58,12 @@ from etcd3 import etcdrpc
 from . import _ops as ops
 from ._commit import commit
 from ._contend import Contenders, Winner, Won
-from ._errors import ElectionTimeoutError, LeadershipLostError, NotAnElectionError
+from ._errors import (
+    ConflictError,
+    ElectionTimeoutError,
+    LeadershipLostError,
+    NotAnElectionError,
+)
 from ._fence import Fence
 from ._keys import Keyspace, children_range, encode_value
 from ._retry import Deadline, check_timeout
@@ -114,6 +121,8 @@ class Leadership(Fence):
         self.key = key
         self.value = value
         self._elections = elections
+        # The mod revision of the leader's key as this process last wrote it.
+        self._mod_revision = fencing_token
 
     def __repr__(self) -> str:
         return f"<Leadership {self.name!r} key={self.key!r} fencing_token={self.fencing_token}>"
@@ -130,13 +139,19 @@ class Leadership(Fence):
         """Change the leader's value, only while this process still leads.
 
         One round trip, exactly once: a copy of the write that etcd
-        receives late never overwrites a later proclamation.
+        receives late never overwrites a later proclamation. (If the key
+        changed since this process last wrote it, one more round trip reads
+        it, and the value is proclaimed over it.)
 
         Raises:
             LeadershipLostError: This process leads no more; nothing was
                 written.
             InvalidArgumentError: ``value`` is not valid UTF-8; nothing was
                 written.
+            OutcomeUnknownError: etcd's answer was lost and could not be
+                settled; a later `proclaim` is still safe.
+            ConflictError: Another client kept writing to the leader's key
+                for the instance's whole ``timeout``.
         """
         self._elections.proclaim(self, value)
 
@@ -195,16 +210,39 @@ class Elections:
     def proclaim(self, leadership: Leadership, value: object) -> None:
         """See `Leadership.proclaim`."""
         proposal = encode_value(value)
-        committed = commit(
-            self._transport,
-            self._sessions.get,
-            compare=[leadership._holds()],
-            success=[ops.put(leadership.etcd_key, proposal, lease=leadership.lease_id)],
-            failure=[],
-        )
-        if not committed.succeeded:
-            raise leadership._lost_error("the value was not proclaimed")
-        leadership.value = proposal.decode()
+        deadline = Deadline(self._transport.timeout)
+        while True:
+            # The leader's key must be unchanged since this process last
+            # knew it, so that a copy of an earlier proclamation, which
+            # compares an older mod revision, can never apply after this one.
+            committed = commit(
+                self._transport,
+                self._sessions.get,
+                compare=[
+                    leadership._holds(),
+                    ops.compare_mod(leadership.etcd_key, "==", leadership._mod_revision),
+                ],
+                success=[ops.put(leadership.etcd_key, proposal, lease=leadership.lease_id)],
+                failure=[ops.get(leadership.etcd_key, keys_only=True)],
+            )
+            if committed.succeeded:
+                leadership._mod_revision = committed.revision
+                leadership.value = proposal.decode()
+                return
+            assert committed.responses is not None  # failures always carry responses
+            (mine,) = ops.kvs(committed.responses, 0) or [None]
+            if mine is None or mine.create_revision != leadership.fencing_token:
+                raise leadership._lost_error("the value was not proclaimed")
+            # Still leading, but the key changed: an earlier proclamation
+            # whose outcome was unknown applied after all, or another client
+            # wrote to the key. Any copy still in flight compares an older
+            # mod revision, which can never hold again: proclaim over this.
+            leadership._mod_revision = mine.mod_revision
+            if deadline.expired():
+                raise ConflictError(
+                    f"the leader's key of election {leadership.name!r} kept changing; "
+                    "the value was not proclaimed"
+                )
 
     def leader(self, name: object) -> LeaderInfo | None:
         """See `EtcdPatterns.leader`."""

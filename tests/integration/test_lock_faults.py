@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from etcd_patterns import EtcdPatterns
+from etcd_patterns import EtcdPatterns, OutcomeUnknownError
 from etcd_patterns.testing import EtcdCluster, ExternalEtcd
 from tests.helpers import FaultInjector, LostResponse, Raw, client_with_faults, wait_until
 
@@ -315,3 +315,56 @@ def test_a_registration_whose_answer_and_lease_are_lost_is_made_again(
         assert raw.count("L/") == 1  # only the new registration
         assert raw.get(fence.key).create_revision == fence.fencing_token
     assert raw.count("L/") == 0
+
+
+# -- proclaiming ------------------------------------------------------------------
+
+
+def test_a_late_copy_of_a_proclamation_never_overwrites_a_later_one(
+    faulty: EtcdPatterns, injector: FaultInjector, raw: Raw
+) -> None:
+    holding: list[bool] = []
+    injector.plan = lambda method, request: "hold" if holding and method == TXN else "pass"
+    with faulty.elected("E", "v0") as leadership:
+        holding.append(True)  # the proclamation, and the settling of it, are held
+        with pytest.raises(OutcomeUnknownError):
+            leadership.proclaim("A")
+        holding.clear()
+        leadership.proclaim("B")
+        late = injector.deliver_held()
+        assert late  # the fault fired: copies of "A" reached etcd after "B"
+        info = faulty.leader("E")
+        assert info is not None
+        assert info.value == "B"
+
+
+def test_a_proclamation_whose_outcome_is_unknown_does_not_block_the_next(
+    faulty: EtcdPatterns, injector: FaultInjector, raw: Raw
+) -> None:
+    phase: list[str] = []
+
+    def puts_to_the_election(request: Any) -> bool:
+        return any(
+            op.HasField("request_put") and b"/E/" in op.request_put.key for op in request.success
+        )
+
+    def plan(method: str, request: Any) -> str:
+        if method != TXN or phase in ([], ["done"]):
+            return "pass"
+        if phase == ["proclaim"] and puts_to_the_election(request):
+            phase.append("applied, answer lost")
+            return "lose-response"
+        return "hold"  # the settling of it: its outcome stays unknown
+
+    injector.plan = plan
+    with faulty.elected("E", "v0") as leadership:
+        phase.append("proclaim")
+        with pytest.raises(OutcomeUnknownError):
+            leadership.proclaim("A")
+        assert phase == ["proclaim", "applied, answer lost"]  # the fault fired
+        phase[:] = ["done"]
+        assert faulty.leader("E").value == "A"  # type: ignore[union-attr]
+        leadership.proclaim("B")  # the key changed: read once, proclaimed over it
+        info = faulty.leader("E")
+        assert info is not None
+        assert (info.value, leadership.value) == ("B", "B")
