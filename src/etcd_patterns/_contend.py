@@ -26,8 +26,10 @@ Guarantees:
   with every new winner.
 * A registration is written through the exactly-once commit, so a copy of
   it that etcd receives late never creates a key that nobody owns. One
-  whose outcome stays unknown (its answer lost, and then its lease) is
-  withdrawn and made again: waiting never ends in `OutcomeUnknownError`.
+  whose outcome stays unknown because its lease is gone (its answer lost,
+  then its lease) is made again on a fresh session: nothing of it can be
+  left. One whose settling failed (etcd away) raises `OutcomeUnknownError`,
+  and its session deletes the key, if any, once etcd answers.
 * A key under ``name/`` without a lease is data, which no contender would
   ever delete: a contender that finds one before its own raises the
   pattern's misuse error rather than wait for ever. So does a ``name`` that
@@ -179,15 +181,26 @@ class Contenders:
                 other error.
             timeout_error: Makes the error raised when the deadline passes.
         """
+        # The sessions handed to the registration's commit, latest last.
+        carriers: list[Session] = []
+
+        def carrier() -> Session:
+            session = self._sessions.get(lease_ttl)
+            carriers.append(session)
+            return session
+
         while True:
             my_key = self._contender_key(raw)
+            carriers.clear()
             try:
-                registered = self._register(raw, my_key, value, lease_ttl)
+                registered = self._register(raw, my_key, value, carrier)
             except OutcomeUnknownError as exc:
-                # My key may exist, but nothing says where it stands (its
-                # lease may be gone, with the evidence): withdraw it, and
-                # register afresh, at the back, unless time is up.
                 self.withdraw_unsettled(lease_ttl, my_key, exc)
+                if not (carriers and carriers[-1].lost.is_set()):
+                    raise  # etcd away: it may be there, until the session deletes it
+                # The lease went, and the evidence with it: my key, if it
+                # was ever written, went too, and no late copy can write it
+                # on a lease that is gone. Register afresh, at the back.
                 if deadline.expired():
                     raise timeout_error() from exc
                 continue
@@ -305,7 +318,7 @@ class Contenders:
     # -- the queue ----------------------------------------------------------
 
     def _register(
-        self, raw: bytes, my_key: bytes, value: bytes, lease_ttl: int | None
+        self, raw: bytes, my_key: bytes, value: bytes, session: Callable[[], Session]
     ) -> _Registration:
         """Write my key and read my predecessor in one round trip.
 
@@ -316,7 +329,7 @@ class Contenders:
         start, end = children_range(raw)
         committed = commit(
             self._transport,
-            lambda: self._sessions.get(lease_ttl),
+            session,
             compare=[ops.compare_version(raw, "==", 0)],
             # The range runs before the put, so it sees the newest key
             # created before mine.

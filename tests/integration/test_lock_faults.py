@@ -317,6 +317,26 @@ def test_a_registration_whose_answer_and_lease_are_lost_is_made_again(
     assert raw.count("L/") == 0
 
 
+@pytest.mark.parametrize("pattern", ["lock", "election"])
+def test_a_registration_etcd_could_not_settle_is_reported_and_cleaned_up(
+    faulty: EtcdPatterns, injector: FaultInjector, raw: Raw, pattern: str
+) -> None:
+    # etcd is away for the registration and for settling it; the lease
+    # lives. Registering again could leave two keys: the wait ends with
+    # OutcomeUnknownError, and the session deletes the key, if etcd has it.
+    away: list[bool] = []
+    injector.plan = lambda method, request: "hold" if away and method == TXN else "pass"
+    faulty.transform("warm", lambda _: "up", default="")  # the session exists
+    away.append(True)
+    holding = faulty.locked("L") if pattern == "lock" else faulty.elected("L", "me")
+    with pytest.raises(OutcomeUnknownError):
+        holding.__enter__()
+    away.clear()
+    assert injector.held  # the fault fired
+    injector.deliver_held()  # late copies: settled first, so none creates a key
+    wait_until(lambda: raw.count("L/") == 0)
+
+
 # -- proclaiming ------------------------------------------------------------------
 
 
