@@ -19,16 +19,18 @@ shows its traceback.
 ``elect`` prints its key once elected, then runs CMD while it leads, with
 ``ETCD_ELECTION_KEY`` and ``ETCD_ELECTION_REV`` set (as ``lock`` sets
 ``etcdctl lock``'s ``ETCD_LOCK_KEY`` and ``ETCD_LOCK_REV``), and resigns
-when CMD exits. Without CMD, it leads until SIGINT or SIGTERM. SIGINT and
-SIGTERM are passed on to CMD, and the leadership is resigned once it exits.
-If the leadership is lost, CMD is sent SIGTERM. ``leader`` prints the
-leader's value; with ``--watch``, one line per change, an empty line while
-nobody leads.
+when CMD exits. Without CMD, it leads until SIGINT or SIGTERM. SIGTERM is
+passed on to CMD (a Ctrl-C at a terminal reaches CMD by itself), and the
+leadership is resigned once CMD exits. If the leadership is lost, or etcd
+stops confirming it (past the lease's TTL without an answer), CMD is sent
+SIGTERM. ``leader`` prints the leader's value; with ``--watch``, one line
+per change, an empty line while nobody leads.
 
 Exit status: 0 on success; a command's own status for ``lock``,
 ``try-lock``, ``claim`` and ``elect`` (128 + N if it died of signal N); 75
 (``EX_TEMPFAIL``) when a lock is held, a wait timed out, an election has no
-leader, or a leadership was lost, so a script can try again later; 69
+leader, or a leadership was lost or went unconfirmed, so a script can try
+again later; 69
 (``EX_UNAVAILABLE``) when etcd cannot be reached; 130 on Ctrl-C while
 waiting; 2 for bad usage; 1 for any other error.
 """
@@ -41,11 +43,14 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from signal import SIGINT, SIGTERM
 from types import FrameType
 
+from ._election import Leadership
 from ._errors import (
     EtcdPatternsError,
     EtcdUnavailableError,
@@ -242,29 +247,83 @@ def _elect(etcd: EtcdPatterns, args: argparse.Namespace) -> int:
         env = dict(os.environ)
         env["ETCD_ELECTION_KEY"] = key
         env["ETCD_ELECTION_REV"] = str(leadership.fencing_token)
-        child = subprocess.Popen(args.cmd, env=env)
-        # Stop the command if the leadership is lost while it runs.
-        stopper = threading.Thread(target=_stop_on_loss, args=(leadership.lost, child), daemon=True)
-        stopper.start()
-        while True:
-            try:
-                returncode = child.wait()
-                break
-            except KeyboardInterrupt:
-                child.send_signal(signal.SIGINT)
-            except _Terminated:
-                child.send_signal(signal.SIGTERM)
-        # If the leadership was lost, leaving the block raises
-        # LeadershipLostError.
-        return _status(returncode)
+        return _run_while_leading(args.cmd, env, leadership)
 
 
-def _stop_on_loss(lost: threading.Event, child: subprocess.Popen[bytes]) -> None:
-    while child.poll() is None:
-        if lost.wait(timeout=0.5):
-            if child.poll() is None:
-                child.terminate()
+class _PassOn:
+    """The SIGINT and SIGTERM handler while a command runs as leader.
+
+    SIGTERM is passed on to the command, even one that arrives while it is
+    being started. SIGINT is not: a Ctrl-C at a terminal reaches the
+    command's process group, which is this process's, by itself.
+    """
+
+    def __init__(self) -> None:
+        self.child: subprocess.Popen[bytes] | None = None
+        self.pending: list[int] = []
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        if signum != signal.SIGTERM:
             return
+        if self.child is None:
+            self.pending.append(signum)
+        else:
+            self.child.send_signal(signum)
+
+    def adopt(self, child: subprocess.Popen[bytes]) -> None:
+        self.child = child
+        for signum in self.pending:
+            child.send_signal(signum)
+
+
+def _run_while_leading(cmd: list[str], env: dict[str, str], leadership: Leadership) -> int:
+    """Run ``cmd``; stop it if the leadership is lost or in doubt; its exit status."""
+    pass_on = _PassOn()
+    previous = [(signum, signal.signal(signum, pass_on)) for signum in (SIGINT, SIGTERM)]
+    stopped: list[str] = []
+    try:
+        child = subprocess.Popen(cmd, env=env)
+        pass_on.adopt(child)
+        watchdog = threading.Thread(
+            target=_stop_unless_leading, args=(leadership, child, stopped), daemon=True
+        )
+        watchdog.start()
+        returncode = child.wait()
+    finally:
+        for signum, handler in previous:
+            signal.signal(signum, handler)
+    if stopped == ["in doubt"]:
+        print(
+            f"etcd-patterns: etcd did not confirm the leadership of {leadership.name!r} "
+            "in time; the command was stopped",
+            file=sys.stderr,
+        )
+        return EX_TEMPFAIL
+    # If the leadership was lost, leaving the block raises
+    # LeadershipLostError.
+    return _status(returncode)
+
+
+def _stop_unless_leading(
+    leadership: Leadership, child: subprocess.Popen[bytes], stopped: list[str]
+) -> None:
+    """Send the command SIGTERM once the leadership is lost, or no longer confirmed.
+
+    Past `Leadership.confirmed_until`, etcd may have let the lease expire
+    and elected another: a leader cut off from etcd must stop acting.
+    """
+    while child.poll() is None:
+        if leadership.lost.is_set():
+            stopped.append("lost")
+        elif time.monotonic() > leadership.confirmed_until:
+            stopped.append("in doubt")
+        else:
+            left = leadership.confirmed_until - time.monotonic()
+            leadership.lost.wait(timeout=max(0.0, min(0.5, left)))
+            continue
+        if child.poll() is None:
+            child.terminate()
+        return
 
 
 def _leader(etcd: EtcdPatterns, args: argparse.Namespace) -> int:

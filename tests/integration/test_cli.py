@@ -5,12 +5,13 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from etcd_patterns import EtcdPatterns
-from etcd_patterns.testing import EtcdCluster, ExternalEtcd
+from etcd_patterns.testing import EtcdCluster, ExternalEtcd, FaultProxy
 from tests.helpers import Raw, wait_until, watchers
 
 Etcd = EtcdCluster | ExternalEtcd
@@ -358,3 +359,57 @@ def test_leader_watch_prints_each_change(
     child.send_signal(signal.SIGINT)
     child.communicate(timeout=30)
     assert child.returncode == 130
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_while_campaigning_exits_143_and_leaves_no_key(
+    etcd: Etcd, namespace: str, patterns: EtcdPatterns, raw: Raw
+) -> None:
+    with patterns.elected("E", "leader"):
+        before = watchers(etcd)
+        child = cli_process(etcd, namespace, "elect", "E", "waiting", "--", "true")
+        wait_until(lambda: watchers(etcd) > before)  # it waits behind the leader
+        assert raw.count("E/") == 2
+        child.send_signal(signal.SIGTERM)
+        out, err = child.communicate(timeout=30)
+        assert (child.returncode, out) == (128 + signal.SIGTERM, ""), err
+        assert raw.count("E/") == 1  # only the leader's
+
+
+@pytest.mark.chaos  # a fault proxy: never on an etcd that panics on dropped connections
+@pytest.mark.timeout(60)
+def test_elect_stops_the_command_once_etcd_stops_confirming_the_leadership(
+    etcd: Etcd, namespace: str
+) -> None:
+    ttl = 2
+    host, port = etcd.endpoints[0].rsplit(":", 1)
+    script = (
+        "import signal, sys, threading\n"
+        "def stop(*_):\n"
+        "    print('stopped', flush=True); sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, stop)\n"
+        "print('running', flush=True)\n"
+        "threading.Event().wait(60)\n"
+    )
+    with FaultProxy((host, int(port))) as proxy:
+        child = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "etcd_patterns", f"--endpoints={proxy.endpoint}"),
+                *(f"--namespace={namespace}", "--request-timeout=1"),
+                *("elect", "E", "me", "--ttl", str(ttl), "--", sys.executable, "-c", script),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert child.stdout is not None
+        child.stdout.readline()  # the key: elected
+        assert child.stdout.readline().strip() == "running"
+        proxy.blackhole()  # the leader is cut off from etcd
+        cut = time.monotonic()
+        out, err = child.communicate(timeout=30)
+        assert proxy.stats["bytes held"] > 0  # the fault fired
+    print(f"command stopped, CLI exited {time.monotonic() - cut:.1f}s after the cut (ttl={ttl}s)")
+    assert child.returncode == 75, err
+    assert out.strip() == "stopped"
+    assert "did not confirm the leadership" in err
