@@ -26,11 +26,11 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack
 from pathlib import Path
 from tempfile import TemporaryDirectory
-from typing import Any
+from typing import Any, NamedTuple
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
@@ -96,12 +96,13 @@ def victim(endpoints: str, namespace: str, claimed: Any, out: str) -> None:
 
 
 def tick(token: int) -> Callable[[str], str]:
-    """A fenced tick: ``"<token> <count>"``, noting if the tokens went back."""
+    """A fenced tick: ``"<token> <count>"``, with " BACK" once a token went back."""
 
     def write(value: str) -> str:
-        previous, _, count = value.partition(" ")
-        went_back = int(previous or 0) > token
-        return f"{token} {int(count or 0) + 1}" + (" BACK" if went_back else "")
+        words = value.split()
+        previous, count = (int(words[0]), int(words[1])) if words else (0, 0)
+        back = "BACK" in words or previous > token
+        return f"{token} {count + 1}" + (" BACK" if back else "")
 
     return write
 
@@ -146,30 +147,42 @@ def next_leader(changes: Iterator[LeaderInfo | None], than: LeaderInfo | None) -
     raise AssertionError("observe ended")  # pragma: no cover - it never does
 
 
-Check = tuple[str, str, bool]  # an invariant, what was measured, whether it holds
+class Check(NamedTuple):
+    """One row of an act's table."""
+
+    invariant: str
+    measured: str
+    holds: bool
 
 
 def render(title: str, checks: list[Check]) -> Table:
     table = Table(title=title)
     for column in ("invariant", "measured", "holds"):
         table.add_column(column)
-    for name, measured, ok in checks:
-        table.add_row(name, measured, "[green]yes[/]" if ok else "[red]NO[/]")
+    for check in checks:
+        table.add_row(
+            check.invariant, check.measured, "[green]yes[/]" if check.holds else "[red]NO[/]"
+        )
     return table
 
 
-def election_act(console: Console, endpoints: str, namespace: str, workdir: Path) -> list[Check]:
-    """Act 2: a paused leader, then a killed one; returns the invariants checked."""
-    context = multiprocessing.get_context("spawn")
-    stop = workdir / "stop-schedulers"
-    logs = {f"scheduler{i}": str(workdir / f"scheduler{i}.log") for i in range(SCHEDULERS)}
-    processes = {
-        name: context.Process(target=scheduler, args=(endpoints, namespace, name, log, str(stop)))
-        for name, log in logs.items()
-    }
-    for process in processes.values():
-        process.start()
-    console.print(f"started {SCHEDULERS} schedulers campaigning to lead 'scheduler'")
+class FailOver(NamedTuple):
+    """What act 2 measured."""
+
+    paused_token: int  # the fencing token of the leader that was paused
+    after_pause: float  # seconds from its SIGSTOP to the next acting leader
+    rejected: bool  # whether its next fenced write, once resumed, was rejected
+    after_kill: float  # seconds from the next leader's SIGKILL to the one after
+
+
+def _fail_over(
+    console: Console,
+    endpoints: str,
+    namespace: str,
+    processes: Mapping[str, multiprocessing.process.BaseProcess],
+    logs: dict[str, str],
+) -> FailOver:
+    """Pause the acting leader, resume it, kill the next one; what it measured."""
     with EtcdPatterns.connect(endpoints, namespace=namespace) as etcd:
         changes = etcd.observe("scheduler", timeout=60)
         first = next_leader(changes, None)
@@ -190,8 +203,7 @@ def election_act(console: Console, endpoints: str, namespace: str, workdir: Path
         was_rejected = rejected in Path(logs[first_name]).read_text()
         outcome = "was rejected" if was_rejected else "was NOT rejected"
         console.print(f"resumed {first_name}: its next fenced write {outcome}")
-        killed = processes[second_name]
-        os.kill(killed.pid or 0, signal.SIGKILL)
+        os.kill(processes[second_name].pid or 0, signal.SIGKILL)
         shot = time.monotonic()
         third = next_leader(changes, second)
         after_kill = time.monotonic() - shot
@@ -199,9 +211,35 @@ def election_act(console: Console, endpoints: str, namespace: str, workdir: Path
             f"killed {second_name} with SIGKILL; {third.value.split()[0]} leads "
             f"{after_kill:.2f}s later"
         )
+    return FailOver(first.fencing_token, after_pause, was_rejected, after_kill)
+
+
+def election_act(console: Console, endpoints: str, namespace: str, workdir: Path) -> list[Check]:
+    """Act 2: a paused leader, then a killed one; returns the invariants checked."""
+    context = multiprocessing.get_context("spawn")
+    stop = workdir / "stop-schedulers"
+    logs = {f"scheduler{i}": str(workdir / f"scheduler{i}.log") for i in range(SCHEDULERS)}
+    processes = {
+        name: context.Process(target=scheduler, args=(endpoints, namespace, name, log, str(stop)))
+        for name, log in logs.items()
+    }
+    try:
+        for process in processes.values():
+            process.start()
+        console.print(f"started {SCHEDULERS} schedulers campaigning to lead 'scheduler'")
+        measured = _fail_over(console, endpoints, namespace, processes, logs)
+    finally:
+        # Whatever happened: every scheduler resumed, told to stop, and gone.
         stop.touch()
         for process in processes.values():
+            if process.pid is not None:
+                os.kill(process.pid, signal.SIGCONT)
+        for process in processes.values():
             process.join(timeout=30)
+            if process.is_alive():
+                process.kill()
+                process.join()
+    with EtcdPatterns.connect(endpoints, namespace=namespace) as etcd:
         ticks = etcd.get_values("ticks")[0]
     elected = sorted(
         int(line.split()[1])
@@ -210,22 +248,23 @@ def election_act(console: Console, endpoints: str, namespace: str, workdir: Path
         if line.startswith("elected")
     )
     checks = [
-        (
+        Check(
             f"a paused leader is replaced within ttl + 1.5s ({REPLACED_WITHIN:.1f}s)",
-            f"{after_pause:.2f}s",
-            after_pause <= REPLACED_WITHIN,
+            f"{measured.after_pause:.2f}s",
+            measured.after_pause <= REPLACED_WITHIN,
         ),
-        (
+        Check(
             "the paused leader's later fenced write was rejected",
-            f"token {first.fencing_token}: {'rejected' if was_rejected else 'not rejected'}",
-            was_rejected,
+            f"token {measured.paused_token}: "
+            + ("rejected" if measured.rejected else "not rejected"),
+            measured.rejected,
         ),
-        (
+        Check(
             f"a killed leader is replaced within ttl + 1.5s ({REPLACED_WITHIN:.1f}s)",
-            f"{after_kill:.2f}s",
-            after_kill <= REPLACED_WITHIN,
+            f"{measured.after_kill:.2f}s",
+            measured.after_kill <= REPLACED_WITHIN,
         ),
-        (
+        Check(
             "one leader at a time: fencing tokens never went back",
             f"{len(elected)} terms, {len(set(elected))} tokens; {ticks.split()[1]} fenced ticks",
             "BACK" not in ticks and len(set(elected)) == len(elected),
@@ -297,23 +336,23 @@ def main() -> int:
         killed_job = Path(victim_out).read_text() if Path(victim_out).exists() else "(none)"
         expected = {f"job-{i:04}" for i in range(JOBS)}
         checks = [
-            (
+            Check(
                 "every job processed exactly once (acked once)",
                 f"{len(acked)} acks, {len(set(acked))} distinct",
                 sorted(acked) == sorted(expected),
             ),
-            ("the counter is exact", f"{done} of {JOBS}", done == JOBS),
-            (
+            Check("the counter is exact", f"{done} of {JOBS}", done == JOBS),
+            Check(
                 "no two report writers overlapped",
                 f"{len(reports)} reports, {overlaps} overlaps",
                 overlaps == 0 and len(reports) == JOBS // REPORT_EVERY,
             ),
-            (
+            Check(
                 "the killed worker's job was redelivered",
                 f"{killed_job} acked {acked.count(killed_job)} time(s)",
                 acked.count(killed_job) == 1,
             ),
-            (
+            Check(
                 "the queue is empty",
                 f"{len(etcd.get_values('jobs'))} left",
                 not etcd.get_values("jobs"),
@@ -325,7 +364,7 @@ def main() -> int:
         election = election_act(console, endpoints, namespace, workdir)
         title = f"{SCHEDULERS} schedulers, a paused leader and a killed one"
         console.print(render(title, election))
-        return 0 if all(ok for _, _, ok in checks + election) else 1
+        return 0 if all(check.holds for check in checks + election) else 1
 
 
 if __name__ == "__main__":
