@@ -11,6 +11,7 @@ Start with `EtcdPatterns.connect`::
 Throwaway etcd servers for tests live in `etcd_patterns.testing`.
 """
 
+from ._contend import Contender
 from ._election import Elected, LeaderInfo, Leadership
 from ._errors import (
     ClaimLostError,
@@ -36,6 +37,8 @@ from ._errors import (
     PermissionDeniedError,
     QueueEmptyError,
     QuotaExceededError,
+    SemaphoreLimitError,
+    SemaphoreTimeoutError,
     ValueDecodeError,
     ValueTooLargeError,
 )
@@ -44,6 +47,7 @@ from ._fence import Fence
 from ._kv import TryTransformResult
 from ._lock import HeldLock, Locked, TryLocked, TryLockResult
 from ._queue import Claim, ClaimedItem
+from ._semaphore import Permit, Semaphored
 
 __version__ = "0.1.0"
 
@@ -53,6 +57,7 @@ __all__ = [
     "ClaimedItem",
     "ClosedError",
     "ConflictError",
+    "Contender",
     "Elected",
     "ElectionTimeoutError",
     "EtcdError",
@@ -78,8 +83,12 @@ __all__ = [
     "NotAnElectionError",
     "OutcomeUnknownError",
     "PermissionDeniedError",
+    "Permit",
     "QueueEmptyError",
     "QuotaExceededError",
+    "SemaphoreLimitError",
+    "SemaphoreTimeoutError",
+    "Semaphored",
     "TryLockResult",
     "TryLocked",
     "TryTransformResult",

@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import itertools
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 from etcd3 import etcdrpc
@@ -57,13 +57,58 @@ from etcd3.etcdrpc import kv_pb2
 from . import _ops as ops
 from ._commit import commit
 from ._errors import EtcdPatternsError, OutcomeUnknownError
-from ._keys import Keyspace, children_range
+from ._keys import Keyspace, children_range, is_direct_child
 from ._retry import Deadline
 from ._session import Orphan, Session, Sessions
 from ._transport import Transport
 from ._wait import Watch, wait
 
 _DELETE = kv_pb2.Event.DELETE
+# A waiter watches each key ahead of it, up to this many; beyond, the whole
+# directory, whose deletions it filters.
+_WATCHES_PER_WAITER = 8
+
+
+class Contender(NamedTuple):
+    """A key queued under a lock, semaphore or election name, as `EtcdPatterns.contenders` lists it.
+
+    Attributes:
+        key: The key, without the namespace.
+        value: Its value: who holds or waits (host, pid and thread, for the
+            library's locks and semaphores), or an election candidate's
+            proposal. Bytes that are not UTF-8 show as backslash escapes.
+        lease_id: The session lease the key carries; 0 for none (data).
+        fencing_token: Its create revision: the order of the queue.
+    """
+
+    key: str
+    value: str
+    lease_id: int
+    fencing_token: int
+
+
+def list_contenders(transport: Transport, keyspace: Keyspace, raw: bytes) -> list[Contender]:
+    """Every key directly under ``raw/``, oldest first: one round trip."""
+    start, end = children_range(raw)
+    response = transport.range(ops.range_request(start, end, oldest_first=True))
+    return [
+        Contender(
+            key=keyspace.decode(kv.key),
+            value=kv.value.decode("utf-8", "backslashreplace"),
+            lease_id=kv.lease,
+            fencing_token=kv.create_revision,
+        )
+        for kv in response.kvs
+        if is_direct_child(raw, kv.key)
+    ]
+
+
+class _Refused(Exception):
+    """A registration whose entry compares failed; nothing was written."""
+
+    def __init__(self, responses: Sequence[Any]) -> None:
+        super().__init__("refused")
+        self.responses = responses
 
 
 class Won(NamedTuple):
@@ -105,18 +150,36 @@ class Winner(NamedTuple):
     revision: int
 
 
+class Entry(NamedTuple):
+    """What a pattern requires of its name for a contender to register.
+
+    Attributes:
+        compare: Compares that the registration's transaction must pass.
+        success: Operations it applies with the registration, before it.
+        failure: Reads it makes when the compares fail.
+        refused: Called with those reads' responses: it raises the
+            pattern's error, or returns the entry to register with next.
+    """
+
+    compare: Sequence[Any]
+    success: Sequence[Any]
+    failure: Sequence[Any]
+    refused: Callable[[Sequence[Any]], Entry]
+
+
 class _Turn(NamedTuple):
     """Where a contender stands, from one read.
 
     Attributes:
         exists: Whether my key is still there.
-        predecessor: The newest key created before mine (keys only); None
-            if there is none, so that, if my key exists, I have won.
+        ahead: The newest keys created before mine, newest first (keys
+            only), at most as many as there are places: fewer means that,
+            if my key exists, I have won one.
         revision: The revision the read reflects.
     """
 
     exists: bool
-    predecessor: Any | None
+    ahead: Sequence[Any]
     revision: int
 
 
@@ -170,8 +233,10 @@ class Contenders:
         lease_ttl: int | None,
         deadline: Deadline,
         timeout_error: Callable[[], Exception],
+        places: int = 1,
+        entry: Entry | None = None,
     ) -> Won:
-        """Register under ``raw/`` and wait until this contender wins.
+        """Register under ``raw/`` and wait until this contender wins a place.
 
         Args:
             raw: The name, with the namespace.
@@ -180,7 +245,11 @@ class Contenders:
             deadline: When to give up; the key is withdrawn then, as on any
                 other error.
             timeout_error: Makes the error raised when the deadline passes.
+            places: How many contenders win at once: the oldest ``places``.
+            entry: What the name must be; by default, not a key that holds
+                a value.
         """
+        rule = entry or self._no_value_at(raw)
         # The sessions handed to the registration's commit, latest last.
         carriers: list[Session] = []
 
@@ -193,7 +262,12 @@ class Contenders:
             my_key = self._contender_key(raw)
             carriers.clear()
             try:
-                registered = self._register(raw, my_key, value, carrier)
+                registered = self._register(raw, my_key, value, carrier, places=places, entry=rule)
+            except _Refused as refused:
+                rule = rule.refused(refused.responses)  # or raises
+                if deadline.expired():
+                    raise timeout_error() from None
+                continue
             except OutcomeUnknownError as exc:
                 self.withdraw_unsettled(lease_ttl, my_key, exc)
                 if not (carriers and carriers[-1].lost.is_set()):
@@ -214,6 +288,7 @@ class Contenders:
                     my_key,
                     revision,
                     session,
+                    places=places,
                     turn=registered.turn,
                     deadline=deadline,
                     timeout_error=timeout_error,
@@ -272,8 +347,13 @@ class Contenders:
             raise self._data_under_name(raw, first.key)
         return Winner(first, response.header.revision)
 
-    def leave(self, key: bytes, revision: int, session: Session) -> bool:
+    def leave(
+        self, key: bytes, revision: int, session: Session, *, also: Sequence[Any] = ()
+    ) -> bool:
         """Delete a contender's key, if it is still this contender's.
+
+        ``also`` are operations applied in the same transaction, only if the
+        key was still this contender's.
 
         Returns:
             False if the key was already gone: the contender had lost its
@@ -281,7 +361,11 @@ class Contenders:
             in which case the session deletes the key as soon as etcd
             answers again.
         """
-        request = ops.delete_if_created(key, revision)
+        request = ops.txn(
+            compare=[ops.compare_create(key, "==", revision)],
+            success=[ops.delete(key), *also],
+            failure=[],
+        )
         try:
             try:
                 return bool(self._transport.txn(request).succeeded)
@@ -318,41 +402,52 @@ class Contenders:
     # -- the queue ----------------------------------------------------------
 
     def _register(
-        self, raw: bytes, my_key: bytes, value: bytes, session: Callable[[], Session]
+        self,
+        raw: bytes,
+        my_key: bytes,
+        value: bytes,
+        session: Callable[[], Session],
+        *,
+        places: int,
+        entry: Entry,
     ) -> _Registration:
-        """Write my key and read my predecessor in one round trip.
+        """Write my key and read the keys ahead of it in one round trip.
 
         The write goes through the exactly-once commit: a copy of it that
         etcd receives late can never create my key a second time (after I
         left, say), which would leave a contender that nobody owns.
+
+        Raises:
+            _Refused: The entry's compares failed; nothing was written.
         """
         start, end = children_range(raw)
         committed = commit(
             self._transport,
             session,
-            compare=[ops.compare_version(raw, "==", 0)],
-            # The range runs before the put, so it sees the newest key
+            compare=list(entry.compare),
+            # The range runs before the put, so it sees the newest keys
             # created before mine.
             success=lambda session: [
-                ops.get(start, end, newest_first=True, limit=1, keys_only=True),
+                ops.get(start, end, newest_first=True, limit=places, keys_only=True),
+                *entry.success,
                 ops.put(my_key, value, lease=session.lease_id),
             ],
-            failure=[ops.get(raw, keys_only=True)],
+            failure=list(entry.failure),
         )
         if not committed.succeeded:
-            raise self._name_holds_data(raw)
+            assert committed.responses is not None  # failures always carry responses
+            raise _Refused(committed.responses)
         revision = committed.revision
         if committed.responses is None:
             # Settled after a lost answer: read what the answer would have
             # said, and whether my key is still there to say it of.
-            turn = self._check_turn(raw, my_key, revision)
+            turn = self._check_turn(raw, my_key, revision, places)
         else:
-            (predecessor,) = ops.kvs(committed.responses, 0) or [None]
-            turn = _Turn(exists=True, predecessor=predecessor, revision=revision)
+            turn = _Turn(exists=True, ahead=ops.kvs(committed.responses, 0), revision=revision)
         return _Registration(revision, committed.session, turn)
 
-    def _check_turn(self, raw: bytes, my_key: bytes, revision: int) -> _Turn:
-        """Whether my key exists, and my current predecessor, in one round trip."""
+    def _check_turn(self, raw: bytes, my_key: bytes, revision: int, places: int) -> _Turn:
+        """Whether my key exists, and the keys now ahead of it, in one round trip."""
         start, end = children_range(raw)
         request = ops.txn(
             compare=[],
@@ -362,7 +457,7 @@ class Contenders:
                     start,
                     end,
                     newest_first=True,
-                    limit=1,
+                    limit=places,
                     keys_only=True,
                     max_create_revision=revision - 1,
                 ),
@@ -370,10 +465,9 @@ class Contenders:
             failure=[],
         )
         response = self._transport.txn(request, write=False)
-        (predecessor,) = ops.kvs(response.responses, 1) or [None]
         return _Turn(
             exists=bool(ops.kvs(response.responses, 0)),
-            predecessor=predecessor,
+            ahead=ops.kvs(response.responses, 1),
             revision=response.header.revision,
         )
 
@@ -384,35 +478,62 @@ class Contenders:
         revision: int,
         session: Session,
         *,
+        places: int,
         turn: _Turn,
         deadline: Deadline,
         timeout_error: Callable[[], Exception],
     ) -> bool:
-        """Wait until I win (True), or my key or session is gone (False).
+        """Wait until I win a place (True), or my key or session is gone (False).
 
         True is only ever reported from a read that saw my key.
         """
 
         def watch(turn: _Turn) -> Watch | None:
-            if not turn.exists or turn.predecessor is None or session.lost.is_set():
+            if not turn.exists or len(turn.ahead) < places or session.lost.is_set():
                 return None
-            if not turn.predecessor.lease:
-                raise self._data_under_name(raw, turn.predecessor.key)
-            # Only the predecessor: no herd.
-            create = etcdrpc.WatchCreateRequest(
-                key=turn.predecessor.key, filters=[etcdrpc.WatchCreateRequest.NOPUT]
-            )
-            return Watch([create], lambda event: event.type == _DELETE)
+            for kv in turn.ahead:
+                if not kv.lease:
+                    raise self._data_under_name(raw, kv.key)
+            # Only the keys just ahead: all of them still there means that
+            # as many keys as there are places are ahead, so I can win only
+            # once one of them goes. No herd: a key's deletion wakes at most
+            # the ``places`` contenders right behind it.
+            ahead = {kv.key for kv in turn.ahead}
+            if len(ahead) <= _WATCHES_PER_WAITER:
+                keys = [(key, b"") for key in sorted(ahead)]
+            else:
+                # Many places: one watch on the directory, filtered here.
+                keys = [children_range(raw)]
+            creates = [
+                etcdrpc.WatchCreateRequest(
+                    key=key, range_end=range_end, filters=[etcdrpc.WatchCreateRequest.NOPUT]
+                )
+                for key, range_end in keys
+            ]
+            return Watch(creates, lambda event: event.type == _DELETE and event.kv.key in ahead)
 
         final = wait(
             self._transport,
             turn,
-            read=lambda: self._check_turn(raw, my_key, revision),
+            read=lambda: self._check_turn(raw, my_key, revision, places),
             watch=watch,
             deadline=deadline,
             timeout_error=timeout_error,
         )
-        return final.exists and final.predecessor is None
+        return final.exists and len(final.ahead) < places
+
+    def _no_value_at(self, raw: bytes) -> Entry:
+        """The default entry: the name is not a key that holds a value."""
+
+        def refused(responses: Sequence[Any]) -> Entry:
+            raise self._name_holds_data(raw)
+
+        return Entry(
+            compare=[ops.compare_version(raw, "==", 0)],
+            success=[],
+            failure=[ops.get(raw, keys_only=True)],
+            refused=refused,
+        )
 
     # -- helpers ------------------------------------------------------------
 

@@ -6,7 +6,8 @@ and every wait that runs out of time raises a `TimeoutError`::
 
     EtcdPatternsError
     ├── InvalidArgumentError (ValueError)      bad key, value, ttl or timeout
-    │   └── ValueTooLargeError                 a request would exceed etcd's limit
+    │   ├── ValueTooLargeError                 a request would exceed etcd's limit
+    │   └── SemaphoreLimitError                a semaphore's limit differs from the recorded one
     ├── InvalidTypeError (TypeError)           wrong type, e.g. a fn that returns int
     ├── ClosedError (RuntimeError)             the instance was closed
     ├── ForkedProcessError (RuntimeError)      the instance was made before a fork
@@ -15,6 +16,7 @@ and every wait that runs out of time raises a `TimeoutError`::
     ├── ValueDecodeError (ValueError)          stored data is not UTF-8
     ├── ConflictError (TimeoutError)           transform gave up on conflicts
     ├── LockTimeoutError (TimeoutError)        a lock was not acquired in time
+    │   └── SemaphoreTimeoutError              no semaphore permit in time
     ├── LockLostError                          a lock's ownership was lost
     ├── LockReentryError (RuntimeError)        a thread re-acquired a lock it holds
     ├── NotALockError (ValueError)             a lock's name is a key holding a value
@@ -66,6 +68,8 @@ __all__ = [
     "PermissionDeniedError",
     "QueueEmptyError",
     "QuotaExceededError",
+    "SemaphoreLimitError",
+    "SemaphoreTimeoutError",
     "ValueDecodeError",
     "ValueTooLargeError",
     "forked",
@@ -86,6 +90,21 @@ class InvalidArgumentError(EtcdPatternsError, ValueError):
 
 class ValueTooLargeError(InvalidArgumentError):
     """A request would exceed etcd's request size limit (``--max-request-bytes``)."""
+
+
+class SemaphoreLimitError(InvalidArgumentError):
+    """A contender passed a semaphore ``limit`` other than the one recorded.
+
+    Every contender of a semaphore must pass the same limit; the first one
+    records it. Nothing was written.
+
+    Attributes:
+        recorded: The limit that the semaphore's contenders use.
+    """
+
+    def __init__(self, message: str, *, recorded: int) -> None:
+        super().__init__(message)
+        self.recorded = recorded
 
 
 class InvalidTypeError(EtcdPatternsError, TypeError):
@@ -157,6 +176,10 @@ class ConflictError(EtcdPatternsError, TimeoutError):
 
 class LockTimeoutError(EtcdPatternsError, TimeoutError):
     """A lock was not acquired within the timeout. The waiter left no key behind."""
+
+
+class SemaphoreTimeoutError(LockTimeoutError):
+    """No permit of a semaphore within the timeout. The waiter left no key behind."""
 
 
 class LockLostError(EtcdPatternsError):

@@ -18,6 +18,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from ._connect import build_client, parse_endpoints
+from ._contend import Contender, list_contenders
 from ._election import Elected, Elections, LeaderInfo
 from ._errors import InvalidArgumentError, InvalidTypeError
 from ._fence import Fence
@@ -26,6 +27,7 @@ from ._kv import KeyValue, Transform, TryTransformResult
 from ._lock import Locked, Locks, TryLocked, TryLockResult
 from ._queue import PREFETCH, Claim, Queue
 from ._retry import check_timeout
+from ._semaphore import Semaphored, Semaphores
 from ._session import Sessions, check_ttl
 from ._transport import DEFAULT_MAX_REQUEST_BYTES, Transport
 
@@ -135,6 +137,7 @@ class EtcdPatterns:
         self._kv = KeyValue(self._transport, self._keyspace, self._sessions.get)
         self._locks = Locks(self._transport, self._keyspace, self._sessions)
         self._elections = Elections(self._transport, self._keyspace, self._sessions)
+        self._semaphores = Semaphores(self._transport, self._keyspace, self._sessions)
         self._queue = Queue(self._transport, self._keyspace, self._sessions, prefetch=prefetch)
         _open_instances.add(self)
 
@@ -441,6 +444,60 @@ class EtcdPatterns:
         if the lock is held elsewhere (one round trip, nothing written).
         """
         return TryLocked(self._locks, key, ttl)
+
+    # -- semaphore, and who queues --------------------------------------------
+
+    def semaphore(
+        self,
+        name: str | bytes,
+        limit: int,
+        *,
+        ttl: float | None = None,
+        timeout: float | None = None,
+    ) -> Semaphored:
+        """Hold one of ``limit`` permits of the semaphore ``name`` for a ``with`` block.
+
+        ``with etcd.semaphore("encoders", 3) as permit:`` waits (first come,
+        first served) until fewer than ``limit`` contenders registered
+        before this one hold permits, and gives the permit back on leaving
+        the block. Cost: two round trips uncontended.
+
+        ``permit`` is a `Permit`, a `Fence`: its ``fencing_token``,
+        ``lost`` event, ``is_owner()``, and ``guard=permit`` for writes that
+        must apply only while it is held.
+
+        Args:
+            name: The semaphore's name, without the namespace. Contenders'
+                keys live under ``name/``; the limit is recorded at ``name``.
+            limit: How many permits there are. Every contender must pass the
+                same limit.
+            ttl: Lease TTL in seconds: how soon a crashed holder's permit
+                comes back. None uses the instance's ``session_ttl``.
+            timeout: How long to wait for a permit; None waits forever.
+
+        Raises:
+            SemaphoreTimeoutError: No permit within ``timeout`` (a
+                `TimeoutError`); no key is left behind.
+            SemaphoreLimitError: Other contenders use another ``limit``;
+                nothing was written.
+            LockLostError: On leaving the block, the permit had been lost
+                (its lease expired or was revoked), unless the block is
+                already raising.
+            NotALockError: ``name`` holds a value that is not a limit, or
+                data without a lease lies under it.
+        """
+        return Semaphored(self._semaphores, name, limit, ttl, timeout)
+
+    def contenders(self, name: str | bytes) -> list[Contender]:
+        """The keys queued under a lock, semaphore or election ``name``: one round trip.
+
+        Oldest first: the first is the lock's holder or the election's
+        leader; a semaphore's first ``limit`` hold its permits. Each carries
+        its key, value, lease and create revision, for operators to see who
+        holds and who waits.
+        """
+        raw = self._keyspace.encode(name, name="name", trailing_slash=True)
+        return list_contenders(self._transport, self._keyspace, raw)
 
     # -- election -----------------------------------------------------------
 

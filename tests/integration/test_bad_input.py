@@ -103,6 +103,23 @@ CASES: list[tuple[str, Call, type[BaseException]]] = [
     ("try_lock name is a value", lambda p: p.try_lock("k", noop), NotALockError),
     ("locked empty name", lambda p: p.locked("").__enter__(), InvalidArgumentError),
     ("try_locked ttl str", lambda p: p.try_locked("L", ttl="x").__enter__(), InvalidTypeError),  # type: ignore[arg-type]
+    # semaphore and contenders
+    ("semaphore None name", lambda p: p.semaphore(None, 2).__enter__(), InvalidTypeError),  # type: ignore[arg-type]
+    ("semaphore empty name", lambda p: p.semaphore("", 2).__enter__(), InvalidArgumentError),
+    ("semaphore limit 0", lambda p: p.semaphore("S", 0).__enter__(), InvalidArgumentError),
+    ("semaphore limit -1", lambda p: p.semaphore("S", -1).__enter__(), InvalidArgumentError),
+    ("semaphore limit bool", lambda p: p.semaphore("S", True).__enter__(), InvalidTypeError),
+    ("semaphore limit str", lambda p: p.semaphore("S", "3").__enter__(), InvalidTypeError),  # type: ignore[arg-type]
+    ("semaphore limit float", lambda p: p.semaphore("S", 2.0).__enter__(), InvalidTypeError),  # type: ignore[arg-type]
+    ("semaphore ttl 0", lambda p: p.semaphore("S", 2, ttl=0).__enter__(), InvalidArgumentError),
+    (
+        "semaphore timeout NaN",
+        lambda p: p.semaphore("S", 2, timeout=float("nan")).__enter__(),
+        InvalidArgumentError,
+    ),
+    ("semaphore name is a value", lambda p: p.semaphore("k", 2).__enter__(), NotALockError),
+    ("contenders empty name", lambda p: p.contenders(""), InvalidArgumentError),
+    ("contenders int name", lambda p: p.contenders(1), InvalidTypeError),  # type: ignore[arg-type]
     # election
     ("elected None name", lambda p: p.elected(None, "v").__enter__(), InvalidTypeError),  # type: ignore[arg-type]
     ("elected empty name", lambda p: p.elected("", "v").__enter__(), InvalidArgumentError),
