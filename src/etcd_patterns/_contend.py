@@ -1,29 +1,34 @@
-"""Contender queues: the protocol that locks and elections share.
+"""Contender queues: the protocol that locks, elections and semaphores share.
 
 Protocol, etcd's own (Go's ``concurrency.Mutex`` and ``concurrency.Election``,
 and so ``etcdctl lock`` and ``etcdctl elect``), so that each excludes the
-others:
+others; a semaphore is the same queue with more than one place:
 
 * A contender for ``name`` writes a key directly under ``name/``, carrying
-  its session lease, and in the same round trip reads the newest key created
-  before its own: its predecessor.
-* The contender whose key has the lowest create revision under ``name/``
-  wins: it holds the lock, or leads the election.
-* With a predecessor, a contender watches the predecessor's key, and only
-  it (no thundering herd), until it is deleted; then it re-reads, in one
-  round trip, its own key and its new predecessor, if any. It wins only
-  from a read that saw its own key.
+  its session lease, and in the same round trip reads the newest keys
+  created before its own, as many as there are places.
+* The oldest keys under ``name/`` (by create revision) win, one per place:
+  the lock's holder, the election's leader, a semaphore's holders.
+* A contender that has as many keys ahead of it as there are places
+  watches those keys, and only them, until one is deleted: while they all
+  exist it cannot win. Then it re-reads, in one round trip, its own key and
+  the keys now ahead of it. It wins only from a read that saw its own key.
+  With one place (a lock, an election) it watches just its predecessor: no
+  herd. With more, a deletion wakes at most as many waiters as there are
+  places.
 * Leaving deletes the contender's key, guarded by its create revision:
   never anyone else's, even after its lease expired and another won.
 * A contender that gives up (timeout, exception, Ctrl-C) deletes its key;
   when etcd cannot be reached, its session deletes it once etcd answers.
+* What the name itself must be is the pattern's `Entry`: by default, not a
+  key that holds a value; for a semaphore, the key that records its limit.
 
 Guarantees:
 
-* While the session lease lives, at most one contender wins, and waiters
-  win in the order they registered (FIFO).
-* The winner's fencing token, the create revision of its key, increases
-  with every new winner.
+* While the session leases live, at most as many contenders win as there
+  are places, and waiters win in the order they registered (FIFO).
+* A winner's fencing token, the create revision of its key, is unique to
+  it; with one place, it increases with every new winner.
 * A registration is written through the exactly-once commit, so a copy of
   it that etcd receives late never creates a key that nobody owns. One
   whose outcome stays unknown because its lease is gone (its answer lost,
@@ -31,12 +36,11 @@ Guarantees:
   left. One whose settling failed (etcd away) raises `OutcomeUnknownError`,
   and its session deletes the key, if any, once etcd answers.
 * A key under ``name/`` without a lease is data, which no contender would
-  ever delete: a contender that finds one before its own raises the
-  pattern's misuse error rather than wait for ever. So does a ``name`` that
-  is itself a key holding a value, and nothing is written then.
+  ever delete: a contender that finds one ahead of its own raises the
+  pattern's misuse error rather than wait for ever.
 
-Cost: winning uncontended is one round trip, and leaving is one. Each
-predecessor that leaves costs one watch and one read.
+Cost: winning uncontended is one round trip, and leaving is one. Each key
+ahead that leaves costs the waiters it wakes one watch and one read.
 
 Lease loss: etcd deletes the contender's key with its lease. A waiter whose
 key vanished registers again, on a fresh session, at the back of the queue;
