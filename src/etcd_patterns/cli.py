@@ -7,6 +7,8 @@
     etcd-patterns enqueue DIR VALUE [--ttl S]
     etcd-patterns dequeue DIR [--timeout S]
     etcd-patterns claim DIR [--ttl S] [--timeout S] -- CMD...
+    etcd-patterns semaphore NAME LIMIT [--ttl S] [--timeout S] -- CMD...
+    etcd-patterns contenders NAME
     etcd-patterns elect NAME VALUE [--ttl S] [--timeout S] [-- CMD...]
     etcd-patterns leader NAME [--watch] [--timeout S]
 
@@ -26,8 +28,13 @@ stops confirming it (past the lease's TTL without an answer), CMD is sent
 SIGTERM. ``leader`` prints the leader's value; with ``--watch``, one line
 per change, an empty line while nobody leads.
 
+``semaphore`` runs CMD holding a permit, with ``ETCD_SEMAPHORE_KEY`` and
+``ETCD_SEMAPHORE_REV`` set. ``contenders`` prints, oldest first, one line
+per key queued under a name: its create revision (the fencing token), its
+lease in hex, its key and its value, separated by tabs.
+
 Exit status: 0 on success; a command's own status for ``lock``,
-``try-lock``, ``claim`` and ``elect`` (128 + N if it died of signal N); 75
+``try-lock``, ``claim``, ``semaphore`` and ``elect`` (128 + N if it died of signal N); 75
 (``EX_TEMPFAIL``) when a lock is held, a wait timed out, an election has no
 leader, or a leadership was lost or went unconfirmed, so a script can try
 again later; 69
@@ -102,14 +109,12 @@ def _parser() -> argparse.ArgumentParser:
     change.add_argument("--set", dest="value", help="the new value")
     change.add_argument("--incr", type=int, help="add N to an integer value (missing: 0)")
 
-    for name, help_text in (("lock", "run CMD under the lock"), ("try-lock", "run CMD if free")):
-        sub = commands.add_parser(name, help=help_text)
-        sub.add_argument("key")
-        sub.add_argument("--ttl", type=float, help="lease TTL in seconds")
-        if name == "lock":
-            sub.add_argument("--timeout", type=float, help="seconds to wait for the lock")
-        sub.usage = f"etcd-patterns [options] {name} KEY [options] -- CMD [ARGS...]"
+    _add_queue_commands(commands)
+    _add_coordination_commands(commands)
+    return parser
 
+
+def _add_queue_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     enqueue = commands.add_parser("enqueue", help="append a value to a queue; prints its key")
     enqueue.add_argument("dir")
     enqueue.add_argument("value")
@@ -124,6 +129,30 @@ def _parser() -> argparse.ArgumentParser:
     claim.add_argument("--ttl", type=float, help="lease TTL of the claim in seconds")
     claim.add_argument("--timeout", type=float, help="seconds to wait (default: forever)")
     claim.usage = "etcd-patterns [options] claim DIR [options] -- CMD [ARGS...]"
+
+
+def _add_coordination_commands(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> None:
+    for name, help_text in (("lock", "run CMD under the lock"), ("try-lock", "run CMD if free")):
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument("key")
+        sub.add_argument("--ttl", type=float, help="lease TTL in seconds")
+        if name == "lock":
+            sub.add_argument("--timeout", type=float, help="seconds to wait for the lock")
+        sub.usage = f"etcd-patterns [options] {name} KEY [options] -- CMD [ARGS...]"
+
+    semaphore = commands.add_parser("semaphore", help="run CMD holding one of LIMIT permits")
+    semaphore.add_argument("name")
+    semaphore.add_argument("limit", type=int, help="how many permits; every holder passes the same")
+    semaphore.add_argument("--ttl", type=float, help="lease TTL in seconds")
+    semaphore.add_argument("--timeout", type=float, help="seconds to wait for a permit")
+    semaphore.usage = "etcd-patterns [options] semaphore NAME LIMIT [options] -- CMD [ARGS...]"
+
+    contenders = commands.add_parser(
+        "contenders", help="list who holds and who waits: a lock, semaphore or election"
+    )
+    contenders.add_argument("name")
 
     elect = commands.add_parser(
         "elect", help="campaign; print the key once elected, and run CMD while leading"
@@ -140,7 +169,6 @@ def _parser() -> argparse.ArgumentParser:
         "--watch", action="store_true", help="print a line per change (empty: no leader)"
     )
     leader.add_argument("--timeout", type=float, help="with --watch: seconds to wait per change")
-    return parser
 
 
 def _connect(args: argparse.Namespace) -> EtcdPatterns:
@@ -184,6 +212,24 @@ def _lock(etcd: EtcdPatterns, args: argparse.Namespace) -> int:
         env["ETCD_LOCK_KEY"] = etcd.namespace + held.key  # as etcdctl lock sets them
         env["ETCD_LOCK_REV"] = str(held.fencing_token)
         return subprocess.call(args.cmd, env=env)
+
+
+def _semaphore(etcd: EtcdPatterns, args: argparse.Namespace) -> int:
+    with etcd.semaphore(args.name, args.limit, ttl=args.ttl, timeout=args.timeout) as permit:
+        env = dict(os.environ)
+        env["ETCD_SEMAPHORE_KEY"] = etcd.namespace + permit.key
+        env["ETCD_SEMAPHORE_REV"] = str(permit.fencing_token)
+        return subprocess.call(args.cmd, env=env)
+
+
+def _contenders(etcd: EtcdPatterns, args: argparse.Namespace) -> int:
+    for contender in etcd.contenders(args.name):
+        lease = f"{contender.lease_id:x}" if contender.lease_id else "-"
+        print(
+            f"{contender.fencing_token}\t{lease}\t{etcd.namespace + contender.key}"
+            f"\t{contender.value}"
+        )
+    return 0
 
 
 def _enqueue(etcd: EtcdPatterns, args: argparse.Namespace) -> int:
@@ -347,6 +393,8 @@ _HANDLERS = {
     "enqueue": _enqueue,
     "dequeue": _dequeue,
     "claim": _claim,
+    "semaphore": _semaphore,
+    "contenders": _contenders,
     "elect": _elect,
     "leader": _leader,
 }
@@ -360,7 +408,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     split = words.index("--") if "--" in words else len(words)
     args = parser.parse_args(words[:split])
     args.cmd = words[split + 1 :]
-    if args.command in ("lock", "try-lock", "claim") and not args.cmd:
+    if args.command in ("lock", "try-lock", "claim", "semaphore") and not args.cmd:
         parser.error(f"{args.command} needs a command after --")
     try:
         with _connect(args) as etcd:

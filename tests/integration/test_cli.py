@@ -98,6 +98,8 @@ def test_claim_acks_on_success_and_releases_on_failure(
     ("args", "status"),
     [
         (["lock", "L"], 2),  # no command
+        (["semaphore", "S", "2"], 2),  # no command
+        (["semaphore", "S", "two", "--", "true"], 2),  # a limit that is not a number
         (["transform", "n"], 2),  # neither --set nor --incr
         (["get", ""], 1),  # an empty key
     ],
@@ -413,3 +415,31 @@ def test_elect_stops_the_command_once_etcd_stops_confirming_the_leadership(
     assert child.returncode == 75, err
     assert out.strip() == "stopped"
     assert "did not confirm the leadership" in err
+
+
+def test_semaphore_runs_the_command_holding_a_permit(etcd: Etcd, namespace: str, raw: Raw) -> None:
+    script = "import os; print(os.environ['ETCD_SEMAPHORE_KEY'], os.environ['ETCD_SEMAPHORE_REV'])"
+    result = cli(etcd, namespace, "semaphore", "S", "2", "--", sys.executable, "-c", script)
+    assert result.returncode == 0, result.stderr
+    key, revision = result.stdout.split()
+    assert key.startswith(namespace + "S/")
+    assert int(revision) > 0
+    assert raw.count("S/") == 0
+    mismatched = cli(etcd, namespace, "semaphore", "S", "0", "--", "true")
+    assert mismatched.returncode == 1
+    assert "limit must be >= 1" in mismatched.stderr
+
+
+def test_contenders_lists_holders_and_waiters(
+    etcd: Etcd, namespace: str, patterns: EtcdPatterns
+) -> None:
+    assert cli(etcd, namespace, "contenders", "L").stdout == ""
+    with patterns.locked("L") as held:
+        (line,) = cli(etcd, namespace, "contenders", "L").stdout.splitlines()
+        revision, lease, key, value = line.split("\t")
+        assert (int(revision), int(lease, 16), key) == (
+            held.fencing_token,
+            held.lease_id,
+            namespace + held.key,
+        )
+        assert "pid=" in value
