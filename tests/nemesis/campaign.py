@@ -31,6 +31,7 @@ from tests.nemesis.schedule import Nemesis, draw
 from tests.nemesis.workloads import (
     BOUNDS,
     NAMESPACE,
+    SEMAPHORE_LIMIT,
     SESSION_TTL,
     TIMEOUT,
     WORKLOADS,
@@ -170,6 +171,8 @@ def _judge(workload: str, history: list[Any], final: dict[str, Any]) -> list[che
         verdicts.append(checkers.check_lock(history))
     elif workload == "election":
         verdicts += [checkers.check_lock(history), checkers.check_observer(history)]
+    elif workload == "semaphore":
+        verdicts.append(checkers.check_semaphore(history, SEMAPHORE_LIMIT))
     elif workload == "queue":
         verdicts.append(checkers.check_queue(history, final["remaining"]))
     elif workload == "claims":

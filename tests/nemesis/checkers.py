@@ -102,6 +102,38 @@ def check_lock(history: Sequence[Op]) -> Verdict:
     return verdict
 
 
+def check_semaphore(history: Sequence[Op], limit: int) -> Verdict:
+    """No more than ``limit`` sections at once, but where a loss was reported; no token twice.
+
+    Each "section" op holds a permit from ``invoke`` to ``complete`` (from
+    after the acquisition returned until before the release was sent), so
+    the sections etcd saw at once are at least those that overlap here.
+    """
+    verdict = Verdict("semaphore")
+    sections = [op for op in history if op.kind == "section" and "token" in op.info]
+    tokens = Counter(op.info["token"] for op in sections)
+    for token, times in tokens.items():
+        if times > 1:
+            verdict.violations.append(f"fencing token {token} granted {times} times")
+    held = sorted(
+        [(op.invoke, 1, op) for op in sections if not op.info.get("lost")]
+        + [(op.complete, -1, op) for op in sections if not op.info.get("lost")],
+        key=lambda event: (event[0], event[1]),  # a release before an acquisition at one instant
+    )
+    now = most = 0
+    for _, change, op in held:
+        now += change
+        most = max(most, now)
+        if now > limit:
+            verdict.violations.append(f"{now} permits held at once, limit {limit}: {_show(op)}")
+    verdict.counts = {
+        "sections": len(sections),
+        "most held at once": most,
+        "losses reported": sum(bool(op.info.get("lost")) for op in sections),
+    }
+    return verdict
+
+
 def check_observer(history: Sequence[Op]) -> Verdict:
     """An observer never sees leadership go back, nor a value proclaimed by another leader.
 

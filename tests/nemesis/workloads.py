@@ -44,10 +44,14 @@ BOUNDS = {
     "claim": OP_TIMEOUT + 4 * TIMEOUT + CLEANUP_TIMEOUT,
     # as acquire
     "campaign": OP_TIMEOUT + 3 * TIMEOUT + CLEANUP_TIMEOUT,
+    # as acquire, and one more registration when the limit's record is not
+    # the one expected
+    "permit": OP_TIMEOUT + 4 * TIMEOUT + CLEANUP_TIMEOUT,
     # the wait for a change, a read when etcd moved on before the watch, the last read
     "observe": OP_TIMEOUT + 2 * TIMEOUT,
 }
 NAMESPACE = "/nemesis/"
+SEMAPHORE_LIMIT = 2
 
 
 def _connect(endpoints: list[str]) -> EtcdPatterns:
@@ -103,6 +107,23 @@ def candidate(endpoints: list[str], out: str, name: str, stop: Any) -> None:
     recorder.close()
 
 
+def permit_holder(endpoints: list[str], out: str, name: str, stop: Any) -> None:
+    """Take one of `SEMAPHORE_LIMIT` permits, again and again."""
+    recorder = Recorder(Path(out), name)
+    with _connect(endpoints) as etcd:
+        while not stop.is_set():
+            _section(
+                etcd,
+                recorder,
+                name,
+                etcd.semaphore("S", SEMAPHORE_LIMIT, timeout=OP_TIMEOUT),
+                kind="permit",
+                lost_error=LockLostError,
+                register=False,  # holders overlap: their writes have no order
+            )
+    recorder.close()
+
+
 def _section(
     etcd: EtcdPatterns,
     recorder: Recorder,
@@ -112,8 +133,13 @@ def _section(
     kind: str,
     lost_error: type[EtcdPatternsError],
     proclaim: bool = False,
+    register: bool = True,
 ) -> None:
-    """Hold a fence once: a guarded write of its token, recorded as a "section" op."""
+    """Hold a fence once, recorded as a "section" op.
+
+    In it, a guarded write of its token to a register, unless ``register``
+    is False, and a proclamation of it if ``proclaim``.
+    """
     with recorder.op(kind, bound=BOUNDS[kind]) as op:
         fence = holding.__enter__()
     if op.outcome != OK:
@@ -130,8 +156,9 @@ def _section(
         if proclaim:
             # Observers check that a leader's value names the leader's token.
             fence.proclaim(f"{name}:{token}")
-        etcd.transform("register", write, default="0", guard=fence, timeout=OP_TIMEOUT)
-        previous = seen[-1]
+        if register:
+            etcd.transform("register", write, default="0", guard=fence, timeout=OP_TIMEOUT)
+            previous = seen[-1]
     except lost_error:
         lost = True
     except EtcdPatternsError:
@@ -238,6 +265,7 @@ WORKLOADS: dict[str, list[Any]] = {
     "counter": [counter, counter, counter],
     "lock": [lock, lock, lock],
     "election": [candidate, candidate, candidate, observer],
+    "semaphore": [permit_holder] * 4,
     "queue": [producer, producer, consumer, consumer],
     "claims": [producer, producer, claimer, claimer],
 }

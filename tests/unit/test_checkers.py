@@ -53,6 +53,22 @@ def test_lock_catches_a_token_granted_twice() -> None:
     assert not checkers.check_lock([section(0, 1, 10), section(2, 3, 10)]).ok
 
 
+# -- semaphore ----------------------------------------------------------------------
+
+
+def test_semaphore_catches_more_holders_than_the_limit() -> None:
+    two = [section(0, 3, 10), section(1, 4, 11), section(3, 5, 12)]
+    assert checkers.check_semaphore(two, 2).ok  # one released as the third came in
+    three = [section(0, 3, 10), section(1, 4, 11), section(2, 5, 12)]
+    assert not checkers.check_semaphore(three, 2).ok
+    lost = [section(0, 3, 10, lost=True), section(1, 4, 11), section(2, 5, 12)]
+    assert checkers.check_semaphore(lost, 2).ok
+
+
+def test_semaphore_catches_a_token_granted_twice() -> None:
+    assert not checkers.check_semaphore([section(0, 1, 10), section(2, 3, 10)], 2).ok
+
+
 # -- observer -----------------------------------------------------------------------
 
 
