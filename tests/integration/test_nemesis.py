@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 
 from etcd_patterns.testing import external_from_environment
@@ -22,18 +24,28 @@ pytestmark = [
 ]
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(600)
 @pytest.mark.parametrize("seed", SEEDS)
-@pytest.mark.parametrize("workload", sorted(WORKLOADS))
-def test_the_nemesis_finds_no_violation(workload: str, seed: int) -> None:
-    result = run(workload, seed, DURATION)
-    print(
-        f"{workload} seed {seed}: {result.operations['total']} operations, "
-        f"{result.unknown} unknown, faults {dict(result.faults)}, "
-        f"worst timeout overrun {result.worst_overrun:+.2f}s"
-    )
-    assert sum(result.faults.values()) > 0  # the nemesis did strike
-    assert result.operations["ok"] > 0  # and the clients got work done
-    assert result.violations == [], "\n".join(
-        [f"seed {seed}; history in {result.history}", *result.schedule, *result.violations[:20]]
-    )
+def test_the_nemesis_finds_no_violation(seed: int) -> None:
+    # Two runs at a time, each on a cluster of its own: a run spends its
+    # DURATION striking and recording, whatever share of the CPU it gets.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(lambda workload: run(workload, seed, DURATION), sorted(WORKLOADS)))
+    problems: list[str] = []
+    for result in results:
+        print(
+            f"{result.workload} seed {seed}: {result.operations['total']} operations, "
+            f"{result.unknown} unknown, faults {dict(result.faults)}, "
+            f"worst timeout overrun {result.worst_overrun:+.2f}s"
+        )
+        if not sum(result.faults.values()):
+            problems.append(f"{result.workload}: the nemesis did not strike")
+        if not result.operations["ok"]:
+            problems.append(f"{result.workload}: the clients got no work done")
+        if result.violations:
+            problems += [
+                f"{result.workload} seed {seed}; history in {result.history}",
+                *result.schedule,
+                *result.violations[:20],
+            ]
+    assert problems == [], "\n".join(problems)
