@@ -47,6 +47,7 @@ from ._fence import Fence
 from ._kv import TryTransformResult
 from ._lock import HeldLock, Locked, TryLocked, TryLockResult
 from ._queue import Claim, ClaimedItem
+from ._rwlock import HeldRWLock, RWLocked
 from ._semaphore import Permit, Semaphored
 
 __version__ = "0.1.0"
@@ -67,6 +68,7 @@ __all__ = [
     "Fence",
     "ForkedProcessError",
     "HeldLock",
+    "HeldRWLock",
     "InvalidArgumentError",
     "InvalidTypeError",
     "KeyNotFoundError",
@@ -86,6 +88,7 @@ __all__ = [
     "Permit",
     "QueueEmptyError",
     "QuotaExceededError",
+    "RWLocked",
     "SemaphoreLimitError",
     "SemaphoreTimeoutError",
     "Semaphored",

@@ -61,7 +61,7 @@ from etcd3.etcdrpc import kv_pb2
 from . import _ops as ops
 from ._commit import commit
 from ._errors import EtcdPatternsError, OutcomeUnknownError
-from ._keys import Keyspace, children_range, is_direct_child
+from ._keys import Keyspace, children_range
 from ._retry import Deadline
 from ._session import Orphan, Session, Sessions
 from ._transport import Transport
@@ -92,7 +92,11 @@ class Contender(NamedTuple):
 
 
 def list_contenders(transport: Transport, keyspace: Keyspace, raw: bytes) -> list[Contender]:
-    """Every key directly under ``raw/``, oldest first: one round trip."""
+    """Every key under ``raw/``, oldest first: one round trip.
+
+    A read-write lock's keys are a level deeper, under ``raw/read/`` and
+    ``raw/write/``.
+    """
     start, end = children_range(raw)
     response = transport.range(ops.range_request(start, end, oldest_first=True))
     return [
@@ -103,7 +107,6 @@ def list_contenders(transport: Transport, keyspace: Keyspace, raw: bytes) -> lis
             fencing_token=kv.create_revision,
         )
         for kv in response.kvs
-        if is_direct_child(raw, kv.key)
     ]
 
 
@@ -152,6 +155,19 @@ class Winner(NamedTuple):
 
     kv: Any | None
     revision: int
+
+
+class Line(NamedTuple):
+    """Where a contender's key goes, and which keys it queues behind.
+
+    Attributes:
+        keys: The directory its key is written in (with the namespace).
+        ahead: The range ``(start, end)`` of the keys it waits behind,
+            those created before its own.
+    """
+
+    keys: bytes
+    ahead: tuple[bytes, bytes]
 
 
 class Entry(NamedTuple):
@@ -239,6 +255,7 @@ class Contenders:
         timeout_error: Callable[[], Exception],
         places: int = 1,
         entry: Entry | None = None,
+        line: Line | None = None,
     ) -> Won:
         """Register under ``raw/`` and wait until this contender wins a place.
 
@@ -252,8 +269,11 @@ class Contenders:
             places: How many contenders win at once: the oldest ``places``.
             entry: What the name must be; by default, not a key that holds
                 a value.
+            line: Where the key goes and what it waits behind; by default,
+                directly under ``raw/``, behind every key there.
         """
         rule = entry or self._no_value_at(raw)
+        queue = line or Line(raw, children_range(raw))
         # The sessions handed to the registration's commit, latest last.
         carriers: list[Session] = []
 
@@ -263,10 +283,12 @@ class Contenders:
             return session
 
         while True:
-            my_key = self._contender_key(raw)
+            my_key = self._contender_key(queue.keys)
             carriers.clear()
             try:
-                registered = self._register(raw, my_key, value, carrier, places=places, entry=rule)
+                registered = self._register(
+                    my_key, value, carrier, places=places, entry=rule, line=queue
+                )
             except _Refused as refused:
                 rule = rule.refused(refused.responses)  # or raises
                 if deadline.expired():
@@ -293,6 +315,7 @@ class Contenders:
                     revision,
                     session,
                     places=places,
+                    line=queue,
                     turn=registered.turn,
                     deadline=deadline,
                     timeout_error=timeout_error,
@@ -407,13 +430,13 @@ class Contenders:
 
     def _register(
         self,
-        raw: bytes,
         my_key: bytes,
         value: bytes,
         session: Callable[[], Session],
         *,
         places: int,
         entry: Entry,
+        line: Line,
     ) -> _Registration:
         """Write my key and read the keys ahead of it in one round trip.
 
@@ -424,7 +447,7 @@ class Contenders:
         Raises:
             _Refused: The entry's compares failed; nothing was written.
         """
-        start, end = children_range(raw)
+        start, end = line.ahead
         committed = commit(
             self._transport,
             session,
@@ -445,14 +468,14 @@ class Contenders:
         if committed.responses is None:
             # Settled after a lost answer: read what the answer would have
             # said, and whether my key is still there to say it of.
-            turn = self._check_turn(raw, my_key, revision, places)
+            turn = self._check_turn(my_key, revision, places, line)
         else:
             turn = _Turn(exists=True, ahead=ops.kvs(committed.responses, 0), revision=revision)
         return _Registration(revision, committed.session, turn)
 
-    def _check_turn(self, raw: bytes, my_key: bytes, revision: int, places: int) -> _Turn:
+    def _check_turn(self, my_key: bytes, revision: int, places: int, line: Line) -> _Turn:
         """Whether my key exists, and the keys now ahead of it, in one round trip."""
-        start, end = children_range(raw)
+        start, end = line.ahead
         request = ops.txn(
             compare=[],
             success=[
@@ -483,6 +506,7 @@ class Contenders:
         session: Session,
         *,
         places: int,
+        line: Line,
         turn: _Turn,
         deadline: Deadline,
         timeout_error: Callable[[], Exception],
@@ -507,7 +531,7 @@ class Contenders:
                 keys = [(key, b"") for key in sorted(ahead)]
             else:
                 # Many places: one watch on the directory, filtered here.
-                keys = [children_range(raw)]
+                keys = [line.ahead]
             creates = [
                 etcdrpc.WatchCreateRequest(
                     key=key, range_end=range_end, filters=[etcdrpc.WatchCreateRequest.NOPUT]
@@ -519,7 +543,7 @@ class Contenders:
         final = wait(
             self._transport,
             turn,
-            read=lambda: self._check_turn(raw, my_key, revision, places),
+            read=lambda: self._check_turn(my_key, revision, places, line),
             watch=watch,
             deadline=deadline,
             timeout_error=timeout_error,
@@ -541,10 +565,10 @@ class Contenders:
 
     # -- helpers ------------------------------------------------------------
 
-    def _contender_key(self, raw: bytes) -> bytes:
+    def _contender_key(self, directory: bytes) -> bytes:
         # Unique to this instance and attempt, and known before the session
         # that will carry it, so that an unsettled attempt can be withdrawn.
-        return raw + f"/{self._instance}-{next(self._sequence)}".encode()
+        return directory + f"/{self._instance}-{next(self._sequence)}".encode()
 
     def _data_under_name(self, raw: bytes, key: bytes) -> EtcdPatternsError:
         noun = self._noun

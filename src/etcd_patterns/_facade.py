@@ -27,6 +27,7 @@ from ._kv import KeyValue, Transform, TryTransformResult
 from ._lock import Locked, Locks, TryLocked, TryLockResult
 from ._queue import PREFETCH, Claim, Queue
 from ._retry import check_timeout
+from ._rwlock import READ, WRITE, RWLocked, RWLocks
 from ._semaphore import Semaphored, Semaphores
 from ._session import Sessions, check_ttl
 from ._transport import DEFAULT_MAX_REQUEST_BYTES, Transport
@@ -138,6 +139,7 @@ class EtcdPatterns:
         self._locks = Locks(self._transport, self._keyspace, self._sessions)
         self._elections = Elections(self._transport, self._keyspace, self._sessions)
         self._semaphores = Semaphores(self._transport, self._keyspace, self._sessions)
+        self._rwlocks = RWLocks(self._transport, self._keyspace, self._sessions)
         self._queue = Queue(self._transport, self._keyspace, self._sessions, prefetch=prefetch)
         _open_instances.add(self)
 
@@ -444,6 +446,44 @@ class EtcdPatterns:
         if the lock is held elsewhere (one round trip, nothing written).
         """
         return TryLocked(self._locks, key, ttl)
+
+    # -- read-write lock ----------------------------------------------------
+
+    def read_locked(
+        self, name: str | bytes, *, ttl: float | None = None, timeout: float | None = None
+    ) -> RWLocked:
+        """Hold the read-write lock ``name`` as a reader, for a ``with`` block.
+
+        Readers share the lock; a writer excludes them. Fair: a reader that
+        arrives after a waiting writer waits for it. The key layout is that
+        of etcd's Go ``recipe.RWMutex`` (``name/read/…``, ``name/write/…``),
+        so that it and this lock exclude each other. Cost: two round trips
+        uncontended.
+
+        ``held`` is a `HeldRWLock`, a `Fence`. Leaving the block releases
+        the lock, and raises `LockLostError` if it had been lost (unless the
+        block is already raising).
+
+        Raises:
+            LockTimeoutError: Not acquired within ``timeout`` (a
+                `TimeoutError`); no key is left behind.
+            LockReentryError: This thread already holds ``name``, in either
+                mode.
+            NotALockError: ``name`` holds a value, or data without a lease
+                lies under it.
+        """
+        return RWLocked(self._rwlocks, name, READ, ttl, timeout)
+
+    def write_locked(
+        self, name: str | bytes, *, ttl: float | None = None, timeout: float | None = None
+    ) -> RWLocked:
+        """Hold the read-write lock ``name`` as its one writer, for a ``with`` block.
+
+        A writer excludes readers and other writers, and waits only for the
+        readers and writers that registered before it. Otherwise as
+        `read_locked`.
+        """
+        return RWLocked(self._rwlocks, name, WRITE, ttl, timeout)
 
     # -- semaphore, and who queues --------------------------------------------
 

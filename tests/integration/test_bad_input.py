@@ -103,6 +103,23 @@ CASES: list[tuple[str, Call, type[BaseException]]] = [
     ("try_lock name is a value", lambda p: p.try_lock("k", noop), NotALockError),
     ("locked empty name", lambda p: p.locked("").__enter__(), InvalidArgumentError),
     ("try_locked ttl str", lambda p: p.try_locked("L", ttl="x").__enter__(), InvalidTypeError),  # type: ignore[arg-type]
+    # read-write lock
+    ("read_locked None name", lambda p: p.read_locked(None).__enter__(), InvalidTypeError),  # type: ignore[arg-type]
+    ("read_locked empty name", lambda p: p.read_locked("").__enter__(), InvalidArgumentError),
+    ("read_locked ttl 0", lambda p: p.read_locked("RW", ttl=0).__enter__(), InvalidArgumentError),
+    (
+        "read_locked timeout str",
+        lambda p: p.read_locked("RW", timeout="1").__enter__(),
+        InvalidTypeError,
+    ),  # type: ignore[arg-type]
+    ("read_locked name is a value", lambda p: p.read_locked("k").__enter__(), NotALockError),
+    ("write_locked empty name", lambda p: p.write_locked("").__enter__(), InvalidArgumentError),
+    (
+        "write_locked timeout -1",
+        lambda p: p.write_locked("RW", timeout=-1).__enter__(),
+        InvalidArgumentError,
+    ),
+    ("write_locked name is a value", lambda p: p.write_locked("k").__enter__(), NotALockError),
     # semaphore and contenders
     ("semaphore None name", lambda p: p.semaphore(None, 2).__enter__(), InvalidTypeError),  # type: ignore[arg-type]
     ("semaphore empty name", lambda p: p.semaphore("", 2).__enter__(), InvalidArgumentError),
