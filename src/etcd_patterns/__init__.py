@@ -11,9 +11,14 @@ Start with `EtcdPatterns.connect`::
 Throwaway etcd servers for tests live in `etcd_patterns.testing`.
 """
 
+from ._barrier import Barrier
 from ._contend import Contender
+from ._double_barrier import BarrierRound, DoubleBarriered
 from ._election import Elected, LeaderInfo, Leadership
 from ._errors import (
+    BarrierBrokenError,
+    BarrierFullError,
+    BarrierTimeoutError,
     ClaimLostError,
     ClosedError,
     ConflictError,
@@ -53,12 +58,18 @@ from ._semaphore import Permit, Semaphored
 __version__ = "0.1.0"
 
 __all__ = [
+    "Barrier",
+    "BarrierBrokenError",
+    "BarrierFullError",
+    "BarrierRound",
+    "BarrierTimeoutError",
     "Claim",
     "ClaimLostError",
     "ClaimedItem",
     "ClosedError",
     "ConflictError",
     "Contender",
+    "DoubleBarriered",
     "Elected",
     "ElectionTimeoutError",
     "EtcdError",

@@ -23,6 +23,9 @@ and every wait that runs out of time raises a `TimeoutError`::
     ├── ElectionTimeoutError (TimeoutError)    not elected, or no change seen, in time
     ├── LeadershipLostError                    a leader's leadership was lost
     ├── NotAnElectionError (ValueError)        an election's name is a key holding a value
+    ├── BarrierTimeoutError (TimeoutError)     a barrier wait ran out of time
+    ├── BarrierBrokenError                     a double barrier's round broke
+    ├── BarrierFullError                       a double barrier's round is full
     ├── QueueEmptyError (TimeoutError)         no item arrived within the timeout
     ├── ClaimLostError                         a claimed item's claim expired
     ├── EtcdUnavailableError                   etcd did not answer in time; nothing changed
@@ -45,6 +48,9 @@ import grpc
 from etcd3 import exceptions as etcd3_exc
 
 __all__ = [
+    "BarrierBrokenError",
+    "BarrierFullError",
+    "BarrierTimeoutError",
     "ClaimLostError",
     "ClosedError",
     "ConflictError",
@@ -245,6 +251,25 @@ class NotAnElectionError(EtcdPatternsError, ValueError):
     An election lives in the directory ``name/``, where every key is a
     candidate on its lease; a value at ``name`` itself, or a key without a
     lease under it, means the name is used for data. Nothing was written.
+    """
+
+
+class BarrierTimeoutError(EtcdPatternsError, TimeoutError):
+    """A barrier stayed up, or a double barrier's round did not begin or end, in time."""
+
+
+class BarrierBrokenError(EtcdPatternsError):
+    """A double barrier's round broke: a participant died or gave up before it left.
+
+    This participant's key was withdrawn; the next round starts afresh.
+    """
+
+
+class BarrierFullError(EtcdPatternsError):
+    """A double barrier's round already has its ``count`` participants.
+
+    This participant's key was withdrawn. A newcomer that arrives while a
+    round is under way is not refused: it waits for the next round.
     """
 
 

@@ -17,8 +17,10 @@ from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
+from ._barrier import Barrier
 from ._connect import build_client, parse_endpoints
 from ._contend import Contender, list_contenders
+from ._double_barrier import DoubleBarriered, DoubleBarriers
 from ._election import Elected, Elections, LeaderInfo
 from ._errors import InvalidArgumentError, InvalidTypeError
 from ._fence import Fence
@@ -140,6 +142,7 @@ class EtcdPatterns:
         self._elections = Elections(self._transport, self._keyspace, self._sessions)
         self._semaphores = Semaphores(self._transport, self._keyspace, self._sessions)
         self._rwlocks = RWLocks(self._transport, self._keyspace, self._sessions)
+        self._double_barriers = DoubleBarriers(self._transport, self._keyspace, self._sessions)
         self._queue = Queue(self._transport, self._keyspace, self._sessions, prefetch=prefetch)
         _open_instances.add(self)
 
@@ -484,6 +487,57 @@ class EtcdPatterns:
         `read_locked`.
         """
         return RWLocked(self._rwlocks, name, WRITE, ttl, timeout)
+
+    # -- barriers -----------------------------------------------------------
+
+    def barrier(self, name: str | bytes) -> Barrier:
+        """The barrier ``name``, which processes wait on until it is lowered.
+
+        `Barrier.hold` raises it, `Barrier.release` lowers it, and
+        `Barrier.wait` blocks until it is down. The protocol is that of
+        etcd's Go ``recipe.Barrier``, on the same key. Making the object
+        sends nothing.
+
+        Raises:
+            InvalidArgumentError: ``name`` is not a usable key.
+        """
+        return Barrier(self._transport, self._keyspace, self._sessions, name)
+
+    def double_barrier(
+        self,
+        name: str | bytes,
+        count: int,
+        *,
+        ttl: float | None = None,
+        timeout: float | None = None,
+    ) -> DoubleBarriered:
+        """Enter the double barrier ``name`` with ``count`` participants, for a ``with`` block.
+
+        Entering waits until ``count`` participants have entered; leaving
+        the block waits until all of them have left. The same name runs
+        round after round: a participant that arrives during a round waits
+        for the next. A block that raises breaks the round: the others get
+        `BarrierBrokenError`, as they do when a participant's process dies
+        (within its ``ttl``).
+
+        Args:
+            name: The double barrier's name, without the namespace; its keys
+                live under ``name/``.
+            count: How many participants a round has.
+            ttl: Lease TTL in seconds: how soon a dead participant is
+                noticed. None uses the instance's ``session_ttl``.
+            timeout: How long entering, and then leaving, may each wait;
+                None waits forever.
+
+        Raises:
+            BarrierFullError: The round already has ``count`` participants.
+            BarrierBrokenError: A participant died or gave up mid-round.
+            BarrierTimeoutError: Entering or leaving took longer than
+                ``timeout`` (a `TimeoutError`).
+        """
+        return DoubleBarriered(
+            self._double_barriers, self._keyspace, name=name, count=count, ttl=ttl, timeout=timeout
+        )
 
     # -- semaphore, and who queues --------------------------------------------
 

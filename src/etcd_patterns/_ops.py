@@ -43,9 +43,14 @@ def compare_mod(key: bytes, op: str, revision: int) -> Any:
     return _Compare(key=key, target=_Compare.MOD, result=_RESULTS[op], mod_revision=revision)
 
 
-def compare_value(key: bytes, op: str, value: bytes) -> Any:
-    """``value(key) <op> value``; false when the key does not exist."""
-    return _Compare(key=key, target=_Compare.VALUE, result=_RESULTS[op], value=value)
+def compare_value(key: bytes, op: str, value: bytes, *, range_end: bytes = b"") -> Any:
+    """``value(key) <op> value``; false when the key does not exist.
+
+    Over ``[key, range_end)`` every key must match, and an empty range is false.
+    """
+    return _Compare(
+        key=key, range_end=range_end, target=_Compare.VALUE, result=_RESULTS[op], value=value
+    )
 
 
 def compare_lease(key: bytes, op: str, lease: int) -> Any:

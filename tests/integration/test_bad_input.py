@@ -120,6 +120,22 @@ CASES: list[tuple[str, Call, type[BaseException]]] = [
         InvalidArgumentError,
     ),
     ("write_locked name is a value", lambda p: p.write_locked("k").__enter__(), NotALockError),
+    # barriers
+    ("barrier None name", lambda p: p.barrier(None), InvalidTypeError),  # type: ignore[arg-type]
+    ("barrier empty name", lambda p: p.barrier(""), InvalidArgumentError),
+    ("barrier trailing slash", lambda p: p.barrier("gate/"), InvalidArgumentError),
+    ("barrier hold ttl 0", lambda p: p.barrier("gate").hold(ttl=0), InvalidArgumentError),
+    ("barrier wait timeout -1", lambda p: p.barrier("gate").wait(timeout=-1), InvalidArgumentError),
+    ("double_barrier empty name", lambda p: p.double_barrier("", 2), InvalidArgumentError),
+    ("double_barrier count 0", lambda p: p.double_barrier("DB", 0), InvalidArgumentError),
+    ("double_barrier count bool", lambda p: p.double_barrier("DB", True), InvalidTypeError),
+    ("double_barrier count str", lambda p: p.double_barrier("DB", "2"), InvalidTypeError),  # type: ignore[arg-type]
+    ("double_barrier ttl 0", lambda p: p.double_barrier("DB", 2, ttl=0), InvalidArgumentError),
+    (
+        "double_barrier timeout NaN",
+        lambda p: p.double_barrier("DB", 2, timeout=float("nan")),
+        InvalidArgumentError,
+    ),
     # semaphore and contenders
     ("semaphore None name", lambda p: p.semaphore(None, 2).__enter__(), InvalidTypeError),  # type: ignore[arg-type]
     ("semaphore empty name", lambda p: p.semaphore("", 2).__enter__(), InvalidArgumentError),
