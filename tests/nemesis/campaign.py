@@ -31,6 +31,7 @@ from tests.nemesis.schedule import Nemesis, draw
 from tests.nemesis.workloads import (
     BOUNDS,
     NAMESPACE,
+    PARTICIPANTS,
     SEMAPHORE_LIMIT,
     SESSION_TTL,
     TIMEOUT,
@@ -173,6 +174,10 @@ def _judge(workload: str, history: list[Any], final: dict[str, Any]) -> list[che
         verdicts += [checkers.check_lock(history), checkers.check_observer(history)]
     elif workload == "semaphore":
         verdicts.append(checkers.check_semaphore(history, SEMAPHORE_LIMIT))
+    elif workload == "rwlock":
+        verdicts.append(checkers.check_rwlock(history))
+    elif workload == "barrier":
+        verdicts.append(checkers.check_double_barrier(history, PARTICIPANTS))
     elif workload == "queue":
         verdicts.append(checkers.check_queue(history, final["remaining"]))
     elif workload == "claims":

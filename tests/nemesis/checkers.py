@@ -134,6 +134,76 @@ def check_semaphore(history: Sequence[Op], limit: int) -> Verdict:
     return verdict
 
 
+def check_rwlock(history: Sequence[Op]) -> Verdict:
+    """A writer's section overlaps no other section, but where a loss was reported.
+
+    Each "section" op holds the read-write lock in ``info["mode"]`` from
+    ``invoke`` to ``complete``; readers' sections may overlap each other.
+    """
+    verdict = Verdict("rwlock")
+    sections = sorted(
+        (op for op in history if op.kind == "section" and "mode" in op.info),
+        key=lambda op: op.invoke,
+    )
+    shared = 0
+    active: list[Op] = []
+    for op in sections:
+        active = [a for a in active if a.complete > op.invoke]
+        for other in active:
+            if "write" in (op.info["mode"], other.info["mode"]):
+                if not (op.info.get("lost") or other.info.get("lost")):
+                    verdict.violations.append(
+                        f"a writer overlapped, no loss reported: {_show(other)} {_show(op)}"
+                    )
+            else:
+                shared += 1
+        active.append(op)
+    verdict.counts = {
+        "sections": len(sections),
+        "writes": sum(op.info["mode"] == "write" for op in sections),
+        "readers overlapping": shared,
+    }
+    return verdict
+
+
+def check_double_barrier(history: Sequence[Op], participants: int) -> Verdict:
+    """Rounds of at most ``participants``; nobody out before all are in; rounds in turn.
+
+    Each "round" op is one participant's time inside round ``info["round"]``
+    (the round's number), and whether its leaving returned (``left``);
+    "leave" ops are the leavings. Rounds that broke (a leaving failed) are
+    held to the first rule only: a participant that lost its own lease may
+    still be inside when the next round begins.
+    """
+    verdict = Verdict("double barrier")
+    rounds: dict[int, list[Op]] = defaultdict(list)
+    for op in history:
+        if op.kind == "round":
+            rounds[op.info["round"]].append(op)
+    leaves: dict[int, list[Op]] = defaultdict(list)
+    for op in history:
+        if op.kind == "leave" and op.outcome == OK:
+            leaves[op.info["round"]].append(op)
+    for number, inside in rounds.items():
+        if len({op.process for op in inside}) > participants:
+            verdict.violations.append(f"round {number} had {len(inside)} participants")
+        last_in = max(op.invoke for op in inside)
+        for op in leaves[number]:
+            if op.complete < last_in:
+                verdict.violations.append(
+                    f"left round {number} before everyone was in: {_show(op)}"
+                )
+    whole = sorted(n for n, inside in rounds.items() if all(op.info["left"] for op in inside))
+    for earlier, later in itertools.pairwise(whole):
+        if min(op.invoke for op in rounds[later]) < max(op.complete for op in rounds[earlier]):
+            verdict.violations.append(f"round {later} began before round {earlier} ended")
+    verdict.counts = {
+        "rounds": len(rounds),
+        "rounds completed": len(whole),
+    }
+    return verdict
+
+
 def check_observer(history: Sequence[Op]) -> Verdict:
     """An observer never sees leadership go back, nor a value proclaimed by another leader.
 

@@ -49,9 +49,15 @@ BOUNDS = {
     "permit": OP_TIMEOUT + 4 * TIMEOUT + CLEANUP_TIMEOUT,
     # the wait for a change, a read when etcd moved on before the watch, the last read
     "observe": OP_TIMEOUT + 2 * TIMEOUT,
+    # a lease grant, reads, the registration, the ready key, the last read,
+    # and a withdrawal
+    "enter": OP_TIMEOUT + 5 * TIMEOUT + CLEANUP_TIMEOUT,
+    # saying so, the round's end, the last read, and a withdrawal
+    "leave": OP_TIMEOUT + 4 * TIMEOUT,
 }
 NAMESPACE = "/nemesis/"
 SEMAPHORE_LIMIT = 2
+PARTICIPANTS = 3
 
 
 def _connect(endpoints: list[str]) -> EtcdPatterns:
@@ -124,6 +130,55 @@ def permit_holder(endpoints: list[str], out: str, name: str, stop: Any) -> None:
     recorder.close()
 
 
+def rw_reader(endpoints: list[str], out: str, name: str, stop: Any) -> None:
+    """Hold the read-write lock as a reader, again and again."""
+    _rw(endpoints, out, name, stop, "read")
+
+
+def rw_writer(endpoints: list[str], out: str, name: str, stop: Any) -> None:
+    """Hold the read-write lock as its writer, again and again."""
+    _rw(endpoints, out, name, stop, "write")
+
+
+def _rw(endpoints: list[str], out: str, name: str, stop: Any, mode: str) -> None:
+    recorder = Recorder(Path(out), name)
+    with _connect(endpoints) as etcd:
+        holding = etcd.read_locked if mode == "read" else etcd.write_locked
+        while not stop.is_set():
+            _section(
+                etcd,
+                recorder,
+                name,
+                holding("RW", timeout=OP_TIMEOUT),
+                kind="acquire",
+                lost_error=LockLostError,
+                register=False,  # readers overlap: their writes have no order
+                mode=mode,
+            )
+    recorder.close()
+
+
+def participant(endpoints: list[str], out: str, name: str, stop: Any) -> None:
+    """Take part in round after round of a double barrier of `PARTICIPANTS`."""
+    recorder = Recorder(Path(out), name)
+    with _connect(endpoints) as etcd:
+        while not stop.is_set():
+            barrier = etcd.double_barrier("DB", PARTICIPANTS, timeout=OP_TIMEOUT)
+            with recorder.op("enter", bound=BOUNDS["enter"]) as op:
+                taking_part = barrier.__enter__()
+            if op.outcome != OK:
+                continue
+            began = time.monotonic()
+            time.sleep(random.Random(taking_part.round).uniform(0, 0.02))  # the round's work
+            ended = time.monotonic()
+            with recorder.op("leave", bound=BOUNDS["leave"]) as op:
+                op.info["round"] = taking_part.round
+                barrier.__exit__(None, None, None)
+            info = {"round": taking_part.round, "left": op.outcome == OK}
+            recorder.record(Op(name, "round", began, ended, info=info))
+    recorder.close()
+
+
 def _section(
     etcd: EtcdPatterns,
     recorder: Recorder,
@@ -134,6 +189,7 @@ def _section(
     lost_error: type[EtcdPatternsError],
     proclaim: bool = False,
     register: bool = True,
+    mode: str = "",
 ) -> None:
     """Hold a fence once, recorded as a "section" op.
 
@@ -172,9 +228,10 @@ def _section(
         lost = True
     except EtcdPatternsError:
         pass
-    recorder.record(
-        Op(name, "section", began, ended, info={"token": token, "previous": previous, "lost": lost})
-    )
+    info = {"token": token, "previous": previous, "lost": lost}
+    if mode:
+        info["mode"] = mode
+    recorder.record(Op(name, "section", began, ended, info=info))
 
 
 def observer(endpoints: list[str], out: str, name: str, stop: Any) -> None:
@@ -266,6 +323,8 @@ WORKLOADS: dict[str, list[Any]] = {
     "lock": [lock, lock, lock],
     "election": [candidate, candidate, candidate, observer],
     "semaphore": [permit_holder] * 4,
+    "rwlock": [rw_reader, rw_reader, rw_reader, rw_writer, rw_writer],
+    "barrier": [participant] * PARTICIPANTS,
     "queue": [producer, producer, consumer, consumer],
     "claims": [producer, producer, claimer, claimer],
 }

@@ -69,6 +69,47 @@ def test_semaphore_catches_a_token_granted_twice() -> None:
     assert not checkers.check_semaphore([section(0, 1, 10), section(2, 3, 10)], 2).ok
 
 
+# -- read-write lock ----------------------------------------------------------------
+
+
+def rw(begin: float, end: float, mode: str, **info: Any) -> Op:
+    return Op("p0", "section", begin, end, info={"token": 1, "mode": mode, **info})
+
+
+def test_rwlock_allows_readers_together_and_catches_a_writer_overlapping() -> None:
+    verdict = checkers.check_rwlock([rw(0, 3, "read"), rw(1, 4, "read"), rw(5, 6, "write")])
+    assert verdict.ok
+    assert verdict.counts["readers overlapping"] == 1
+    assert not checkers.check_rwlock([rw(0, 3, "read"), rw(2, 4, "write")]).ok
+    assert not checkers.check_rwlock([rw(0, 3, "write"), rw(2, 4, "write")]).ok
+    assert checkers.check_rwlock([rw(0, 3, "write", lost=True), rw(2, 4, "write")]).ok
+
+
+# -- double barrier -------------------------------------------------------------------
+
+
+def inside(process: str, begin: float, end: float, number: int, left: bool = True) -> Op:
+    return Op(process, "round", begin, end, info={"round": number, "left": left})
+
+
+def leave(process: str, at: float, number: int) -> Op:
+    return Op(process, "leave", at - 0.1, at, info={"round": number})
+
+
+def test_double_barrier_catches_an_early_leaver_a_crowd_and_overlapping_rounds() -> None:
+    good = [inside("a", 1, 2, 5), inside("b", 1.5, 2, 5), leave("a", 2.5, 5), leave("b", 2.5, 5)]
+    good += [inside("a", 3, 4, 9), inside("b", 3, 4, 9)]
+    assert checkers.check_double_barrier(good, 2).ok
+    early = [inside("a", 1, 2, 5), inside("b", 3, 4, 5), leave("a", 2.5, 5)]
+    assert not checkers.check_double_barrier(early, 2).ok
+    crowd = [inside(p, 1, 2, 5) for p in "abc"]
+    assert not checkers.check_double_barrier(crowd, 2).ok
+    overlapping = [inside("a", 1, 3, 5), inside("b", 2, 4, 9)]
+    assert not checkers.check_double_barrier(overlapping, 2).ok
+    broken = [inside("a", 1, 3, 5, left=False), inside("b", 2, 4, 9)]
+    assert checkers.check_double_barrier(broken, 2).ok
+
+
 # -- observer -----------------------------------------------------------------------
 
 
