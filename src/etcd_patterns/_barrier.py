@@ -8,7 +8,8 @@ two work together:
   carries a session lease of that TTL, so that the barrier comes down by
   itself within the TTL if the holder's process dies; without, it stays up
   until someone lowers it.
-* `Barrier.release` lowers it: it deletes the key.
+* `Barrier.release` lowers it: it deletes the key, through the exactly-once
+  commit too, so that a late copy never lowers a barrier raised since.
 * `Barrier.wait` reads the key; if it exists, it watches it, and only it,
   until it is deleted, then reads again.
 
@@ -98,8 +99,18 @@ class Barrier:
         return committed.succeeded
 
     def release(self) -> None:
-        """Lower the barrier, whoever raised it, and let every waiter go: one round trip."""
-        self._transport.txn(ops.txn(compare=[], success=[ops.delete(self._raw)], failure=[]))
+        """Lower the barrier, whoever raised it, and let every waiter go: one round trip.
+
+        Exactly once: a copy of the delete that etcd receives late, after
+        its answer was lost, never lowers a barrier raised since.
+        """
+        commit(
+            self._transport,
+            self._sessions.get,
+            compare=[],
+            success=[ops.delete(self._raw)],
+            failure=[],
+        )
 
     def is_held(self) -> bool:
         """Whether the barrier is up: one round trip."""

@@ -9,9 +9,11 @@ Protocol, for the double barrier ``name``:
   newcomer waits for it to end. A participant with ``count`` keys before its
   own is one too many: it withdraws, with `BarrierFullError`.
 * Once ``count`` keys exist, any of their participants writes
-  ``name/ready``, guarded by the existence of those ``count`` keys: the
-  round begins, and its create revision names it. Entering returns once
-  ``name/ready`` exists.
+  ``name/ready``, guarded by the existence of those ``count`` keys, with the
+  create revision of the last of them as its value: the round begins, its
+  create revision names it, and its members are the keys up to that one.
+  Entering returns once ``name/ready`` exists; a participant whose key came
+  after the round's last is one too many (`BarrierFullError`).
 * A participant leaves by setting its key's value to ``left``. Once every
   key of the round says ``left``, one transaction, guarded by exactly that
   and by the round's ``name/ready``, deletes ``name/ready`` and every key:
@@ -20,9 +22,11 @@ Protocol, for the double barrier ``name``:
 * A key that vanishes while its round is under way, before the round ended,
   is a participant that died (its lease expired) or gave up: the others'
   waits end with `BarrierBrokenError`, and each withdraws its own key; the
-  last to go deletes ``name/ready``. A ``name/ready`` with no keys left
-  beside it, from a round whose participants all died, is deleted by the
-  next participant to enter.
+  last to go deletes ``name/ready``. A participant whose leaving fails (a
+  timeout, etcd away) withdraws its key too, breaking the round rather than
+  blocking the name. A ``name/ready`` with no keys left beside it, from a
+  round whose participants all died, is deleted by the next participant to
+  enter, and one whose keys all say ``left`` is ended by it.
 
 Guarantees:
 
@@ -93,7 +97,8 @@ class _Seen(NamedTuple):
     """A double barrier, from one read.
 
     Attributes:
-        ready: ``name/ready`` (keys only), or None.
+        ready: ``name/ready``, or None; its value is the create revision of
+            the round's last participant key.
         waiters: The keys under ``name/waiters/``, oldest first.
         revision: The revision the read reflects.
     """
@@ -148,8 +153,16 @@ class DoubleBarriers:
             if seen.ready is not None:
                 if not seen.waiters:
                     self._clear_stale_round(raw, seen.ready)
+                elif self._all_left(seen):
+                    self._end_round(raw, seen.ready.create_revision)
                 else:
-                    self._wait(raw, seen, lambda s: s.ready is None, deadline, "a round to end")
+                    self._wait(
+                        raw,
+                        seen,
+                        lambda s: s.ready is None or not s.waiters or self._all_left(s),
+                        deadline,
+                        "a round to end",
+                    )
                 continue
             my_key = raw + f"/waiters/{self._instance}-{next(self._sequence)}".encode()
             try:
@@ -185,17 +198,12 @@ class DoubleBarriers:
         if not committed.succeeded:
             raise _RoundUnderWay
         place = _Place(raw, my_key, committed.revision, committed.session, count, 0)
-        before = (
-            len(ops.kvs(committed.responses, 0))
-            if committed.responses is not None
-            else self._position(raw, committed.revision, count)
-        )
+        # Settled after a lost answer, the keys ahead are not known: whether
+        # this participant made the round is then decided by name/ready.
+        before = len(ops.kvs(committed.responses, 0)) if committed.responses is not None else 0
         if before >= count:
             self._withdraw(raw, place)
-            raise BarrierFullError(
-                f"double barrier {self._keyspace.decode(raw)!r} already has its {count} "
-                "participants"
-            )
+            raise self._full(raw, count)
         return place
 
     def _await_round(self, raw: bytes, place: _Place, deadline: Deadline) -> _Place:
@@ -212,41 +220,57 @@ class DoubleBarriers:
             if not mine:
                 raise self._broken(raw, "this participant's own session was lost")
             if seen.ready is not None:
+                if place.revision > int(seen.ready.value or b"0"):
+                    # The round began with the keys up to the one its
+                    # name/ready names, and mine came after them.
+                    raise self._full(raw, place.participants)
                 return place._replace(round=seen.ready.create_revision)
             first = seen.waiters[: place.participants]
             if all(kv.create_revision != place.revision for kv in first):
-                raise BarrierFullError(
-                    f"double barrier {self._keyspace.decode(raw)!r} already has its "
-                    f"{place.participants} participants"
-                )
-            # The round is complete: begin it, while its keys all exist.
+                raise self._full(raw, place.participants)
+            # The round is complete: begin it, while its keys all exist. Its
+            # name/ready names the last of them: later keys are not in it.
+            # Guarded so, a second or late copy changes nothing.
             self._transport.txn(
                 ops.txn(
                     compare=[
                         ops.compare_version(_ready(raw), "==", 0),
                         *(ops.compare_create(kv.key, "==", kv.create_revision) for kv in first),
                     ],
-                    success=[ops.put(_ready(raw), b"")],
+                    success=[ops.put(_ready(raw), str(first[-1].create_revision).encode())],
                     failure=[],
-                )
+                ),
+                write=False,
             )
 
     # -- leaving ------------------------------------------------------------
 
     def leave(self, place: _Place, deadline: Deadline) -> None:
-        """Say I left, then wait until every participant of the round has."""
+        """Say I left, then wait until every participant of the round has.
+
+        If leaving fails (etcd away, a timeout), the participant withdraws
+        its key: the round breaks for the others, rather than block the name.
+        """
+        try:
+            self._leave(place, deadline)
+        except BaseException:
+            self._withdraw(place.raw, place)
+            raise
+
+    def _leave(self, place: _Place, deadline: Deadline) -> None:
         raw = place.raw
+        # Guarded by my key's create revision: a second or late copy changes
+        # nothing.
         marked = self._transport.txn(
             ops.txn(
                 compare=[ops.compare_create(place.key, "==", place.revision)],
                 success=[ops.put(place.key, LEFT, lease=place.session.lease_id)],
                 failure=[],
-            )
+            ),
+            write=False,
         )
         if not marked.succeeded:
-            self._withdraw(raw, place)
             raise self._broken(raw, "this participant's own session was lost")
-        start, end = _waiters(raw)
         while True:
             seen = self._wait(
                 raw,
@@ -260,19 +284,27 @@ class DoubleBarriers:
             if self._over(seen, place):
                 return
             if len(seen.waiters) < place.participants:
-                self._withdraw(raw, place)
                 raise self._broken(raw, "a participant vanished before it left")
-            # Every participant has left: end the round, for all at once.
-            self._transport.txn(
-                ops.txn(
-                    compare=[
-                        ops.compare_create(_ready(raw), "==", place.round),
-                        ops.compare_value(start, "==", LEFT, range_end=end),
-                    ],
-                    success=[ops.delete(_ready(raw)), ops.delete(start, end)],
-                    failure=[],
-                )
-            )
+            self._end_round(raw, place.round)
+
+    def _end_round(self, raw: bytes, round_: int) -> None:
+        """Every participant has left: end the round, for all at once.
+
+        Guarded by the round's name/ready and by every key saying left: a
+        second or late copy changes nothing.
+        """
+        start, end = _waiters(raw)
+        self._transport.txn(
+            ops.txn(
+                compare=[
+                    ops.compare_create(_ready(raw), "==", round_),
+                    ops.compare_value(start, "==", LEFT, range_end=end),
+                ],
+                success=[ops.delete(_ready(raw)), ops.delete(start, end)],
+                failure=[],
+            ),
+            write=False,
+        )
 
     def abandon(self, place: _Place) -> None:
         """Leave without waiting, breaking the round for the others."""
@@ -316,7 +348,7 @@ class DoubleBarriers:
             ops.txn(
                 compare=[],
                 success=[
-                    ops.get(_ready(raw), keys_only=True),
+                    ops.get(_ready(raw)),
                     ops.get(start, end, oldest_first=True),
                 ],
                 failure=[],
@@ -325,15 +357,6 @@ class DoubleBarriers:
         )
         (ready,) = ops.kvs(response.responses, 0) or [None]
         return _Seen(ready, ops.kvs(response.responses, 1), response.header.revision)
-
-    def _position(self, raw: bytes, revision: int, count: int) -> int:
-        start, end = _waiters(raw)
-        response = self._transport.range(
-            ops.range_request(
-                start, end, keys_only=True, limit=count, max_create_revision=revision - 1
-            )
-        )
-        return len(response.kvs)
 
     @staticmethod
     def _complete(seen: _Seen, count: int) -> bool:
@@ -380,6 +403,11 @@ class DoubleBarriers:
                 success=[ops.delete(_ready(raw))],
                 failure=[],
             )
+        )
+
+    def _full(self, raw: bytes, count: int) -> BarrierFullError:
+        return BarrierFullError(
+            f"double barrier {self._keyspace.decode(raw)!r} already has its {count} participants"
         )
 
     def _broken(self, raw: bytes, why: str) -> BarrierBrokenError:

@@ -273,3 +273,58 @@ def test_a_newcomer_during_a_round_waits_for_the_next(
     holding.__exit__(None, None, None)
     with other.double_barrier("DB", 1, timeout=10) as taking_part:
         assert taking_part.participants == 1
+
+
+def test_a_newcomer_is_not_held_up_by_a_round_whose_participants_all_died(
+    etcd: Etcd, patterns: EtcdPatterns, raw: Raw
+) -> None:
+    # A round of two under way, whose participants then die together.
+    lease = raw.grant(30)
+    for name in ("a", "b"):
+        raw.put(f"DB/waiters/{name}", "entered", lease=lease)
+    raw.put("DB/ready", str(raw.get("DB/waiters/b").create_revision))
+    entered = threading.Event()
+
+    def newcomer() -> None:
+        with patterns.double_barrier("DB", 1, timeout=30):
+            entered.set()
+
+    before = watchers(etcd)
+    thread = threading.Thread(target=newcomer)
+    thread.start()
+    wait_until(lambda: watchers(etcd) > before)  # it waits for the round to end
+    assert not entered.is_set()
+    raw.revoke(lease)  # both die: their keys go, name/ready stays
+    thread.join(timeout=30)
+    assert entered.is_set()
+    assert raw.count("DB/") == 0
+
+
+def test_a_leaving_that_fails_breaks_the_round_instead_of_blocking_the_name(
+    patterns: EtcdPatterns, other: EtcdPatterns, raw: Raw
+) -> None:
+    both_in = threading.Barrier(2)
+    release_worker = threading.Event()
+    outcome: list[str] = []
+
+    def slow_worker() -> None:
+        try:
+            with other.double_barrier("DB", 2, timeout=30):
+                both_in.wait(timeout=30)
+                release_worker.wait(timeout=30)  # still working when the other gives up
+        except BarrierBrokenError:
+            outcome.append("broken")
+
+    worker = threading.Thread(target=slow_worker)
+    worker.start()
+    leaving = patterns.double_barrier("DB", 2, timeout=0.5)
+    leaving.__enter__()
+    both_in.wait(timeout=30)
+    with pytest.raises(BarrierTimeoutError):
+        leaving.__exit__(None, None, None)  # the worker has not left in time
+    release_worker.set()
+    worker.join(timeout=30)
+    assert outcome == ["broken"]
+    assert raw.count("DB/") == 0  # nothing left to block the next round
+    with patterns.double_barrier("DB", 1, timeout=10):
+        pass

@@ -169,7 +169,9 @@ def test_a_permit_lost_while_held_is_reported(patterns: EtcdPatterns, raw: Raw) 
 # -- processes ------------------------------------------------------------------
 
 
-def _bounded_worker(endpoints: list[str], namespace: str, rounds: int, start: Any) -> None:
+def _bounded_worker(
+    endpoints: list[str], namespace: str, rounds: int, first: Any, meet: Any, start: Any
+) -> None:
     with EtcdPatterns.connect(endpoints, namespace=namespace) as etcd:
         start.wait(timeout=60)
         for _ in range(rounds):
@@ -177,6 +179,12 @@ def _bounded_worker(endpoints: list[str], namespace: str, rounds: int, start: An
                 # A register of the holders right now, and the most ever seen,
                 # changed only through the permit's fence.
                 etcd.transform("holders", _enter, default="0 0", guard=permit)
+                with first.get_lock():
+                    early, first.value = first.value, first.value + 1
+                if early < 3:
+                    # The first three holders wait for each other: the limit
+                    # is reached for sure, or the barrier breaks.
+                    meet.wait(timeout=60)
                 etcd.transform("holders", _leave, guard=permit)
 
 
@@ -195,7 +203,11 @@ def test_never_more_than_limit_holders_across_processes(
     etcd: Etcd, namespace: str, raw: Raw
 ) -> None:
     processes, rounds = 8, 20
-    run_processes(_bounded_worker, (etcd.endpoints, namespace, rounds), processes, timeout=200)
+    context = multiprocessing.get_context("spawn")
+    first, meet = context.Value("i", 0), context.Barrier(3)
+    run_processes(
+        _bounded_worker, (etcd.endpoints, namespace, rounds, first, meet), processes, timeout=200
+    )
     now, most = (int(word) for word in (raw.value("holders") or b"").split())
     print(f"{processes * rounds} permits taken; at most {most} held at once")
     assert now == 0

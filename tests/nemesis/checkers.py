@@ -194,6 +194,12 @@ def check_double_barrier(history: Sequence[Op], participants: int) -> Verdict:
                     f"left round {number} before everyone was in: {_show(op)}"
                 )
     whole = sorted(n for n, inside in rounds.items() if all(op.info["left"] for op in inside))
+    for number in whole:
+        if len(rounds[number]) != participants:
+            verdict.violations.append(
+                f"round {number} completed with {len(rounds[number])} participants, "
+                f"not {participants}"
+            )
     for earlier, later in itertools.pairwise(whole):
         if min(op.invoke for op in rounds[later]) < max(op.complete for op in rounds[earlier]):
             verdict.violations.append(f"round {later} began before round {earlier} ended")

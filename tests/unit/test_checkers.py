@@ -106,8 +106,10 @@ def test_double_barrier_catches_an_early_leaver_a_crowd_and_overlapping_rounds()
     assert not checkers.check_double_barrier(crowd, 2).ok
     overlapping = [inside("a", 1, 3, 5), inside("b", 2, 4, 9)]
     assert not checkers.check_double_barrier(overlapping, 2).ok
-    broken = [inside("a", 1, 3, 5, left=False), inside("b", 2, 4, 9)]
+    broken = [inside("a", 1, 3, 5, left=False), inside("b", 2, 4, 9, left=False)]
     assert checkers.check_double_barrier(broken, 2).ok
+    alone = [inside("a", 1, 2, 5), leave("a", 2.5, 5)]
+    assert not checkers.check_double_barrier(alone, 2).ok  # completed with one of two
 
 
 # -- observer -----------------------------------------------------------------------
