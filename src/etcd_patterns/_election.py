@@ -50,7 +50,6 @@ an observer one watch and one read per change.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from types import TracebackType
 from typing import Any, NamedTuple
 
 from etcd3 import etcdrpc
@@ -64,7 +63,7 @@ from ._errors import (
     LeadershipLostError,
     NotAnElectionError,
 )
-from ._fence import Fence
+from ._fence import Fence, Holding
 from ._keys import Keyspace, children_range, encode_value
 from ._retry import Deadline, check_timeout
 from ._session import Session, Sessions, check_ttl
@@ -316,29 +315,14 @@ class Elections:
         )
 
 
-class Elected:
+class Elected(Holding[Leadership]):
     """Context manager of `EtcdPatterns.elected`: leads, or raises; resigns on exit."""
 
     def __init__(
         self, elections: Elections, name: object, value: object, ttl: object, timeout: object
     ) -> None:
-        self._elections = elections
-        self._args = (name, value, ttl, timeout)
-        self._leadership: Leadership | None = None
-
-    def __enter__(self) -> Leadership:
-        name, value, ttl, timeout = self._args
-        self._leadership = self._elections.campaign(name, value, ttl=ttl, timeout=timeout)
-        return self._leadership
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        leadership, self._leadership = self._leadership, None
-        if leadership is None:
-            return
-        if not self._elections.resign(leadership) and exc_type is None:
-            raise leadership._lost_error("it was lost while leading")
+        super().__init__(
+            lambda: elections.campaign(name, value, ttl=ttl, timeout=timeout),
+            elections.resign,
+            lost="it was lost while leading",
+        )

@@ -29,8 +29,12 @@ clear, and `Fence.confirmed_until` says until when the hold was certain.
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
-from typing import Any
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, Generic, TypeVar
 
 from etcd3 import transactions
 
@@ -101,3 +105,75 @@ class Fence:
     def _lost_error(self, consequence: str) -> EtcdPatternsError:
         """The error a guarded write raises when the fence has fallen."""
         return EtcdPatternsError(f"the holder's key {self.etcd_key!r} is gone; {consequence}")
+
+
+F = TypeVar("F", bound=Fence)
+
+
+class Holding(Generic[F]):
+    """A ``with`` block that holds a fence: taken on entry, given back on exit.
+
+    Leaving raises the fence's lost error if it had been lost meanwhile,
+    unless the block is already raising.
+
+    Args:
+        take: Takes the fence (waits for a lock, campaigns, ...); it may
+            raise, and then nothing is held.
+        give_back: Gives it back; False if it had been lost.
+        lost: What the lost error says of the loss.
+    """
+
+    def __init__(self, take: Callable[[], F], give_back: Callable[[F], bool], *, lost: str) -> None:
+        self._take = take
+        self._give_back = give_back
+        self._lost = lost
+        self._held: F | None = None
+
+    def __enter__(self) -> F:
+        self._held = self._take()
+        return self._held
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        held, self._held = self._held, None
+        if held is not None and not self._give_back(held) and exc_type is None:
+            raise held._lost_error(self._lost)
+
+
+def holder_info() -> bytes:
+    """What a holder's key says of it: host, process and thread, for whoever looks."""
+    thread = threading.current_thread().name
+    return f"{socket.gethostname()} pid={os.getpid()} thread={thread}".encode()
+
+
+class ThreadHolds:
+    """Which thread holds which name, so that no thread waits behind itself.
+
+    Threads are told apart by their thread objects, not their idents: the
+    platform reuses an ident once its thread ends, and a new thread must not
+    inherit a dead one's holds.
+    """
+
+    def __init__(self) -> None:
+        self._held: dict[tuple[threading.Thread, bytes], Fence] = {}
+        self._lock = threading.Lock()
+
+    def holds(self, raw: bytes) -> bool:
+        """Whether the calling thread holds ``raw``."""
+        with self._lock:
+            return (threading.current_thread(), raw) in self._held
+
+    def add(self, raw: bytes, fence: Fence, thread: threading.Thread) -> None:
+        """Record that ``thread`` holds ``raw`` through ``fence``."""
+        with self._lock:
+            self._held[(thread, raw)] = fence
+
+    def discard(self, raw: bytes, fence: Fence, thread: threading.Thread) -> None:
+        """Forget ``fence``, if it is still the one recorded."""
+        with self._lock:
+            if self._held.get((thread, raw)) is fence:
+                del self._held[(thread, raw)]

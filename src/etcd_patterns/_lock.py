@@ -36,8 +36,6 @@ predecessor that leaves, whatever the number of waiters.
 
 from __future__ import annotations
 
-import os
-import socket
 import threading
 from collections.abc import Callable
 from types import TracebackType
@@ -51,7 +49,7 @@ from ._errors import (
     LockTimeoutError,
     NotALockError,
 )
-from ._fence import Fence
+from ._fence import Fence, Holding, ThreadHolds, holder_info
 from ._keys import Keyspace
 from ._retry import Deadline, check_timeout
 from ._session import Session, Sessions, check_ttl
@@ -113,12 +111,6 @@ class HeldLock(Fence):
         return LockLostError(f"lock {self.name!r} is no longer held; {consequence}", name=self.name)
 
 
-def _holder_info() -> bytes:
-    """The value of a contender key: who holds it, for whoever looks."""
-    thread = threading.current_thread().name
-    return f"{socket.gethostname()} pid={os.getpid()} thread={thread}".encode()
-
-
 class Locks:
     """The lock pattern over one transport, namespace and set of sessions.
 
@@ -132,8 +124,7 @@ class Locks:
         self._transport = transport
         self._keyspace = keyspace
         self._sessions = sessions
-        self._held: dict[tuple[threading.Thread, bytes], HeldLock] = {}
-        self._registry = threading.Lock()
+        self._holds = ThreadHolds()
         self._contenders = Contenders(
             transport, keyspace, sessions, noun="lock", misuse=NotALockError
         )
@@ -178,7 +169,7 @@ class Locks:
         self._check_reentry(raw)
         won = self._contenders.contend(
             raw,
-            _holder_info(),
+            holder_info(),
             lease_ttl=lease_ttl,
             deadline=deadline,
             timeout_error=lambda: self._timeout(raw),
@@ -190,7 +181,7 @@ class Locks:
         raw = self._keyspace.encode(name, name="lock name", trailing_slash=True)
         lease_ttl = None if ttl is None else check_ttl(ttl)
         self._check_reentry(raw)
-        attempt = self._contenders.try_win(raw, _holder_info(), lease_ttl=lease_ttl)
+        attempt = self._contenders.try_win(raw, holder_info(), lease_ttl=lease_ttl)
         if attempt.won is None:
             return attempt.revision, None
         return attempt.revision, self._hold(raw, attempt.won)
@@ -204,8 +195,7 @@ class Locks:
             session=won.session,
             transport=self._transport,
         )
-        with self._registry:
-            self._held[(held._thread, raw)] = held
+        self._holds.add(raw, held, held._thread)
         return held
 
     # -- releasing ----------------------------------------------------------
@@ -219,20 +209,17 @@ class Locks:
             case the session deletes the key as soon as etcd answers again.
         """
         raw = held.etcd_key.rpartition(b"/")[0]
-        with self._registry:
-            if self._held.get((held._thread, raw)) is held:
-                del self._held[(held._thread, raw)]
+        self._holds.discard(raw, held, held._thread)
         return self._contenders.leave(held.etcd_key, held.fencing_token, held._session)
 
     # -- helpers ------------------------------------------------------------
 
     def _check_reentry(self, raw: bytes) -> None:
-        with self._registry:
-            if (threading.current_thread(), raw) in self._held:
-                raise LockReentryError(
-                    f"this thread already holds lock {self._keyspace.decode(raw)!r}; "
-                    "locks are not re-entrant"
-                )
+        if self._holds.holds(raw):
+            raise LockReentryError(
+                f"this thread already holds lock {self._keyspace.decode(raw)!r}; "
+                "locks are not re-entrant"
+            )
 
     def _timeout(self, raw: bytes) -> LockTimeoutError:
         return LockTimeoutError(f"lock {self._keyspace.decode(raw)!r} not acquired in time")
@@ -245,12 +232,32 @@ def _check_block(block: object) -> Callable[[], Any]:
     return run
 
 
-class _Holding:
-    """Releases a held lock on leaving a ``with`` block."""
+class Locked(Holding[HeldLock]):
+    """Context manager of `EtcdPatterns.locked`: holds the lock or raises."""
 
-    def __init__(self, locks: Locks) -> None:
+    def __init__(self, locks: Locks, name: object, ttl: object, timeout: object) -> None:
+        super().__init__(
+            lambda: locks.acquire(name, ttl=ttl, timeout=timeout),
+            locks.release,
+            lost="it was lost while held",
+        )
+
+
+class TryLocked:
+    """Context manager of `EtcdPatterns.try_locked`: a handle, or None if held elsewhere."""
+
+    def __init__(self, locks: Locks, name: object, ttl: object) -> None:
         self._locks = locks
-        self._held: HeldLock | None = None
+        self._args = (name, ttl)
+        self._holding: Holding[HeldLock] | None = None
+
+    def __enter__(self) -> HeldLock | None:
+        name, ttl = self._args
+        _, held = self._locks.try_acquire(name, ttl=ttl)
+        if held is None:
+            return None
+        self._holding = Holding(lambda: held, self._locks.release, lost="it was lost while held")
+        return self._holding.__enter__()
 
     def __exit__(
         self,
@@ -258,32 +265,6 @@ class _Holding:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        held, self._held = self._held, None
-        if held is not None and not self._locks.release(held) and exc_type is None:
-            raise LockLostError(f"lock {held.name!r} was lost while held", name=held.name)
-
-
-class Locked(_Holding):
-    """Context manager of `EtcdPatterns.locked`: holds the lock or raises."""
-
-    def __init__(self, locks: Locks, name: object, ttl: object, timeout: object) -> None:
-        super().__init__(locks)
-        self._args = (name, ttl, timeout)
-
-    def __enter__(self) -> HeldLock:
-        name, ttl, timeout = self._args
-        self._held = self._locks.acquire(name, ttl=ttl, timeout=timeout)
-        return self._held
-
-
-class TryLocked(_Holding):
-    """Context manager of `EtcdPatterns.try_locked`: a handle, or None if held elsewhere."""
-
-    def __init__(self, locks: Locks, name: object, ttl: object) -> None:
-        super().__init__(locks)
-        self._args = (name, ttl)
-
-    def __enter__(self) -> HeldLock | None:
-        name, ttl = self._args
-        _, self._held = self._locks.try_acquire(name, ttl=ttl)
-        return self._held
+        holding, self._holding = self._holding, None
+        if holding is not None:
+            holding.__exit__(exc_type, exc, traceback)

@@ -44,14 +44,11 @@ raises `LockLostError`.
 
 from __future__ import annotations
 
-import os
-import socket
 import threading
-from types import TracebackType
 
 from ._contend import Contenders, Line, Won
 from ._errors import LockLostError, LockReentryError, LockTimeoutError, NotALockError
-from ._fence import Fence
+from ._fence import Fence, Holding, ThreadHolds, holder_info
 from ._keys import Keyspace, children_range, prefix_end
 from ._retry import Deadline, check_timeout
 from ._session import Session, Sessions, check_ttl
@@ -103,11 +100,6 @@ class HeldRWLock(Fence):
         )
 
 
-def _holder_info() -> bytes:
-    thread = threading.current_thread().name
-    return f"{socket.gethostname()} pid={os.getpid()} thread={thread}".encode()
-
-
 class RWLocks:
     """The read-write lock pattern over one transport, namespace and set of sessions.
 
@@ -123,8 +115,7 @@ class RWLocks:
         self._contenders = Contenders(
             transport, keyspace, sessions, noun="read-write lock", misuse=NotALockError
         )
-        self._held: dict[tuple[threading.Thread, bytes], HeldRWLock] = {}
-        self._registry = threading.Lock()
+        self._holds = ThreadHolds()
 
     def acquire(
         self, name: object, mode: str, *, ttl: object = None, timeout: object = None
@@ -133,13 +124,11 @@ class RWLocks:
         raw = self._keyspace.encode(name, name="lock name", trailing_slash=True)
         lease_ttl = None if ttl is None else check_ttl(ttl)
         deadline = Deadline(check_timeout(timeout))
-        thread = threading.current_thread()
-        with self._registry:
-            if (thread, raw) in self._held:
-                raise LockReentryError(
-                    f"this thread already holds read-write lock {self._keyspace.decode(raw)!r}; "
-                    "it is not re-entrant, in either mode"
-                )
+        if self._holds.holds(raw):
+            raise LockReentryError(
+                f"this thread already holds read-write lock {self._keyspace.decode(raw)!r}; "
+                "it is not re-entrant, in either mode"
+            )
         if mode == READ:
             writers = raw + b"/write/"
             behind = (writers, prefix_end(writers))  # the writers only
@@ -147,7 +136,7 @@ class RWLocks:
             behind = children_range(raw)  # every key
         won = self._contenders.contend(
             raw,
-            _holder_info(),
+            holder_info(),
             lease_ttl=lease_ttl,
             deadline=deadline,
             timeout_error=lambda: LockTimeoutError(
@@ -156,16 +145,13 @@ class RWLocks:
             line=Line(raw + f"/{mode}".encode(), behind),
         )
         held = self._hold(raw, mode, won)
-        with self._registry:
-            self._held[(thread, raw)] = held
+        self._holds.add(raw, held, held._thread)
         return held
 
     def release(self, held: HeldRWLock) -> bool:
         """Delete the holder's key; False if the lock had been lost."""
         raw = held.etcd_key.rsplit(b"/", 2)[0]
-        with self._registry:
-            if self._held.get((held._thread, raw)) is held:
-                del self._held[(held._thread, raw)]
+        self._holds.discard(raw, held, held._thread)
         return self._contenders.leave(held.etcd_key, held.fencing_token, held._session)
 
     def _hold(self, raw: bytes, mode: str, won: Won) -> HeldRWLock:
@@ -180,27 +166,14 @@ class RWLocks:
         )
 
 
-class RWLocked:
+class RWLocked(Holding[HeldRWLock]):
     """Context manager of `EtcdPatterns.read_locked` and `EtcdPatterns.write_locked`."""
 
     def __init__(
         self, locks: RWLocks, name: object, mode: str, ttl: object, timeout: object
     ) -> None:
-        self._locks = locks
-        self._args = (name, mode, ttl, timeout)
-        self._held: HeldRWLock | None = None
-
-    def __enter__(self) -> HeldRWLock:
-        name, mode, ttl, timeout = self._args
-        self._held = self._locks.acquire(name, mode, ttl=ttl, timeout=timeout)
-        return self._held
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        held, self._held = self._held, None
-        if held is not None and not self._locks.release(held) and exc_type is None:
-            raise held._lost_error("it was lost while held")
+        super().__init__(
+            lambda: locks.acquire(name, mode, ttl=ttl, timeout=timeout),
+            locks.release,
+            lost="it was lost while held",
+        )

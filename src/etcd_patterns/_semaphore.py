@@ -46,11 +46,7 @@ block, which raises `LockLostError`.
 
 from __future__ import annotations
 
-import os
-import socket
-import threading
 from collections.abc import Sequence
-from types import TracebackType
 from typing import Any
 
 from . import _ops as ops
@@ -63,7 +59,7 @@ from ._errors import (
     SemaphoreLimitError,
     SemaphoreTimeoutError,
 )
-from ._fence import Fence
+from ._fence import Fence, Holding, holder_info
 from ._keys import Keyspace, children_range
 from ._retry import Deadline, check_timeout
 from ._session import Session, Sessions, check_ttl
@@ -112,11 +108,6 @@ class Permit(Fence):
         )
 
 
-def _holder_info() -> bytes:
-    thread = threading.current_thread().name
-    return f"{socket.gethostname()} pid={os.getpid()} thread={thread}".encode()
-
-
 def check_limit(limit: object) -> int:
     """Validate a semaphore's ``limit``: an int >= 1."""
     if isinstance(limit, bool) or not isinstance(limit, int):
@@ -156,7 +147,7 @@ class Semaphores:
         deadline = Deadline(check_timeout(timeout))
         won = self._contenders.contend(
             raw,
-            _holder_info(),
+            holder_info(),
             lease_ttl=lease_ttl,
             deadline=deadline,
             timeout_error=lambda: SemaphoreTimeoutError(
@@ -286,27 +277,14 @@ def _recorded_limit(value: bytes) -> int | None:
     return int(number) if number.isdecimal() and int(number) >= 1 else None
 
 
-class Semaphored:
+class Semaphored(Holding[Permit]):
     """Context manager of `EtcdPatterns.semaphore`: holds a permit, or raises."""
 
     def __init__(
         self, semaphores: Semaphores, name: object, limit: object, ttl: object, timeout: object
     ) -> None:
-        self._semaphores = semaphores
-        self._args = (name, limit, ttl, timeout)
-        self._permit: Permit | None = None
-
-    def __enter__(self) -> Permit:
-        name, limit, ttl, timeout = self._args
-        self._permit = self._semaphores.acquire(name, limit, ttl=ttl, timeout=timeout)
-        return self._permit
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        permit, self._permit = self._permit, None
-        if permit is not None and not self._semaphores.release(permit) and exc_type is None:
-            raise permit._lost_error("it was lost while held")
+        super().__init__(
+            lambda: semaphores.acquire(name, limit, ttl=ttl, timeout=timeout),
+            semaphores.release,
+            lost="it was lost while held",
+        )
