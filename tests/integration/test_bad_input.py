@@ -109,9 +109,9 @@ CASES: list[tuple[str, Call, type[BaseException]]] = [
     ("read_locked ttl 0", lambda p: p.read_locked("RW", ttl=0).__enter__(), InvalidArgumentError),
     (
         "read_locked timeout str",
-        lambda p: p.read_locked("RW", timeout="1").__enter__(),
+        lambda p: p.read_locked("RW", timeout="1").__enter__(),  # type: ignore[arg-type]
         InvalidTypeError,
-    ),  # type: ignore[arg-type]
+    ),
     ("read_locked name is a value", lambda p: p.read_locked("k").__enter__(), NotALockError),
     ("write_locked empty name", lambda p: p.write_locked("").__enter__(), InvalidArgumentError),
     (
@@ -178,9 +178,9 @@ CASES: list[tuple[str, Call, type[BaseException]]] = [
     ),
     (
         "elected timeout str",
-        lambda p: p.elected("E", "v", timeout="1").__enter__(),
+        lambda p: p.elected("E", "v", timeout="1").__enter__(),  # type: ignore[arg-type]
         InvalidTypeError,
-    ),  # type: ignore[arg-type]
+    ),
     ("elected name is a value", lambda p: p.elected("k", "v").__enter__(), NotAnElectionError),
     ("leader empty name", lambda p: p.leader(""), InvalidArgumentError),
     ("leader int name", lambda p: p.leader(3), InvalidTypeError),  # type: ignore[arg-type]
