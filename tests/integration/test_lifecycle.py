@@ -216,6 +216,15 @@ CALLS: dict[str, Callable[[EtcdPatterns], object]] = {
     "dequeue": lambda p: p.dequeue("q", timeout=0.5),
     "dequeue_many": lambda p: p.dequeue_many("q", 2, timeout=0.5),
     "claim": lambda p: _enter(p.claim("q", timeout=0.5)),
+    "elected": lambda p: _enter(p.elected("E", "v", timeout=0.5)),
+    "leader": lambda p: p.leader("E"),
+    "observe": lambda p: next(p.observe("E", timeout=0.5)),
+    "semaphore": lambda p: _enter(p.semaphore("S", 2, timeout=0.5)),
+    "contenders": lambda p: p.contenders("L"),
+    "read_locked": lambda p: _enter(p.read_locked("RW", timeout=0.5)),
+    "write_locked": lambda p: _enter(p.write_locked("RW", timeout=0.5)),
+    "barrier": lambda p: p.barrier("B").wait(timeout=0.5),  # making it sends nothing
+    "double_barrier": lambda p: _enter(p.double_barrier("DB", 1, timeout=0.5)),
 }
 
 
