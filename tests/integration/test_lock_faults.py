@@ -62,6 +62,17 @@ def faulty(
     client.close()
 
 
+@pytest.fixture
+def hasty(
+    etcd: EtcdCluster | ExternalEtcd, namespace: str, injector: FaultInjector
+) -> Iterator[EtcdPatterns]:
+    """As `faulty`, with a 1 s timeout: the tests that use it run into it on purpose."""
+    client = client_with_faults(etcd.endpoints, injector)
+    with EtcdPatterns(client, namespace=namespace, timeout=1) as patterns:
+        yield patterns
+    client.close()
+
+
 def test_lost_answer_to_the_registration(faulty: EtcdPatterns, plan: Plan, raw: Raw) -> None:
     plan.lose["put"] = 1
     with faulty.locked("L") as held:
@@ -319,16 +330,16 @@ def test_a_registration_whose_answer_and_lease_are_lost_is_made_again(
 
 @pytest.mark.parametrize("pattern", ["lock", "election"])
 def test_a_registration_etcd_could_not_settle_is_reported_and_cleaned_up(
-    faulty: EtcdPatterns, injector: FaultInjector, raw: Raw, pattern: str
+    hasty: EtcdPatterns, injector: FaultInjector, raw: Raw, pattern: str
 ) -> None:
     # etcd is away for the registration and for settling it; the lease
     # lives. Registering again could leave two keys: the wait ends with
     # OutcomeUnknownError, and the session deletes the key, if etcd has it.
     away: list[bool] = []
     injector.plan = lambda method, request: "hold" if away and method == TXN else "pass"
-    faulty.transform("warm", lambda _: "up", default="")  # the session exists
+    hasty.transform("warm", lambda _: "up", default="")  # the session exists
     away.append(True)
-    holding = faulty.locked("L") if pattern == "lock" else faulty.elected("L", "me")
+    holding = hasty.locked("L") if pattern == "lock" else hasty.elected("L", "me")
     with pytest.raises(OutcomeUnknownError):
         holding.__enter__()
     away.clear()
@@ -341,11 +352,11 @@ def test_a_registration_etcd_could_not_settle_is_reported_and_cleaned_up(
 
 
 def test_a_late_copy_of_a_proclamation_never_overwrites_a_later_one(
-    faulty: EtcdPatterns, injector: FaultInjector, raw: Raw
+    hasty: EtcdPatterns, injector: FaultInjector, raw: Raw
 ) -> None:
     holding: list[bool] = []
     injector.plan = lambda method, request: "hold" if holding and method == TXN else "pass"
-    with faulty.elected("E", "v0") as leadership:
+    with hasty.elected("E", "v0") as leadership:
         holding.append(True)  # the proclamation, and the settling of it, are held
         with pytest.raises(OutcomeUnknownError):
             leadership.proclaim("A")
@@ -353,13 +364,13 @@ def test_a_late_copy_of_a_proclamation_never_overwrites_a_later_one(
         leadership.proclaim("B")
         late = injector.deliver_held()
         assert late  # the fault fired: copies of "A" reached etcd after "B"
-        info = faulty.leader("E")
+        info = hasty.leader("E")
         assert info is not None
         assert info.value == "B"
 
 
 def test_a_proclamation_whose_outcome_is_unknown_does_not_block_the_next(
-    faulty: EtcdPatterns, injector: FaultInjector, raw: Raw
+    hasty: EtcdPatterns, injector: FaultInjector, raw: Raw
 ) -> None:
     phase: list[str] = []
 
@@ -377,14 +388,14 @@ def test_a_proclamation_whose_outcome_is_unknown_does_not_block_the_next(
         return "hold"  # the settling of it: its outcome stays unknown
 
     injector.plan = plan
-    with faulty.elected("E", "v0") as leadership:
+    with hasty.elected("E", "v0") as leadership:
         phase.append("proclaim")
         with pytest.raises(OutcomeUnknownError):
             leadership.proclaim("A")
         assert phase == ["proclaim", "applied, answer lost"]  # the fault fired
         phase[:] = ["done"]
-        assert faulty.leader("E").value == "A"  # type: ignore[union-attr]
+        assert hasty.leader("E").value == "A"  # type: ignore[union-attr]
         leadership.proclaim("B")  # the key changed: read once, proclaimed over it
-        info = faulty.leader("E")
+        info = hasty.leader("E")
         assert info is not None
         assert (info.value, leadership.value) == ("B", "B")

@@ -128,7 +128,7 @@ def test_guarded_writes_and_a_lost_hold(patterns: EtcdPatterns, raw: Raw) -> Non
         patterns.transform("data", lambda _: "written", default="", guard=held)
     with pytest.raises(LockLostError):
         patterns.transform("data", lambda _: "stale", guard=held)
-    holding = patterns.read_locked("RW", ttl=30)
+    holding = patterns.read_locked("RW", ttl=3)  # refreshed every second: the loss is heard soon
     reader: HeldRWLock = holding.__enter__()
     raw.revoke(reader.lease_id)
     assert reader.lost.wait(timeout=30)

@@ -158,7 +158,7 @@ def test_guarded_writes_through_a_permit(patterns: EtcdPatterns, raw: Raw) -> No
 
 
 def test_a_permit_lost_while_held_is_reported(patterns: EtcdPatterns, raw: Raw) -> None:
-    holding = patterns.semaphore("S", 2, ttl=30)
+    holding = patterns.semaphore("S", 2, ttl=3)  # refreshed every second: the loss is heard soon
     permit: Permit = holding.__enter__()
     raw.revoke(permit.lease_id)
     assert permit.lost.wait(timeout=30)
