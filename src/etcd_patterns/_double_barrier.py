@@ -26,7 +26,7 @@ Protocol, for the double barrier ``name``:
   timeout, etcd away) withdraws its key too, breaking the round rather than
   blocking the name. A ``name/ready`` with no keys left beside it, from a
   round whose participants all died, is deleted by the next participant to
-  enter, and one whose keys all say ``left`` is ended by it.
+  enter, and a whole round whose keys all say ``left`` is ended by it.
 
 Guarantees:
 
@@ -153,13 +153,13 @@ class DoubleBarriers:
             if seen.ready is not None:
                 if not seen.waiters:
                     self._clear_stale_round(raw, seen.ready)
-                elif self._all_left(seen):
-                    self._end_round(raw, seen.ready.create_revision)
+                elif self._finished(seen, count):
+                    self._end_round(raw, seen.ready.create_revision, seen.waiters)
                 else:
                     self._wait(
                         raw,
                         seen,
-                        lambda s: s.ready is None or not s.waiters or self._all_left(s),
+                        lambda s: s.ready is None or not s.waiters or self._finished(s, count),
                         deadline,
                         "a round to end",
                     )
@@ -285,13 +285,15 @@ class DoubleBarriers:
                 return
             if len(seen.waiters) < place.participants:
                 raise self._broken(raw, "a participant vanished before it left")
-            self._end_round(raw, place.round)
+            self._end_round(raw, place.round, seen.waiters)
 
-    def _end_round(self, raw: bytes, round_: int) -> None:
+    def _end_round(self, raw: bytes, round_: int, members: Sequence[Any]) -> None:
         """Every participant has left: end the round, for all at once.
 
-        Guarded by the round's name/ready and by every key saying left: a
-        second or late copy changes nothing.
+        Guarded by the round's name/ready, by every key saying left, and by
+        each of ``members`` still being there: a member that vanished since
+        it was read breaks the round instead. A second or late copy changes
+        nothing.
         """
         start, end = _waiters(raw)
         self._transport.txn(
@@ -299,6 +301,7 @@ class DoubleBarriers:
                 compare=[
                     ops.compare_create(_ready(raw), "==", round_),
                     ops.compare_value(start, "==", LEFT, range_end=end),
+                    *(ops.compare_create(kv.key, "==", kv.create_revision) for kv in members),
                 ],
                 success=[ops.delete(_ready(raw)), ops.delete(start, end)],
                 failure=[],
@@ -370,6 +373,11 @@ class DoubleBarriers:
     @staticmethod
     def _all_left(seen: _Seen) -> bool:
         return all(kv.value == LEFT for kv in seen.waiters)
+
+    @classmethod
+    def _finished(cls, seen: _Seen, count: int) -> bool:
+        """Whether a round under way is whole, and every one of it has left."""
+        return len(seen.waiters) >= count and cls._all_left(seen)
 
     def _withdraw(self, raw: bytes, place: _Place) -> None:
         """Delete my key; the last key to go takes ``name/ready`` with it."""
