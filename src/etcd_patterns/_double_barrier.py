@@ -65,11 +65,9 @@ from ._errors import (
     BarrierFullError,
     BarrierTimeoutError,
     EtcdPatternsError,
-    InvalidArgumentError,
-    InvalidTypeError,
 )
 from ._keys import Keyspace, prefix_end
-from ._retry import Deadline, check_timeout
+from ._retry import Deadline, check_count, check_timeout
 from ._session import Orphan, Session, Sessions, check_ttl
 from ._transport import Transport
 from ._wait import Watch, wait
@@ -117,15 +115,6 @@ class _Place(NamedTuple):
     session: Session
     participants: int
     round: int
-
-
-def check_count(count: object) -> int:
-    """Validate a double barrier's ``count``: an int >= 1."""
-    if isinstance(count, bool) or not isinstance(count, int):
-        raise InvalidTypeError(f"count must be an int, not {count!r}")
-    if count < 1:
-        raise InvalidArgumentError(f"count must be >= 1, not {count}")
-    return count
 
 
 class DoubleBarriers:
@@ -449,7 +438,7 @@ class DoubleBarriered:
         timeout: object,
     ) -> None:
         self._raw = keyspace.encode(name, name="double barrier name", trailing_slash=True)
-        self._count = check_count(count)
+        self._count = check_count(count, name="count")
         self._lease_ttl = None if ttl is None else check_ttl(ttl)
         self._timeout = check_timeout(timeout)
         self._barriers = barriers

@@ -22,13 +22,13 @@ from ._connect import build_client, parse_endpoints
 from ._contend import Contender, list_contenders
 from ._double_barrier import DoubleBarriered, DoubleBarriers
 from ._election import Elected, Elections, LeaderInfo
-from ._errors import InvalidArgumentError, InvalidTypeError
+from ._errors import InvalidArgumentError
 from ._fence import Fence
 from ._keys import Keyspace
 from ._kv import KeyValue, Transform, TryTransformResult
 from ._lock import Locked, Locks, TryLocked, TryLockResult
 from ._queue import PREFETCH, Claim, Queue
-from ._retry import check_timeout
+from ._retry import check_count, check_timeout
 from ._rwlock import READ, WRITE, RWLocked, RWLocks
 from ._semaphore import Semaphored, Semaphores
 from ._session import Sessions, check_ttl
@@ -120,14 +120,8 @@ class EtcdPatterns:
     ) -> None:
         wait = _check_request_timeout(timeout)
         ttl = check_ttl(session_ttl, name="session_ttl")
-        if isinstance(max_request_bytes, bool) or not isinstance(max_request_bytes, int):
-            raise InvalidTypeError(f"max_request_bytes must be an int, not {max_request_bytes!r}")
-        if max_request_bytes <= 0:
-            raise InvalidArgumentError(f"max_request_bytes must be > 0, not {max_request_bytes}")
-        if isinstance(prefetch, bool) or not isinstance(prefetch, int):
-            raise InvalidTypeError(f"prefetch must be an int, not {prefetch!r}")
-        if prefetch < 1:
-            raise InvalidArgumentError(f"prefetch must be >= 1, not {prefetch}")
+        max_request_bytes = check_count(max_request_bytes, name="max_request_bytes")
+        prefetch = check_count(prefetch, name="prefetch")
         self._keyspace = Keyspace(namespace)
         self._transport = Transport(
             client,

@@ -59,7 +59,6 @@ from ._errors import (
     ClaimLostError,
     EtcdError,
     EtcdPatternsError,
-    InvalidArgumentError,
     InvalidTypeError,
     NotAValueError,
     OutcomeUnknownError,
@@ -75,7 +74,7 @@ from ._keys import (
     is_direct_child,
     prefix_end,
 )
-from ._retry import Deadline, check_timeout
+from ._retry import Deadline, check_count, check_timeout
 from ._session import Orphan, Session, Sessions, check_ttl
 from ._transport import Transport
 from ._wait import Watch, wait
@@ -287,10 +286,7 @@ class Queue:
     ) -> list[str]:
         """See `EtcdPatterns.dequeue_many`."""
         raw = self._keyspace.encode(dir_key, name="dir_key")
-        if isinstance(max_items, bool) or not isinstance(max_items, int):
-            raise InvalidTypeError(f"max_items must be an int, not {max_items!r}")
-        if max_items < 1:
-            raise InvalidArgumentError(f"max_items must be >= 1, not {max_items}")
+        max_items = check_count(max_items, name="max_items")
         deadline = Deadline(check_timeout(timeout))
         for first in self._candidates_until(raw, deadline):
             chosen = [first, *self._more_candidates(raw, min(max_items, CHUNK) - 1)]

@@ -79,6 +79,15 @@ class Deadline:
         return other
 
 
+def check_count(value: object, *, name: str) -> int:
+    """Validate a count argument (a limit, a batch size): an int >= 1."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidTypeError(f"{name} must be an int, not {value!r}")
+    if value < 1:
+        raise InvalidArgumentError(f"{name} must be >= 1, not {value}")
+    return value
+
+
 def check_timeout(timeout: object, *, name: str = "timeout") -> float | None:
     """Validate a ``timeout`` argument: None, or a finite number >= 0."""
     if timeout is None:

@@ -52,8 +52,6 @@ from typing import Any
 from . import _ops as ops
 from ._contend import Contenders, Entry, Won
 from ._errors import (
-    InvalidArgumentError,
-    InvalidTypeError,
     LockLostError,
     NotALockError,
     SemaphoreLimitError,
@@ -61,7 +59,7 @@ from ._errors import (
 )
 from ._fence import Fence, Holding, holder_info
 from ._keys import Keyspace, children_range
-from ._retry import Deadline, check_timeout
+from ._retry import Deadline, check_count, check_timeout
 from ._session import Session, Sessions, check_ttl
 from ._transport import Transport
 
@@ -108,15 +106,6 @@ class Permit(Fence):
         )
 
 
-def check_limit(limit: object) -> int:
-    """Validate a semaphore's ``limit``: an int >= 1."""
-    if isinstance(limit, bool) or not isinstance(limit, int):
-        raise InvalidTypeError(f"limit must be an int, not {limit!r}")
-    if limit < 1:
-        raise InvalidArgumentError(f"limit must be >= 1, not {limit}")
-    return limit
-
-
 class Semaphores:
     """The semaphore pattern over one transport, namespace and set of sessions.
 
@@ -142,7 +131,7 @@ class Semaphores:
     ) -> Permit:
         """Wait for a permit; see `EtcdPatterns.semaphore`."""
         raw = self._keyspace.encode(name, name="semaphore name", trailing_slash=True)
-        places = check_limit(limit)
+        places = check_count(limit, name="limit")
         lease_ttl = None if ttl is None else check_ttl(ttl)
         deadline = Deadline(check_timeout(timeout))
         won = self._contenders.contend(
