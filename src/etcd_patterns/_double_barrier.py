@@ -161,18 +161,20 @@ class DoubleBarriers:
             except BaseException:
                 self._sessions.withdraw(lease_ttl, Orphan(my_key))
                 raise
-            if place is None:
-                continue
             try:
                 return self._await_round(raw, place, deadline)
             except BaseException:
                 self._withdraw(raw, place)
                 raise
 
-    def _register(
-        self, raw: bytes, my_key: bytes, count: int, lease_ttl: int | None
-    ) -> _Place | None:
-        """Write my key while no round is under way; None if I must try again."""
+    def _register(self, raw: bytes, my_key: bytes, count: int, lease_ttl: int | None) -> _Place:
+        """Write my key while no round is under way.
+
+        Raises:
+            _RoundUnderWay: A round is under way; nothing was written.
+            BarrierFullError: ``count`` keys were ahead of mine; mine is
+                withdrawn.
+        """
         start, end = _waiters(raw)
         committed = commit(
             self._transport,
@@ -209,7 +211,7 @@ class DoubleBarriers:
             if not mine:
                 raise self._broken(raw, "this participant's own session was lost")
             if seen.ready is not None:
-                if place.revision > int(seen.ready.value or b"0"):
+                if place.revision > _last_member(seen.ready):
                     # The round began with the keys up to the one its
                     # name/ready names, and mine came after them.
                     raise self._full(raw, place.participants)
@@ -413,6 +415,12 @@ class DoubleBarriers:
 
 class _RoundUnderWay(Exception):
     """A registration refused because a round is under way; nothing was written."""
+
+
+def _last_member(ready: Any) -> int:
+    """The create revision of a round's last member, as its name/ready says; 0 if unreadable."""
+    text = ready.value.decode("ascii", "replace")
+    return int(text) if text.isdecimal() else 0
 
 
 def _ready(raw: bytes) -> bytes:
