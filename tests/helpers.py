@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
+import signal
 import threading
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from types import TracebackType
 from typing import Any
 
@@ -250,3 +254,28 @@ def run_processes(
     for process in processes:
         process.join(timeout=timeout)
     assert [process.exitcode for process in processes] == [0] * count
+
+
+@contextmanager
+def holder_to_kill(target: Callable[..., object], *args: object) -> Iterator[Callable[[], float]]:
+    """Run ``target(*args, ready)`` in a spawned process until it sets ``ready``.
+
+    Yields a function that SIGKILLs the process and returns when it did
+    (`time.monotonic`). Whatever happens, the process is killed and joined
+    on leaving the block.
+    """
+    context = multiprocessing.get_context("spawn")
+    ready = context.Event()
+    process = context.Process(target=target, args=(*args, ready))
+    process.start()
+
+    def kill() -> float:
+        os.kill(process.pid or 0, signal.SIGKILL)
+        return time.monotonic()
+
+    try:
+        assert ready.wait(timeout=30), "the holder never got ready"
+        yield kill
+    finally:
+        process.kill()
+        process.join()

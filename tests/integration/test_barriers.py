@@ -19,7 +19,7 @@ from etcd_patterns import (
     EtcdPatterns,
 )
 from etcd_patterns.testing import EtcdCluster, ExternalEtcd
-from tests.helpers import SCHEDULING_GRACE, Raw, freed_within, wait_until, watchers
+from tests.helpers import SCHEDULING_GRACE, Raw, freed_within, holder_to_kill, wait_until, watchers
 
 Etcd = EtcdCluster | ExternalEtcd
 
@@ -109,20 +109,11 @@ def test_a_barrier_held_with_a_ttl_comes_down_when_its_holder_dies(
     etcd: Etcd, namespace: str, patterns: EtcdPatterns
 ) -> None:
     ttl = 2
-    context = multiprocessing.get_context("spawn")
-    ready = context.Event()
-    holder = context.Process(target=_hold_and_hang, args=(etcd.endpoints, namespace, ttl, ready))
-    holder.start()
-    try:
-        assert ready.wait(timeout=30)
+    with holder_to_kill(_hold_and_hang, etcd.endpoints, namespace, ttl) as kill:
         assert patterns.barrier("gate").is_held()
-        os.kill(holder.pid or 0, signal.SIGKILL)
-        killed = time.monotonic()
+        killed = kill()
         patterns.barrier("gate").wait(timeout=ttl + 10)
         lowered = time.monotonic() - killed
-    finally:
-        holder.kill()
-        holder.join()
     print(f"barrier down {lowered:.2f}s after its holder's SIGKILL (ttl={ttl}s)")
     assert lowered <= freed_within(ttl)
 

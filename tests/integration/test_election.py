@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import multiprocessing
 import os
 import signal
 import subprocess
@@ -26,7 +25,15 @@ from etcd_patterns import (
 )
 from etcd_patterns._wait import RECHECK_INTERVAL
 from etcd_patterns.testing import EtcdCluster, ExternalEtcd, find_etcd_binary
-from tests.helpers import SCHEDULING_GRACE, Raw, freed_within, run_processes, wait_until, watchers
+from tests.helpers import (
+    SCHEDULING_GRACE,
+    Raw,
+    freed_within,
+    holder_to_kill,
+    run_processes,
+    wait_until,
+    watchers,
+)
 
 Etcd = EtcdCluster | ExternalEtcd
 
@@ -335,23 +342,14 @@ def test_a_killed_leader_is_replaced_within_its_ttl(
     etcd: Etcd, namespace: str, patterns: EtcdPatterns
 ) -> None:
     ttl = 2
-    context = multiprocessing.get_context("spawn")
-    ready = context.Event()
-    leader = context.Process(target=_lead_and_hang, args=(etcd.endpoints, namespace, ttl, ready))
-    leader.start()
-    try:
-        assert ready.wait(timeout=30)
+    with holder_to_kill(_lead_and_hang, etcd.endpoints, namespace, ttl) as kill:
         info = patterns.leader("E")
         assert info is not None
         assert info.value == "doomed"
-        os.kill(leader.pid or 0, signal.SIGKILL)
-        killed = time.monotonic()
+        killed = kill()
         with patterns.elected("E", "successor", timeout=ttl + 10) as leadership:
             elected_after = time.monotonic() - killed
             assert leadership.fencing_token > info.fencing_token
-    finally:
-        leader.kill()
-        leader.join()
     print(f"new leader {elected_after:.2f}s after SIGKILL (ttl={ttl}s)")
     assert elected_after <= freed_within(ttl)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import multiprocessing
 import os
 import signal
 import subprocess
@@ -25,7 +24,15 @@ from etcd_patterns import (
     NotALockError,
 )
 from etcd_patterns.testing import EtcdCluster, ExternalEtcd, find_etcd_binary
-from tests.helpers import Raw, freed_within, run_processes, run_together, wait_until, watchers
+from tests.helpers import (
+    Raw,
+    freed_within,
+    holder_to_kill,
+    run_processes,
+    run_together,
+    wait_until,
+    watchers,
+)
 
 Etcd = EtcdCluster | ExternalEtcd
 
@@ -223,19 +230,10 @@ def test_a_killed_holder_frees_the_lock_within_ttl(
     etcd: EtcdCluster | ExternalEtcd, namespace: str, patterns: EtcdPatterns, raw: Raw
 ) -> None:
     ttl = 2
-    context = multiprocessing.get_context("spawn")
-    ready = context.Event()
-    holder = context.Process(target=_hold_and_hang, args=(etcd.endpoints, namespace, ttl, ready))
-    holder.start()
-    try:
-        assert ready.wait(timeout=30)
+    with holder_to_kill(_hold_and_hang, etcd.endpoints, namespace, ttl) as kill:
         assert patterns.try_lock("L", lambda: None).acquired is False
-        os.kill(holder.pid or 0, signal.SIGKILL)
-        killed = time.monotonic()
+        killed = kill()
         acquired_at = patterns.lock("L", time.monotonic, timeout=ttl + 10)
-    finally:
-        holder.kill()
-        holder.join()
     waited = acquired_at - killed
     print(f"lock freed {waited:.2f}s after SIGKILL (ttl={ttl}s)")
     assert waited <= freed_within(ttl)

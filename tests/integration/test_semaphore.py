@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import signal
 import threading
 import time
 from contextlib import ExitStack
@@ -25,6 +24,7 @@ from tests.helpers import (
     SCHEDULING_GRACE,
     Raw,
     freed_within,
+    holder_to_kill,
     run_processes,
     wait_until,
     watchers,
@@ -227,20 +227,11 @@ def test_a_killed_holders_permit_comes_back_within_its_ttl(
     etcd: Etcd, namespace: str, patterns: EtcdPatterns
 ) -> None:
     ttl = 2
-    context = multiprocessing.get_context("spawn")
-    ready = context.Event()
-    holder = context.Process(target=_hold_and_hang, args=(etcd.endpoints, namespace, ttl, ready))
-    holder.start()
-    try:
-        assert ready.wait(timeout=30)
+    with holder_to_kill(_hold_and_hang, etcd.endpoints, namespace, ttl) as kill:
         with pytest.raises(SemaphoreTimeoutError):
             patterns.semaphore("S", 1, timeout=0.2).__enter__()
-        os.kill(holder.pid or 0, signal.SIGKILL)
-        killed = time.monotonic()
+        killed = kill()
         got_at = _held_at(patterns.semaphore("S", 1, timeout=ttl + 10))
-    finally:
-        holder.kill()
-        holder.join()
     waited = got_at - killed
     print(f"permit back {waited:.2f}s after SIGKILL (ttl={ttl}s)")
     assert waited <= freed_within(ttl)
