@@ -51,13 +51,15 @@ from ._facade import EtcdPatterns
 from ._fence import Fence
 from ._kv import TryTransformResult
 from ._lock import HeldLock, Locked, TryLocked, TryLockResult
-from ._queue import Claim, ClaimedItem
+from ._queue import PRIORITY_MAX, PRIORITY_MIN, Claim, ClaimedItem, QueuedItem, QueueStats
 from ._rwlock import HeldRWLock, RWLocked
 from ._semaphore import Permit, Semaphored
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "PRIORITY_MAX",
+    "PRIORITY_MIN",
     "Barrier",
     "BarrierBrokenError",
     "BarrierFullError",
@@ -98,6 +100,8 @@ __all__ = [
     "PermissionDeniedError",
     "Permit",
     "QueueEmptyError",
+    "QueueStats",
+    "QueuedItem",
     "QuotaExceededError",
     "RWLocked",
     "SemaphoreLimitError",

@@ -15,7 +15,7 @@ import logging
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, overload
 
 from ._barrier import Barrier
 from ._connect import build_client, parse_endpoints
@@ -27,7 +27,7 @@ from ._fence import Fence
 from ._keys import Keyspace
 from ._kv import KeyValue, Transform, TryTransformResult
 from ._lock import Locked, Locks, TryLocked, TryLockResult
-from ._queue import PREFETCH, Claim, Queue
+from ._queue import PREFETCH, REDELIVERY_DELAY, Claim, Queue, QueuedItem, QueueStats
 from ._retry import check_count, check_timeout
 from ._rwlock import READ, WRITE, RWLocked, RWLocks
 from ._semaphore import Semaphored, Semaphores
@@ -671,7 +671,14 @@ class EtcdPatterns:
 
     # -- queue --------------------------------------------------------------
 
-    def enqueue(self, dir_key: str | bytes, value: str | bytes, *, ttl: float | None = None) -> str:
+    def enqueue(
+        self,
+        dir_key: str | bytes,
+        value: str | bytes,
+        *,
+        ttl: float | None = None,
+        priority: int = 0,
+    ) -> str:
         """Append ``value`` to the queue ``dir_key``.
 
         Exactly once, even if etcd's answer is lost. Cost: one round trip
@@ -683,6 +690,8 @@ class EtcdPatterns:
             value: The item.
             ttl: If given, the item carries a lease of this many seconds and
                 vanishes, undelivered, when it expires.
+            priority: From -1000 to 1000; lower is served first, and equal
+                priorities in enqueue order.
 
         Returns:
             The item's key, without the namespace.
@@ -692,12 +701,17 @@ class EtcdPatterns:
             InvalidArgumentError, InvalidTypeError, ValueTooLargeError: Bad
                 input; nothing was written.
         """
-        return self._queue.enqueue(dir_key, value, ttl=ttl)
+        return self._queue.enqueue(dir_key, value, ttl=ttl, priority=priority)
 
     def enqueue_many(
-        self, dir_key: str | bytes, values: Sequence[str | bytes], *, ttl: float | None = None
+        self,
+        dir_key: str | bytes,
+        values: Sequence[str | bytes],
+        *,
+        ttl: float | None = None,
+        priority: int = 0,
     ) -> list[str]:
-        """Append several values, in order: one transaction per 60 values.
+        """Append several values, in order, at one priority: one transaction per 60 values.
 
         Each transaction is exactly once, but the call is not atomic: if a
         later one fails, the earlier ones stay enqueued, and the error's
@@ -709,18 +723,51 @@ class EtcdPatterns:
         Raises:
             EtcdPatternsError: As `enqueue` raises, in the same cases.
         """
-        return self._queue.enqueue_many(dir_key, values, ttl=ttl)
+        return self._queue.enqueue_many(dir_key, values, ttl=ttl, priority=priority)
 
-    def dequeue(self, dir_key: str | bytes, *, timeout: float | None = None) -> str:
-        """Remove and return the oldest available item; exactly one caller gets it.
+    @overload
+    def dequeue(
+        self,
+        dir_key: str | bytes,
+        *,
+        timeout: float | None = None,
+        decode: Literal[True] = True,
+        dead_letter: str | bytes | None = None,
+    ) -> str: ...
 
-        Waits, on a watch, while the queue is empty. Cost: one round trip per
-        item, plus one to read a batch of 16 candidate heads.
+    @overload
+    def dequeue(
+        self,
+        dir_key: str | bytes,
+        *,
+        timeout: float | None = None,
+        decode: Literal[False],
+        dead_letter: str | bytes | None = None,
+    ) -> bytes: ...
+
+    def dequeue(
+        self,
+        dir_key: str | bytes,
+        *,
+        timeout: float | None = None,
+        decode: bool = True,
+        dead_letter: str | bytes | None = None,
+    ) -> str | bytes:
+        """Remove and return the first available item; exactly one caller gets it.
+
+        Items are served by priority, then in enqueue order. Waits, on a
+        watch, while the queue has nothing available. Cost: one round trip
+        per item, plus one to read a batch of 16 candidate heads.
 
         Args:
             dir_key: The queue's name.
             timeout: How long to wait for an item: None waits forever, 0
                 does not wait.
+            decode: Return `str`; an item that is not UTF-8 is then moved
+                to the dead-letter queue (logged at WARNING), so that it
+                never blocks the items behind it. False returns the stored
+                `bytes`, whatever they are.
+            dead_letter: The dead-letter queue; default ``dir_key + ".dead"``.
 
         Returns:
             The item's value.
@@ -728,42 +775,150 @@ class EtcdPatterns:
         Raises:
             QueueEmptyError: No item within ``timeout`` (a `TimeoutError`).
             NotAValueError: ``dir_key`` itself holds a value.
-            ValueDecodeError: The head item is not UTF-8 (it stays queued).
         """
-        return self._queue.dequeue(dir_key, timeout=timeout)
+        return self._queue.dequeue(dir_key, timeout=timeout, decode=decode, dead_letter=dead_letter)
+
+    @overload
+    def dequeue_many(
+        self,
+        dir_key: str | bytes,
+        max_items: int,
+        *,
+        timeout: float | None = None,
+        decode: Literal[True] = True,
+        dead_letter: str | bytes | None = None,
+    ) -> list[str]: ...
+
+    @overload
+    def dequeue_many(
+        self,
+        dir_key: str | bytes,
+        max_items: int,
+        *,
+        timeout: float | None = None,
+        decode: Literal[False],
+        dead_letter: str | bytes | None = None,
+    ) -> list[bytes]: ...
 
     def dequeue_many(
-        self, dir_key: str | bytes, max_items: int, *, timeout: float | None = None
-    ) -> list[str]:
-        """Remove and return between 1 and ``max_items`` of the oldest items.
+        self,
+        dir_key: str | bytes,
+        max_items: int,
+        *,
+        timeout: float | None = None,
+        decode: bool = True,
+        dead_letter: str | bytes | None = None,
+    ) -> list[str] | list[bytes]:
+        """Remove and return between 1 and ``max_items`` of the first available items.
 
-        Waits like `dequeue` for the first item, then takes what is there,
-        in order, one transaction per 60 items, with the same exactly-once
-        guarantee.
+        Waits like `dequeue` for the first item. Its first read fetches
+        ``max_items`` heads; it then takes them 60 per transaction, with
+        the same exactly-once guarantee, and returns what was there.
+        ``decode`` and ``dead_letter`` are as for `dequeue`.
 
         Raises:
             InvalidArgumentError: ``max_items`` < 1.
             QueueEmptyError: No item within ``timeout``.
             NotAValueError: ``dir_key`` itself holds a value.
         """
-        return self._queue.dequeue_many(dir_key, max_items, timeout=timeout)
+        return self._queue.dequeue_many(
+            dir_key, max_items, timeout=timeout, decode=decode, dead_letter=dead_letter
+        )
 
     def claim(
-        self, dir_key: str | bytes, *, ttl: float | None = None, timeout: float | None = None
+        self,
+        dir_key: str | bytes,
+        *,
+        ttl: float | None = None,
+        timeout: float | None = None,
+        max_deliveries: int | None = None,
+        dead_letter: str | bytes | None = None,
+        redelivery_delay: float = REDELIVERY_DELAY,
+        decode: bool = True,
     ) -> Claim:
-        """Process the oldest available item at least once, surviving a crash.
+        """Process the first available item at least once, surviving a crash.
 
         ``with etcd.claim("jobs") as item: process(item.value)``
 
         While claimed, the item stays in place but no other consumer sees
-        it. Leaving the block normally acks the item (item and claim are
-        deleted in one transaction); an exception releases the claim and the
-        item is available again at its place. If the process dies, the claim
-        expires with its lease after ``ttl`` seconds (default: the
-        instance's ``session_ttl``).
+        it. Leaving the block normally acks the item (item, claim and
+        record are deleted in one transaction); an exception releases it,
+        with the error recorded, and it is delivered again after
+        ``redelivery_delay``, doubled for each delivery it has had, up to
+        60 s. `ClaimedItem.ack` and `ClaimedItem.release` settle it inside
+        the block. If the process dies, the claim expires with its lease
+        after ``ttl`` seconds (default: the instance's ``session_ttl``),
+        and the delivery counts.
+
+        Args:
+            dir_key: The queue's name.
+            ttl: The claim's lease TTL, in seconds.
+            timeout: How long to wait for an item.
+            max_deliveries: The most times an item is delivered: one due a
+                delivery more moves instead, exactly once, to the
+                dead-letter queue, with its count and last error. None for
+                no limit.
+            dead_letter: The dead-letter queue; default ``dir_key + ".dead"``.
+            redelivery_delay: Seconds before a released item's first
+                redelivery; 0 for none.
+            decode: As for `dequeue`: with True, an item that is not UTF-8
+                goes to the dead-letter queue; with False, read
+                ``item.value_bytes``.
 
         Raises:
             QueueEmptyError: No item within ``timeout``; the block did not run.
             ClaimLostError: On ack, the claim had expired; nothing was deleted.
+            InvalidArgumentError: ``max_deliveries`` < 1, or ``dead_letter``
+                is ``dir_key``; raised before anything is sent.
         """
-        return self._queue.claim(dir_key, ttl=ttl, timeout=timeout)
+        return self._queue.claim(
+            dir_key,
+            ttl=ttl,
+            timeout=timeout,
+            max_deliveries=max_deliveries,
+            dead_letter=dead_letter,
+            redelivery_delay=redelivery_delay,
+            decode=decode,
+        )
+
+    def requeue(
+        self, dead_letter_dir: str | bytes, dir_key: str | bytes, *, max_items: int | None = None
+    ) -> int:
+        """Move items from a dead-letter queue back to a queue: one read and one transaction per 30.
+
+        Each item keeps its id (its priority and enqueue time) and starts
+        again with no deliveries. Each transaction moves its items exactly
+        once, all or none.
+
+        Args:
+            dead_letter_dir: The dead-letter queue.
+            dir_key: The queue to move them to.
+            max_items: The most items to move; None for all.
+
+        Returns:
+            How many items were moved.
+
+        Raises:
+            InvalidArgumentError: The two queues are the same, or
+                ``max_items`` < 1.
+            NotAValueError: ``dir_key`` holds a value.
+        """
+        return self._queue.requeue(dead_letter_dir, dir_key, max_items=max_items)
+
+    def queue_stats(
+        self, dir_key: str | bytes, *, dead_letter: str | bytes | None = None
+    ) -> QueueStats:
+        """How many items are pending (by priority), in flight, delayed and dead: one round trip.
+
+        Args:
+            dir_key: The queue's name.
+            dead_letter: Its dead-letter queue; default ``dir_key + ".dead"``.
+        """
+        return self._queue.stats(dir_key, dead_letter=dead_letter)
+
+    def peek(self, dir_key: str | bytes, n: int = 10) -> list[QueuedItem]:
+        """The first ``n`` items in the order they are served, taking none: one round trip.
+
+        Claimed and delayed items are listed too, and marked.
+        """
+        return self._queue.peek(dir_key, n)

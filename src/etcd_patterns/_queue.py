@@ -1,52 +1,68 @@
-"""A FIFO queue in which exactly one consumer receives each item.
+"""A priority queue in which exactly one consumer receives each item.
 
 Layout: the items of queue ``dir_key`` are its direct children
-``dir_key/<id>``, where ``<id>`` sorts in enqueue order (a timestamp, then
-random digits), so that ``get_values(dir_key)`` lists what is pending.
-Consumers take items in create-revision order, etcd's own total order of
-writes. Claims of the claim/ack mode live outside the queue's directory,
-under ``<namespace>.etcd-patterns/claims/``, on the claimer's session lease.
+``dir_key/<id>``. An id is ``<priority + 1000, 4 digits>-<enqueue time in
+ns, 20 digits>-<8 random hex digits>``, so ids sort by priority, then by
+enqueue time, and ``get_values(dir_key)`` lists what is pending in the order
+it is served. Consumers take items in key order. Beside each item, under
+``<namespace>.etcd-patterns/``, live:
+
+* its claim, ``claims/<hex of dir_key>/<id>``, on the claimer's session
+  lease, while a consumer holds it in claim/ack mode;
+* its delivery record, ``deliveries/<hex of dir_key>/<id>``, once it has
+  been claimed: a JSON object with the number of deliveries, the last
+  error a consumer released it with, and the wall-clock time before which
+  it is not delivered again. The record carries the item's own lease, if
+  any, so that it goes when the item expires.
 
 Guarantees:
 
 * Every enqueued item is delivered exactly once by `dequeue`: taking an item
-  is a transaction that deletes it only if it is unchanged and unclaimed,
-  sent through the exactly-once commit (`_commit`), so that a lost answer
-  neither loses the item nor hands it out twice. `enqueue` is exactly-once
-  the same way.
-* With several consumers, each takes the oldest item it saw that nobody took
-  first. Order across consumers is FIFO as far as "oldest available" goes;
-  one consumer receives any one producer's items in that producer's order.
+  is a transaction that deletes it only if it is unchanged, unclaimed and
+  has the delivery record that was read, sent through the exactly-once
+  commit (`_commit`), so that a lost answer neither loses the item nor
+  hands it out twice. `enqueue` is exactly-once the same way. So is moving
+  an item to its dead-letter queue.
+* Order: each consumer takes the first item in key order that it saw and
+  nobody took first. Lower priorities are served first; within a priority,
+  items go in order of enqueue time as the producer's clock stamped it, so
+  one producer's items reach any one consumer in that producer's order.
+* A claim counts a delivery, in the claim's own transaction: a consumer
+  that crashes has used one. An item due its ``max_deliveries + 1``-th
+  delivery moves instead, in one transaction, to the dead-letter queue.
+  So does an item that is not UTF-8, when a consumer asks for `str`.
+* A released item is delivered again only after a delay that doubles with
+  each delivery, up to `MAX_REDELIVERY_DELAY`, while other items flow.
 * An item enqueued with a ``ttl`` carries its own lease and vanishes,
   undelivered, once the lease expires.
 * A blocked `dequeue` wakes on a watch, within milliseconds of an enqueue
   or of a claim's release. It waits in the shared wait loop (`_wait`), so
-  nothing that happens between its read and its watch is missed; if the
-  watch breaks, the consumer reads again and watches anew, and it reads
-  again at least every `RECHECK_INTERVAL` in any case.
-* In claim/ack mode (`claim`), an item stays in place while claimed,
-  invisible to other consumers. Ack deletes item and claim in one
-  transaction; an exception in the block releases the claim; a consumer that
-  dies lets its claim expire with its session lease, after its TTL.
+  nothing that happens between its read and its watch is missed; a
+  consumer waiting only for a delayed item reads again when its delay ends.
 
 Lease loss: a consumer whose session lease is lost while it holds a claim
 loses the claim; its ack raises `ClaimLostError` and removes nothing, since
-another consumer may already have the item.
+another consumer may already have the item. The delivery counts.
 
 Cost: `enqueue` is one round trip. `dequeue` reads a batch of candidate
-heads (one round trip) and then takes one per call (one round trip each);
-when another consumer took a candidate first, it moves on to the next one
-rather than reading again.
+heads (one round trip) and then takes one per call (one round trip each).
+A take that loses a race reads the fresh heads in its own transaction, so
+the loser tries the next head without another read. `dequeue_many(n)`
+reads n heads, then takes them 60 per transaction. A claim, an ack and a
+release are one round trip each.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import re
 import secrets
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any, NamedTuple
 
@@ -59,7 +75,9 @@ from ._errors import (
     ClaimLostError,
     EtcdError,
     EtcdPatternsError,
+    InvalidArgumentError,
     InvalidTypeError,
+    LeaseNotFoundError,
     NotAValueError,
     OutcomeUnknownError,
     QueueEmptyError,
@@ -79,41 +97,241 @@ from ._session import Orphan, Session, Sessions, check_ttl
 from ._transport import Transport
 from ._wait import Watch, wait
 
+log = logging.getLogger(__name__)
+
 # How many candidate heads one read fetches, by default: the amortised cost
 # of a dequeue is 1 + 1/PREFETCH round trips.
 PREFETCH = 16
 # Items per transaction in the batch calls, within etcd's default
-# --max-txn-ops of 128 (each item needs up to two compares or one put, and
-# the commit's bookkeeping one more).
+# --max-txn-ops of 128 operations in each of a transaction's compares,
+# success and failure (a take needs two compares and two deletes per item,
+# and the commit's bookkeeping one more of each).
 CHUNK = 60
+# Items per transaction when moving dead letters back: four compares and
+# four operations each.
+REQUEUE_CHUNK = 30
+# The priorities an item may have; lower is served first.
+PRIORITY_MIN = -1000
+PRIORITY_MAX = 1000
+# What a dead-letter queue is called unless a consumer names one.
+DEAD_LETTER_SUFFIX = ".dead"
+# The delay before a released item's first redelivery, by default; it
+# doubles with each delivery, up to MAX_REDELIVERY_DELAY.
+REDELIVERY_DELAY = 1.0
+MAX_REDELIVERY_DELAY = 60.0
+# How much of a release's error text a delivery record keeps.
+ERROR_CHARS = 1000
 # How many sets of fresh item keys an enqueue draws before giving up: a
 # collision needs another writer to pick the same nanosecond and random tag.
 _KEY_TRIES = 3
+_ID = re.compile(rb"(\d{4})-(\d{20})-[0-9a-f]{8}")
 
 _PUT = kv_pb2.Event.PUT
 _DELETE = kv_pb2.Event.DELETE
 
 
+def check_priority(priority: object) -> int:
+    """Validate a ``priority``: an int from `PRIORITY_MIN` to `PRIORITY_MAX`."""
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise InvalidTypeError(f"priority must be an int, not {priority!r}")
+    if not PRIORITY_MIN <= priority <= PRIORITY_MAX:
+        raise InvalidArgumentError(
+            f"priority must be from {PRIORITY_MIN} to {PRIORITY_MAX}, not {priority}"
+        )
+    return priority
+
+
+def parse_id(item_id: bytes) -> tuple[int, float] | None:
+    """The priority and enqueue time (Unix seconds) in an item's id; None if not the library's."""
+    match = _ID.fullmatch(item_id)
+    if match is None:
+        return None
+    return int(match[1]) + PRIORITY_MIN, int(match[2]) / 1e9
+
+
+@dataclass(frozen=True)
+class _Record:
+    """An item's delivery record: what the claims of it left behind.
+
+    Attributes:
+        deliveries: How many times it was claimed.
+        error: The error its last release gave, if any.
+        retry_at: The Unix time before which it is not delivered again.
+        reason: Why it was moved to a dead-letter queue, if it was.
+    """
+
+    deliveries: int = 0
+    error: str | None = None
+    retry_at: float | None = None
+    reason: str | None = None
+
+    def encode(self) -> bytes:
+        fields: dict[str, object] = {"deliveries": self.deliveries}
+        fields |= {
+            name: value
+            for name, value in (
+                ("error", self.error),
+                ("retry_at", self.retry_at),
+                ("reason", self.reason),
+            )
+            if value is not None
+        }
+        return json.dumps(fields, sort_keys=True).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> _Record:
+        # A record that is not the library's counts as none, rather than
+        # wedging the item behind it.
+        try:
+            fields = json.loads(raw)
+            deliveries = fields.get("deliveries", 0)
+            retry_at = fields.get("retry_at")
+            return cls(
+                deliveries=deliveries if isinstance(deliveries, int) else 0,
+                error=_str_or_none(fields.get("error")),
+                retry_at=float(retry_at) if isinstance(retry_at, (int, float)) else None,
+                reason=_str_or_none(fields.get("reason")),
+            )
+        except (ValueError, AttributeError):
+            return cls()
+
+
+def _str_or_none(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
 @dataclass(frozen=True)
 class _Candidate:
-    """An item that was there, unclaimed, when last read."""
+    """An item that was there, unclaimed, when last read.
+
+    Attributes:
+        key: The item's etcd key.
+        value: Its value, as stored.
+        mod_revision: Its mod revision when read.
+        lease: The lease it carries; 0 for none.
+        claim: The etcd key of its claim.
+        record_key: The etcd key of its delivery record.
+        record_mod: The record's mod revision when read; 0 if it had none.
+        record: The record's contents.
+    """
 
     key: bytes
-    value: str
+    value: bytes
     mod_revision: int
+    lease: int
     claim: bytes
+    record_key: bytes
+    record_mod: int
+    record: _Record
+
+    def decoded(self, keyspace: Keyspace) -> str:
+        return decode_value(self.value, key=keyspace.decode(self.key))
 
 
 class _Heads(NamedTuple):
-    """The oldest unclaimed items of a queue, from one read.
+    """The first available items of a queue, from one read.
 
     Attributes:
-        candidates: Oldest first.
+        candidates: In the order they are served.
         revision: The revision the read reflects.
+        retry_at: The earliest Unix time at which an item read but held
+            back by its redelivery delay becomes available; None if none is.
+        complete: Whether the read saw every item (it was not cut short by
+            its limit).
     """
 
     candidates: list[_Candidate]
     revision: int
+    retry_at: float | None
+    complete: bool
+
+
+@dataclass(frozen=True)
+class QueuedItem:
+    """An item as `EtcdPatterns.peek` shows it, without taking it.
+
+    Attributes:
+        key: The item's key, without the namespace.
+        value: Its value; None if it is not UTF-8 (see ``value_bytes``).
+        value_bytes: Its value, as stored.
+        priority: Its priority; None for a key that the library did not
+            name (an item put by another tool).
+        enqueued_at: When it was enqueued, in Unix seconds, by the
+            producer's clock; None for a key that the library did not name.
+        delivery_count: How many times it has been claimed.
+        last_error: The error it was last released with, if any.
+        claimed: Whether a consumer holds it now.
+        retry_at: The Unix time before which it is not delivered again, if
+            a release delayed it.
+        reason: Why it is in a dead-letter queue, if it was moved there.
+    """
+
+    key: str
+    value: str | None
+    value_bytes: bytes
+    priority: int | None
+    enqueued_at: float | None
+    delivery_count: int
+    last_error: str | None
+    claimed: bool
+    retry_at: float | None
+    reason: str | None
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    """The state of a queue, as `EtcdPatterns.queue_stats` reads it in one round trip.
+
+    Attributes:
+        pending: How many unclaimed items wait, by priority (items that
+            another tool named count as priority 0). Includes ``delayed``.
+        in_flight: How many items consumers hold claimed.
+        delayed: How many pending items wait out a redelivery delay.
+        oldest_age: Seconds since the oldest unclaimed item was enqueued,
+            by the producer's clock; None when there is none.
+        dead_letters: How many items are in the dead-letter queue.
+        revision: The etcd revision these numbers reflect.
+    """
+
+    pending: dict[int, int]
+    in_flight: int
+    delayed: int
+    oldest_age: float | None
+    dead_letters: int
+    revision: int
+
+    @property
+    def total_pending(self) -> int:
+        """Every unclaimed item, whatever its priority."""
+        return sum(self.pending.values())
+
+
+def redelivery_delay(first: float, deliveries: int) -> float:
+    """The delay before the next delivery of an item released after ``deliveries``."""
+    if first == 0:
+        return 0.0
+    doubled = first * 2.0 ** min(max(deliveries - 1, 0), 64)
+    return max(first, min(doubled, MAX_REDELIVERY_DELAY))
+
+
+@dataclass(frozen=True)
+class _Policy:
+    """What a consumer does with items that fail or cannot be decoded.
+
+    Attributes:
+        dead_letter: The etcd key of the dead-letter queue.
+        decode: Whether values are delivered as `str`; undecodable items
+            then go to the dead-letter queue.
+        max_deliveries: The most deliveries an item may have; None for no
+            limit.
+        redelivery_delay: The first delay before a released item is
+            delivered again.
+    """
+
+    dead_letter: bytes
+    decode: bool = True
+    max_deliveries: int | None = None
+    redelivery_delay: float = REDELIVERY_DELAY
 
 
 class ClaimedItem(Fence):
@@ -121,7 +339,11 @@ class ClaimedItem(Fence):
 
     Attributes:
         key: The item's key, without the namespace.
-        value: The item's value.
+        value_bytes: The item's value, as stored.
+        priority: Its priority; None for an item another tool put.
+        delivery_count: How many times it has been claimed, this time
+            included. A claim lost in a crash counts.
+        last_error: The error a previous delivery was released with, if any.
         fencing_token: The create revision of the claim: it increases with
             every claim of the queue, so a store can reject the writes of a
             consumer whose claim has since expired and been replaced.
@@ -131,26 +353,99 @@ class ClaimedItem(Fence):
     def __init__(
         self,
         *,
-        key: str,
-        value: str,
+        queue: Queue,
+        candidate: _Candidate,
+        policy: _Policy,
         fencing_token: int,
         session: Session,
-        transport: Transport,
-        item_key: bytes,
-        claim: bytes,
     ) -> None:
         super().__init__(
-            etcd_key=claim, fencing_token=fencing_token, session=session, transport=transport
+            etcd_key=candidate.claim,
+            fencing_token=fencing_token,
+            session=session,
+            transport=queue._transport,
         )
-        self.key = key
-        self.value = value
-        self._item_key = item_key
+        self.key = queue._keyspace.decode(candidate.key)
+        self.value_bytes = candidate.value
+        parsed = parse_id(candidate.key.rpartition(b"/")[2])
+        self.priority = None if parsed is None else parsed[0]
+        self.delivery_count = candidate.record.deliveries  # as the claim recorded it
+        self.last_error = candidate.record.error
+        self._queue = queue
+        self._candidate = candidate
+        self._policy = policy
+        self._settled: str | None = None
+
+    @property
+    def value(self) -> str:
+        """The item's value as `str`.
+
+        Raises:
+            ValueDecodeError: It is not UTF-8 (only claimed with
+                ``decode=False``; see ``value_bytes``).
+        """
+        return self._candidate.decoded(self._queue._keyspace)
 
     def __repr__(self) -> str:
-        return f"<ClaimedItem {self.key!r} fencing_token={self.fencing_token}>"
+        return (
+            f"<ClaimedItem {self.key!r} delivery_count={self.delivery_count} "
+            f"fencing_token={self.fencing_token}>"
+        )
+
+    def ack(self) -> None:
+        """Delete the item, its claim and its record, in one transaction: one round trip.
+
+        Raises:
+            ClaimLostError: The claim had expired, or was already acked or
+                released; nothing was deleted.
+        """
+        self._settle("acked")
+        try:
+            self._queue._ack(self)
+        except ClaimLostError:
+            raise
+        except BaseException:
+            self._queue._let_go(self)
+            raise
+
+    def release(self, error: BaseException | str | None = None) -> None:
+        """Give the item back, to be delivered again after its redelivery delay.
+
+        If this was its last allowed delivery, it moves to the dead-letter
+        queue instead. One round trip.
+
+        Args:
+            error: What went wrong, kept in the item's record (its first
+                1,000 characters) for the next consumer, `peek` and the
+                dead-letter queue.
+
+        Raises:
+            ClaimLostError: The claim had expired, or was already acked or
+                released; nothing was changed.
+        """
+        text = _error_text(error)
+        self._settle("released")
+        self._queue._release(self, text)
+
+    def _settle(self, how: str) -> None:
+        if self._settled is not None:
+            raise ClaimLostError(f"the claim on {self.key!r} was already {self._settled}")
+        self._settled = how
 
     def _lost_error(self, consequence: str) -> ClaimLostError:
         return ClaimLostError(f"the claim on {self.key!r} is gone; {consequence}")
+
+
+def _error_text(error: BaseException | str | None) -> str | None:
+    if error is None:
+        return None
+    if isinstance(error, BaseException):
+        text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    elif isinstance(error, str):
+        text = error
+    else:
+        raise InvalidTypeError(f"error must be an exception, a str or None, not {error!r}")
+    return text[:ERROR_CHARS]
 
 
 class Queue:
@@ -182,12 +477,20 @@ class Queue:
 
     # -- producing ----------------------------------------------------------
 
-    def enqueue(self, dir_key: object, value: object, *, ttl: object = None) -> str:
+    def enqueue(
+        self, dir_key: object, value: object, *, ttl: object = None, priority: object = 0
+    ) -> str:
         """See `EtcdPatterns.enqueue`."""
-        return self.enqueue_many(dir_key, [value], ttl=ttl, _name="value")[0]
+        return self.enqueue_many(dir_key, [value], ttl=ttl, priority=priority, _name="value")[0]
 
     def enqueue_many(
-        self, dir_key: object, values: object, *, ttl: object = None, _name: str = "values"
+        self,
+        dir_key: object,
+        values: object,
+        *,
+        ttl: object = None,
+        priority: object = 0,
+        _name: str = "values",
     ) -> list[str]:
         """See `EtcdPatterns.enqueue_many`."""
         raw = self._keyspace.encode(dir_key, name="dir_key")
@@ -195,12 +498,13 @@ class Queue:
             raise InvalidTypeError(f"{_name} must be a list of str, not {type(values).__name__}")
         encoded = [encode_value(value, name="value") for value in values]
         lease_ttl = None if ttl is None else check_ttl(ttl)
+        level = check_priority(priority)
         keys: list[str] = []
         for start in range(0, len(encoded), CHUNK):
             chunk = encoded[start : start + CHUNK]
             try:
                 lease = 0 if lease_ttl is None else self._transport.lease_grant(lease_ttl).ID
-                items = self._enqueue_chunk(raw, chunk, lease)
+                items = self._enqueue_chunk(raw, chunk, lease, level)
             except EtcdPatternsError as exc:
                 if keys:
                     # Each chunk is its own transaction: the earlier ones stay.
@@ -213,10 +517,12 @@ class Queue:
             keys.extend(self._keyspace.decode(item) for item in items)
         return keys
 
-    def _enqueue_chunk(self, raw: bytes, chunk: list[bytes], lease: int) -> list[bytes]:
+    def _enqueue_chunk(
+        self, raw: bytes, chunk: list[bytes], lease: int, priority: int
+    ) -> list[bytes]:
         """Write one chunk of items under fresh keys, exactly once; their keys."""
         for _ in range(_KEY_TRIES):
-            items = [raw + b"/" + self._new_id() for _ in chunk]
+            items = [raw + b"/" + self._new_id(priority) for _ in chunk]
             committed = commit(
                 self._transport,
                 self._sessions.get,
@@ -239,117 +545,268 @@ class Queue:
             "all taken already; this chunk was not enqueued (earlier chunks were)"
         )
 
-    def _new_id(self) -> bytes:
-        # Nanoseconds, kept strictly increasing within the process, then
-        # random digits against other processes.
+    def _new_id(self, priority: int = 0) -> bytes:
+        # The priority, then nanoseconds, kept strictly increasing within
+        # the process, then random digits against other processes.
         with self._lock:
             self._last_stamp = max(time.time_ns(), self._last_stamp + 1)
             stamp = self._last_stamp
-        return f"{stamp:020d}-{secrets.token_hex(4)}".encode()
+        return f"{priority - PRIORITY_MIN:04d}-{stamp:020d}-{secrets.token_hex(4)}".encode()
 
     # -- consuming ----------------------------------------------------------
 
-    def dequeue(self, dir_key: object, *, timeout: object = None) -> str:
+    def policy(
+        self,
+        raw: bytes,
+        *,
+        dead_letter: object = None,
+        decode: object = True,
+        max_deliveries: object = None,
+        redelivery_delay: object = REDELIVERY_DELAY,
+    ) -> _Policy:
+        """Validate a consumer's options for the queue ``raw``."""
+        if dead_letter is None:
+            dead = raw + DEAD_LETTER_SUFFIX.encode()
+        else:
+            dead = self._keyspace.encode(dead_letter, name="dead_letter")
+            if dead == raw:
+                raise InvalidArgumentError(
+                    f"dead_letter {dead_letter!r} must not be the queue itself"
+                )
+        if not isinstance(decode, bool):
+            raise InvalidTypeError(f"decode must be True or False, not {decode!r}")
+        limit = (
+            None if max_deliveries is None else check_count(max_deliveries, name="max_deliveries")
+        )
+        delay = check_timeout(redelivery_delay, name="redelivery_delay")
+        if delay is None:
+            raise InvalidTypeError("redelivery_delay must be a number of seconds, not None")
+        return _Policy(dead, decode, limit, delay)
+
+    def dequeue(
+        self,
+        dir_key: object,
+        *,
+        timeout: object = None,
+        decode: object = True,
+        dead_letter: object = None,
+    ) -> str | bytes:
         """See `EtcdPatterns.dequeue`."""
         raw = self._keyspace.encode(dir_key, name="dir_key")
+        policy = self.policy(raw, dead_letter=dead_letter, decode=decode)
         deadline = Deadline(check_timeout(timeout))
-        for candidate in self._candidates_until(raw, deadline):
-            if self._take([candidate]):
-                return candidate.value
+        for candidate in self._candidates_until(raw, deadline, policy):
+            fresh = self._take([candidate], raw, refill=self._prefetch)
+            if fresh is None:
+                return self._deliver(candidate, policy)
+            self._cache(raw, fresh.candidates)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _take(self, chosen: list[_Candidate], taken: Sequence[str] = ()) -> bool:
+    def _deliver(self, candidate: _Candidate, policy: _Policy) -> str | bytes:
+        return candidate.decoded(self._keyspace) if policy.decode else candidate.value
+
+    def _deliverable(self, candidate: _Candidate, policy: _Policy) -> bool:
+        """Whether to deliver a candidate; moves it to the dead letters if not.
+
+        An item that is not UTF-8, when the consumer wants `str`, and an
+        item due a delivery past ``max_deliveries`` (a consumer that crashed
+        with it used one) are moved to the dead-letter queue, by whichever
+        consumer gets there first, so that they never block the items
+        behind them.
+        """
+        deliveries = candidate.record.deliveries
+        if policy.max_deliveries is not None and deliveries >= policy.max_deliveries:
+            self._bury(candidate, policy, reason=_too_many(deliveries, policy))
+            return False
+        if not policy.decode:
+            return True
+        try:
+            candidate.decoded(self._keyspace)
+        except ValueDecodeError:
+            moved = self._bury(candidate, policy, reason="the value is not UTF-8")
+            if moved:
+                log.warning(
+                    "queue item %r is not UTF-8; moved it to the dead-letter queue %r",
+                    self._keyspace.decode(candidate.key),
+                    self._keyspace.decode(policy.dead_letter),
+                )
+            return False
+        return True
+
+    def _take(
+        self,
+        chosen: list[_Candidate],
+        raw: bytes,
+        *,
+        refill: int,
+        taken: Sequence[str | bytes] = (),
+    ) -> _Heads | None:
         """Delete these items, exactly once, if all are still there and unclaimed.
+
+        Returns:
+            None if they were taken. Otherwise the first ``refill``
+            available items, which the failed take read in its failure
+            branch, so that a consumer that lost a race need not read again.
 
         Raises:
             OutcomeUnknownError: The take could not be settled; it names the
                 values ``taken`` before it and the ones it may have taken.
         """
+        if not chosen:
+            return None
         try:
             committed = commit(
                 self._transport,
                 self._sessions.get,
-                compare=[c for candidate in chosen for c in _unchanged_and_unclaimed(candidate)],
-                success=[ops.delete(candidate.key) for candidate in chosen],
-                failure=[],
+                compare=[
+                    c
+                    for candidate in chosen
+                    for c in _unchanged_and_unclaimed(candidate, record=False)
+                ],
+                success=[
+                    op
+                    for candidate in chosen
+                    for op in (ops.delete(candidate.key), ops.delete(candidate.record_key))
+                ],
+                failure=self._read_ops(raw, refill),
             )
         except OutcomeUnknownError as exc:
             raise OutcomeUnknownError(
                 f"{exc}; the items it may have taken are in 'uncertain'",
-                taken=taken,
-                uncertain=[candidate.value for candidate in chosen],
+                taken=[_readable(v) if isinstance(v, bytes) else v for v in taken],
+                uncertain=[_readable(candidate.value) for candidate in chosen],
             ) from exc
-        return committed.succeeded
+        if committed.succeeded:
+            return None
+        assert committed.responses is not None  # failures always carry responses
+        return self._heads(raw, committed.responses, committed.revision, refill)
 
     def dequeue_many(
-        self, dir_key: object, max_items: object, *, timeout: object = None
-    ) -> list[str]:
+        self,
+        dir_key: object,
+        max_items: object,
+        *,
+        timeout: object = None,
+        decode: object = True,
+        dead_letter: object = None,
+    ) -> list[Any]:
         """See `EtcdPatterns.dequeue_many`."""
         raw = self._keyspace.encode(dir_key, name="dir_key")
-        max_items = check_count(max_items, name="max_items")
+        wanted = check_count(max_items, name="max_items")
+        policy = self.policy(raw, dead_letter=dead_letter, decode=decode)
         deadline = Deadline(check_timeout(timeout))
-        for first in self._candidates_until(raw, deadline):
-            chosen = [first, *self._more_candidates(raw, min(max_items, CHUNK) - 1)]
-            if not self._take(chosen):
-                # Another consumer took some of them, but not necessarily
-                # all: the others are still the oldest. Read afresh rather
-                # than move on to newer ones, which would hand this
-                # consumer a producer's items out of order.
-                self._forget_candidates(raw)
+        taken: list[Any] = []
+        lost_race = False
+        # The first item gets the caller's timeout; taking what else is
+        # there is part of the same call, and gets the time of one request.
+        follow_up: Deadline | None = None
+        heads = self._cached_heads(raw, wanted)
+        while True:
+            if lost_race and not taken and deadline.expired():
+                raise QueueEmptyError(
+                    f"queue {self._keyspace.decode(raw)!r}: other consumers took every "
+                    "item first until the timeout"
+                )
+            if heads is None:
+                heads = self._wait_for_heads(raw, max(wanted, self._prefetch), deadline)
+            try:
+                heads, lost = self._take_batch(raw, heads, policy, wanted, taken)
+            except OutcomeUnknownError:
+                raise  # it carries what is taken, and what may be
+            except EtcdPatternsError:
+                if not taken:
+                    raise
+                return taken  # nothing more was taken; what is taken is ours
+            lost_race |= lost
+            if not taken:
+                heads = heads if heads.candidates else None
                 continue
-            taken = [c.value for c in chosen]
-            if len(taken) < max_items:
-                # Taking what else is there is part of this one call:
-                # it gets the time of one request, however long the
-                # wait for the first item was allowed to be.
-                follow_up = Deadline(self._transport.timeout)
-                try:
-                    self._take_available(raw, max_items, taken, follow_up)
-                except OutcomeUnknownError:
-                    raise  # it carries what is taken, and what may be
-                except EtcdPatternsError:
-                    # Nothing more was taken; what is taken is ours:
-                    # hand it over rather than drop it.
-                    pass
-            return taken
-        raise AssertionError("unreachable")  # pragma: no cover
+            follow_up = follow_up or Deadline(self._transport.timeout)
+            if len(taken) < wanted and not follow_up.expired() and not heads.candidates:
+                more = self._read_more(raw, heads, wanted - len(taken))
+                if more is None:
+                    return taken
+                heads = more
+            if len(taken) == wanted or follow_up.expired():
+                self._cache(raw, heads.candidates)
+                return taken
 
-    def _take_available(
-        self, raw: bytes, wanted: int, taken: list[str], deadline: Deadline
-    ) -> None:
-        """Add to ``taken``, as they are taken, items there now, up to ``wanted`` in all.
+    def _take_batch(
+        self, raw: bytes, heads: _Heads, policy: _Policy, wanted: int, taken: list[Any]
+    ) -> tuple[_Heads, bool]:
+        """Take the first heads, up to ``wanted`` in all, adding them to ``taken``.
 
-        Stops early when the deadline passes: what is taken is returned then.
+        Returns:
+            The heads left, and whether the take lost a race. Another
+            consumer then took some of them, but not necessarily all: the
+            failed take read the heads afresh, in order, and those are left,
+            so this consumer skips none of a producer's items.
         """
-        while len(taken) < wanted and not deadline.expired():
-            chosen = self._more_candidates(raw, min(wanted - len(taken), CHUNK))
-            if not chosen:
-                chosen = self._read(raw, min(wanted - len(taken), CHUNK)).candidates
-                if not chosen:
-                    return
-            if self._take(chosen, taken):
-                taken += [c.value for c in chosen]
-            else:
-                self._forget_candidates(raw)  # as in dequeue_many
+        batch = heads.candidates[: min(wanted - len(taken), CHUNK)]
+        chosen = [c for c in batch if self._deliverable(c, policy)]
+        fresh = self._take(chosen, raw, refill=wanted - len(taken), taken=taken)
+        if fresh is not None:
+            return fresh, True
+        taken += [self._deliver(c, policy) for c in chosen]
+        return heads._replace(candidates=heads.candidates[len(batch) :]), False
 
-    def claim(self, dir_key: object, *, ttl: object = None, timeout: object = None) -> Claim:
+    def _read_more(self, raw: bytes, heads: _Heads, wanted: int) -> _Heads | None:
+        """After every head was taken: the next ones, unless the read saw them all."""
+        if heads.complete:
+            return None
+        try:
+            more = self._read(raw, wanted)
+        except EtcdPatternsError:
+            return None  # what is taken is ours: hand it over
+        return more if more.candidates else None
+
+    def claim(
+        self,
+        dir_key: object,
+        *,
+        ttl: object = None,
+        timeout: object = None,
+        max_deliveries: object = None,
+        dead_letter: object = None,
+        redelivery_delay: object = REDELIVERY_DELAY,
+        decode: object = True,
+    ) -> Claim:
         """See `EtcdPatterns.claim`."""
         raw = self._keyspace.encode(dir_key, name="dir_key")
         lease_ttl = None if ttl is None else check_ttl(ttl)
+        policy = self.policy(
+            raw,
+            dead_letter=dead_letter,
+            decode=decode,
+            max_deliveries=max_deliveries,
+            redelivery_delay=redelivery_delay,
+        )
         deadline = Deadline(check_timeout(timeout))
-        return Claim(self, raw, lease_ttl, deadline)
+        return Claim(self, raw, lease_ttl, deadline, policy)
 
-    def _claim_one(self, raw: bytes, lease_ttl: int | None, deadline: Deadline) -> ClaimedItem:
-        for candidate in self._candidates_until(raw, deadline):
+    def _claim_one(
+        self, raw: bytes, lease_ttl: int | None, deadline: Deadline, policy: _Policy
+    ) -> ClaimedItem:
+        for candidate in self._candidates_until(raw, deadline, policy):
+            deliveries = candidate.record.deliveries
             # The claim's name is the item's, so that claims exclude one
             # another; its value is this attempt's alone, so that cleaning
             # up after a failed attempt can never delete a later claim.
             mine = Orphan(candidate.claim, value=secrets.token_hex(8).encode())
+            counted = replace(candidate.record, deliveries=deliveries + 1, retry_at=None)
 
-            def put_claim(session: Session, mine: Orphan = mine) -> list[Any]:
+            def put_claim(
+                session: Session,
+                mine: Orphan = mine,
+                candidate: _Candidate = candidate,
+                counted: _Record = counted,
+            ) -> list[Any]:
                 # The claim lives on the lease of the session that commits it.
                 assert mine.value is not None
-                return [ops.put(mine.key, mine.value, lease=session.lease_id)]
+                return [
+                    ops.put(mine.key, mine.value, lease=session.lease_id),
+                    ops.put(candidate.record_key, counted.encode(), lease=candidate.lease),
+                ]
 
             try:
                 committed = commit(
@@ -359,6 +816,8 @@ class Queue:
                     success=put_claim,
                     failure=[],
                 )
+            except LeaseNotFoundError:
+                continue  # the item's own lease expired: it is gone
             except BaseException as exc:
                 # Unsettled, or settled and then interrupted: a claim that
                 # may exist must not outlive this call, or the item would
@@ -370,23 +829,30 @@ class Queue:
                 raise
             if committed.succeeded:
                 return ClaimedItem(
-                    key=self._keyspace.decode(candidate.key),
-                    value=candidate.value,
+                    queue=self,
+                    candidate=replace(
+                        candidate,
+                        record_mod=committed.revision,
+                        record=counted,
+                    ),
+                    policy=policy,
                     fencing_token=committed.revision,
                     session=committed.session,
-                    transport=self._transport,
-                    item_key=candidate.key,
-                    claim=candidate.claim,
                 )
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def ack(self, item: ClaimedItem) -> None:
-        """Delete a claimed item and its claim, if the claim is still ours."""
+    def _ack(self, item: ClaimedItem) -> None:
+        """Delete a claimed item, its claim and its record, if the claim is still ours."""
+        candidate = item._candidate
         committed = commit(
             self._transport,
             self._sessions.get,
             compare=[item._holds()],
-            success=[ops.delete(item._item_key), ops.delete(item.etcd_key)],
+            success=[
+                ops.delete(candidate.key),
+                ops.delete(item.etcd_key),
+                ops.delete(candidate.record_key),
+            ],
             failure=[],
         )
         if not committed.succeeded:
@@ -394,16 +860,63 @@ class Queue:
                 f"the claim on {item.key!r} expired before it was acked; the item stays queued"
             )
 
-    def release(self, item: ClaimedItem) -> None:
-        """Give a claimed item back, at its place in the queue."""
+    def _release(self, item: ClaimedItem, error: str | None) -> None:
+        """Give a claimed item back, delayed; or to the dead letters, if it had its last delivery.
+
+        If etcd does not answer, the claim's session deletes the claim once
+        it does: the item is then available again at once, its delay and
+        error unrecorded, but its delivery counted.
+
+        Raises:
+            ClaimLostError: The claim was gone; nothing was changed.
+        """
+        policy, candidate = item._policy, item._candidate
         with self._lock:
             # The item is older than any cached candidate: read afresh.
-            self._candidates.pop(item._item_key.rpartition(b"/")[0], None)
-        # If etcd does not answer, the claim's session deletes the claim once
-        # it does.
+            self._candidates.pop(candidate.key.rpartition(b"/")[0], None)
+        record = replace(candidate.record, error=error)
+        try:
+            if policy.max_deliveries is not None and record.deliveries >= policy.max_deliveries:
+                moved = self._bury(
+                    candidate,
+                    policy,
+                    reason=_too_many(record.deliveries, policy),
+                    record=record,
+                    holder=item,
+                )
+                if moved:
+                    return
+            else:
+                delay = redelivery_delay(policy.redelivery_delay, record.deliveries)
+                delayed = replace(record, retry_at=time.time() + delay if delay else None)
+                committed = commit(
+                    self._transport,
+                    self._sessions.get,
+                    compare=[item._holds()],
+                    success=[
+                        ops.delete(item.etcd_key),
+                        ops.put(candidate.record_key, delayed.encode(), lease=candidate.lease),
+                    ],
+                    failure=[],
+                )
+                if committed.succeeded:
+                    return
+        except LeaseNotFoundError:
+            pass  # the item's own lease expired: item and record are gone
+        except EtcdPatternsError:
+            item._session.abandon(Orphan(item.etcd_key, item.fencing_token))
+            raise
+        except BaseException:
+            item._session.withdraw(Orphan(item.etcd_key, item.fencing_token))
+            raise
+        else:
+            raise ClaimLostError(
+                f"the claim on {item.key!r} expired before it was released; "
+                "the item is available to other consumers"
+            )
         item._session.withdraw(Orphan(item.etcd_key, item.fencing_token))
 
-    def let_go(self, item: ClaimedItem) -> None:
+    def _let_go(self, item: ClaimedItem) -> None:
         """Make sure a claim whose ack failed does not outlive its purpose.
 
         The ack may have applied (the claim is gone with the item) or not
@@ -414,10 +927,190 @@ class Queue:
         """
         item._session.abandon(Orphan(item.etcd_key, item.fencing_token))
 
+    def _bury(
+        self,
+        candidate: _Candidate,
+        policy: _Policy,
+        *,
+        reason: str,
+        record: _Record | None = None,
+        holder: ClaimedItem | None = None,
+    ) -> bool:
+        """Move an item to the dead-letter queue, exactly once; whether this call moved it.
+
+        The item keeps its id (so its priority and age) and its lease; its
+        record goes with it, with the reason. Unclaimed items move only if
+        unchanged and unclaimed; a claimed one only while ``holder`` holds it.
+        """
+        item_id = candidate.key.rpartition(b"/")[2]
+        dead_key = policy.dead_letter + b"/" + item_id
+        dead_record = self._records_prefix(policy.dead_letter) + item_id
+        kept = replace(record or candidate.record, retry_at=None, reason=reason)
+        compare = _unchanged_and_unclaimed(candidate) if holder is None else [holder._holds()]
+        success = [
+            ops.delete(candidate.key),
+            ops.delete(candidate.record_key),
+            ops.put(dead_key, candidate.value, lease=candidate.lease),
+            ops.put(dead_record, kept.encode(), lease=candidate.lease),
+        ]
+        if holder is not None:
+            success.append(ops.delete(holder.etcd_key))
+        try:
+            committed = commit(
+                self._transport,
+                self._sessions.get,
+                compare=compare,
+                success=success,
+                failure=[],
+            )
+        except LeaseNotFoundError:
+            return False  # the item's own lease expired: it is gone
+        if committed.succeeded:
+            log.info(
+                "moved queue item %r to %r: %s",
+                self._keyspace.decode(candidate.key),
+                self._keyspace.decode(dead_key),
+                reason,
+            )
+        return committed.succeeded
+
+    # -- operators ----------------------------------------------------------
+
+    def requeue(self, dead_dir: object, dir_key: object, *, max_items: object = None) -> int:
+        """See `EtcdPatterns.requeue`."""
+        source = self._keyspace.encode(dead_dir, name="dead_letter_dir")
+        target = self._keyspace.encode(dir_key, name="dir_key")
+        if source == target:
+            raise InvalidArgumentError("dead_letter_dir and dir_key must be different queues")
+        limit = None if max_items is None else check_count(max_items, name="max_items")
+        moved = 0
+        while limit is None or moved < limit:
+            wanted = REQUEUE_CHUNK if limit is None else min(REQUEUE_CHUNK, limit - moved)
+            heads = self._read(source, wanted, everything=True)
+            chosen = heads.candidates[:wanted]
+            if not chosen:
+                return moved
+            target_records = self._records_prefix(target)
+            compare = [c for candidate in chosen for c in _unchanged_and_unclaimed(candidate)]
+            compare += [ops.compare_version(target, "==", 0)]
+            success: list[Any] = []
+            for candidate in chosen:
+                item_id = candidate.key.rpartition(b"/")[2]
+                compare.append(ops.compare_version(target + b"/" + item_id, "==", 0))
+                success += [
+                    ops.delete(candidate.key),
+                    ops.delete(candidate.record_key),
+                    ops.put(target + b"/" + item_id, candidate.value, lease=candidate.lease),
+                    ops.delete(target_records + item_id),
+                ]
+            committed = commit(
+                self._transport,
+                self._sessions.get,
+                compare=compare,
+                success=success,
+                failure=[ops.get(target, keys_only=True)],
+            )
+            if committed.succeeded:
+                moved += len(chosen)
+            elif committed.responses is not None and ops.kvs(committed.responses, 0):
+                raise NotAValueError(self._keyspace.decode(target))
+            # Otherwise a consumer of the dead letters took one first: read again.
+        return moved
+
+    def peek(self, dir_key: object, n: object = 10) -> list[QueuedItem]:
+        """See `EtcdPatterns.peek`."""
+        raw = self._keyspace.encode(dir_key, name="dir_key")
+        count = check_count(n, name="n")
+        responses, _ = self._read_raw(raw, count)
+        claimed = self._claimed(raw, responses)
+        records = self._records(raw, responses)
+        start = raw + b"/"
+        shown: list[QueuedItem] = []
+        for kv in ops.kvs(responses, 0):
+            if not is_direct_child(raw, kv.key):
+                continue
+            item_id = kv.key[len(start) :]
+            record = records.get(item_id, (0, _Record()))[1]
+            parsed = parse_id(item_id)
+            try:
+                value: str | None = kv.value.decode("utf-8")
+            except UnicodeDecodeError:
+                value = None
+            shown.append(
+                QueuedItem(
+                    key=self._keyspace.decode(kv.key),
+                    value=value,
+                    value_bytes=kv.value,
+                    priority=None if parsed is None else parsed[0],
+                    enqueued_at=None if parsed is None else parsed[1],
+                    delivery_count=record.deliveries,
+                    last_error=record.error,
+                    claimed=item_id in claimed,
+                    retry_at=record.retry_at,
+                    reason=record.reason,
+                )
+            )
+        return shown
+
+    def stats(self, dir_key: object, *, dead_letter: object = None) -> QueueStats:
+        """See `EtcdPatterns.queue_stats`."""
+        raw = self._keyspace.encode(dir_key, name="dir_key")
+        dead = self.policy(raw, dead_letter=dead_letter).dead_letter
+        start, end = children_range(raw)
+        dead_start, dead_end = children_range(dead)
+        claims = self._claims_prefix(raw)
+        records = self._records_prefix(raw)
+        response = self._transport.txn(
+            ops.txn(
+                compare=[ops.compare_version(raw, ">", 0)],
+                success=[ops.get(raw, keys_only=True)],
+                failure=[
+                    ops.get(start, end, keys_only=True),
+                    ops.get(claims, prefix_end(claims), keys_only=True),
+                    ops.get(records, prefix_end(records)),
+                    ops.get(dead_start, dead_end, keys_only=True),
+                ],
+            ),
+            write=False,
+        )
+        if response.succeeded:
+            raise NotAValueError(self._keyspace.decode(raw))
+        claimed = self._claimed(raw, response.responses)
+        kept = self._records(raw, response.responses)
+        now = time.time()
+        pending: Counter[int] = Counter()
+        in_flight = delayed = 0
+        oldest: float | None = None
+        for kv in ops.kvs(response.responses, 0):
+            if not is_direct_child(raw, kv.key):
+                continue
+            item_id = kv.key[len(start) :]
+            if item_id in claimed:
+                in_flight += 1
+                continue
+            parsed = parse_id(item_id)
+            pending[0 if parsed is None else parsed[0]] += 1
+            retry_at = kept.get(item_id, (0, _Record()))[1].retry_at
+            if retry_at is not None and retry_at > now:
+                delayed += 1
+            if parsed is not None:
+                oldest = parsed[1] if oldest is None else min(oldest, parsed[1])
+        dead_letters = sum(is_direct_child(dead, kv.key) for kv in ops.kvs(response.responses, 3))
+        return QueueStats(
+            pending=dict(sorted(pending.items())),
+            in_flight=in_flight,
+            delayed=delayed,
+            oldest_age=None if oldest is None else max(0.0, now - oldest),
+            dead_letters=dead_letters,
+            revision=response.header.revision,
+        )
+
     # -- machinery ----------------------------------------------------------
 
-    def _candidates_until(self, raw: bytes, deadline: Deadline) -> Iterator[_Candidate]:
-        """Yield candidate heads, oldest first, waiting when there are none.
+    def _candidates_until(
+        self, raw: bytes, deadline: Deadline, policy: _Policy
+    ) -> Iterator[_Candidate]:
+        """Yield deliverable candidate heads, first served first, waiting when there are none.
 
         Raises:
             QueueEmptyError: The deadline passed with no candidate, or with
@@ -427,6 +1120,8 @@ class Queue:
         offered = False
         while True:
             cached = self._more_candidates(raw, 1)
+            if cached and not self._deliverable(cached[0], policy):
+                continue
             if cached:
                 # A consumer that keeps losing races for items that are
                 # there must still give up in time.
@@ -438,18 +1133,34 @@ class Queue:
                 offered = True
                 yield cached[0]
                 continue
-            heads = wait(
-                self._transport,
-                self._read(raw, self._prefetch),
-                read=lambda: self._read(raw, self._prefetch),
-                watch=lambda heads: None if heads.candidates else self._arrivals(raw),
-                deadline=deadline,
-                timeout_error=lambda: QueueEmptyError(
-                    f"queue {self._keyspace.decode(raw)!r} stayed empty"
-                ),
-            )
-            with self._lock:
-                self._candidates.setdefault(raw, deque()).extend(heads.candidates)
+            self._cache(raw, self._wait_for_heads(raw, self._prefetch, deadline).candidates)
+
+    def _cached_heads(self, raw: bytes, wanted: int) -> _Heads | None:
+        """``wanted`` cached heads, if that many are cached; else None, and the cache is emptied."""
+        with self._lock:
+            cached = self._candidates.pop(raw, None)
+            if cached is None or len(cached) < wanted:
+                return None
+            chosen = [cached.popleft() for _ in range(wanted)]
+            self._candidates[raw] = cached
+        return _Heads(chosen, 0, None, complete=False)
+
+    def _cache(self, raw: bytes, candidates: list[_Candidate]) -> None:
+        with self._lock:
+            self._candidates[raw] = deque(candidates)
+
+    def _wait_for_heads(self, raw: bytes, wanted: int, deadline: Deadline) -> _Heads:
+        """Read up to ``wanted`` heads, waiting until there is at least one."""
+        return wait(
+            self._transport,
+            self._read(raw, wanted),
+            read=lambda: self._read(raw, wanted),
+            watch=lambda heads: None if heads.candidates else self._arrivals(raw, heads),
+            deadline=deadline,
+            timeout_error=lambda: QueueEmptyError(
+                f"queue {self._keyspace.decode(raw)!r} stayed empty"
+            ),
+        )
 
     def _forget_candidates(self, raw: bytes) -> None:
         with self._lock:
@@ -465,56 +1176,112 @@ class Queue:
     def _claims_prefix(self, raw: bytes) -> bytes:
         return self._keyspace.internal("claims", raw.hex()) + b"/"
 
-    def _read(self, raw: bytes, wanted: int) -> _Heads:
-        """Up to ``wanted`` unclaimed items, oldest first, and the revision read at."""
+    def _records_prefix(self, raw: bytes) -> bytes:
+        return self._keyspace.internal("deliveries", raw.hex()) + b"/"
+
+    def _read_ops(self, raw: bytes, limit: int) -> list[Any]:
+        """The ranges that show a queue's first ``limit`` items, its claims and its records."""
         start, end = children_range(raw)
         claims = self._claims_prefix(raw)
-        # Items enqueued by one transaction share a create revision, and etcd
-        # breaks such ties arbitrarily: read a whole transaction's worth more
-        # than wanted, so that the last, possibly cut, group can be dropped.
-        limit = wanted + CHUNK
+        records = self._records_prefix(raw)
+        return [
+            ops.get(start, end, limit=limit),
+            ops.get(claims, prefix_end(claims), keys_only=True),
+            ops.get(records, prefix_end(records)),
+        ]
+
+    def _read_raw(self, raw: bytes, limit: int) -> tuple[Sequence[Any], int]:
+        """The responses of `_read_ops`, and their revision.
+
+        Raises:
+            NotAValueError: ``raw`` holds a value of its own.
+        """
+        response = self._transport.txn(
+            ops.txn(
+                compare=[ops.compare_version(raw, ">", 0)],
+                success=[ops.get(raw, keys_only=True)],
+                failure=self._read_ops(raw, limit),
+            ),
+            write=False,
+        )
+        if response.succeeded:
+            raise NotAValueError(self._keyspace.decode(raw))
+        revision: int = response.header.revision
+        return response.responses, revision
+
+    def _read(self, raw: bytes, wanted: int, *, everything: bool = False) -> _Heads:
+        """Up to ``wanted`` available items, first served first.
+
+        With ``everything``, items held back by a redelivery delay count as
+        available too.
+        """
+        limit = wanted
         while True:
-            response = self._transport.txn(
-                ops.txn(
-                    compare=[ops.compare_version(raw, ">", 0)],
-                    success=[ops.get(raw, keys_only=True)],
-                    failure=[
-                        ops.get(start, end, oldest_first=True, limit=limit),
-                        ops.get(claims, prefix_end(claims), keys_only=True),
-                    ],
-                ),
-                write=False,
-            )
-            if response.succeeded:
-                raise NotAValueError(self._keyspace.decode(raw))
-            found = sorted(ops.kvs(response.responses, 0), key=_fifo_order)
-            cut = len(found) == limit
-            if cut:
-                last = found[-1].create_revision
-                found = [kv for kv in found if kv.create_revision < last] or found
-            claimed = {kv.key[len(claims) :] for kv in ops.kvs(response.responses, 1)}
-            candidates: list[_Candidate] = []
-            for kv in found:
-                if not is_direct_child(raw, kv.key) or kv.key[len(start) :] in claimed:
-                    continue
-                try:
-                    value = decode_value(kv.value, key=self._keyspace.decode(kv.key))
-                except ValueDecodeError:
-                    if candidates:
-                        break  # serve the items before it; it will be the head next time
-                    raise
-                candidates.append(
-                    _Candidate(kv.key, value, kv.mod_revision, claims + kv.key[len(start) :])
-                )
-            header: int = response.header.revision
-            # Deeper keys and claimed items count against the limit: read
-            # further only if they hid every item.
-            if candidates or not cut:
-                return _Heads(candidates[:wanted], header)
+            responses, revision = self._read_raw(raw, limit)
+            heads = self._heads(raw, responses, revision, wanted, everything=everything)
+            # Deeper keys, claimed and delayed items count against the
+            # limit: read further only if they hid every item.
+            if heads.candidates or heads.complete:
+                return heads
             limit *= 2
 
-    def _arrivals(self, raw: bytes) -> Watch:
-        """What an empty queue's consumer watches: an item put, or a claim gone."""
+    def _claimed(self, raw: bytes, responses: Sequence[Any]) -> set[bytes]:
+        claims = self._claims_prefix(raw)
+        return {kv.key[len(claims) :] for kv in ops.kvs(responses, 1)}
+
+    def _records(self, raw: bytes, responses: Sequence[Any]) -> dict[bytes, tuple[int, _Record]]:
+        records = self._records_prefix(raw)
+        return {
+            kv.key[len(records) :]: (kv.mod_revision, _Record.decode(kv.value))
+            for kv in ops.kvs(responses, 2)
+        }
+
+    def _heads(
+        self,
+        raw: bytes,
+        responses: Sequence[Any],
+        revision: int,
+        wanted: int,
+        *,
+        everything: bool = False,
+    ) -> _Heads:
+        """The available items in the responses of `_read_ops`."""
+        start = raw + b"/"
+        found = ops.kvs(responses, 0)
+        complete = not responses[0].response_range.more
+        claimed = self._claimed(raw, responses)
+        records = self._records(raw, responses)
+        claims, record_keys = self._claims_prefix(raw), self._records_prefix(raw)
+        now = time.time()
+        retry_at: float | None = None
+        candidates: list[_Candidate] = []
+        for kv in found:
+            item_id = kv.key[len(start) :]
+            if not is_direct_child(raw, kv.key) or item_id in claimed:
+                continue
+            record_mod, record = records.get(item_id, (0, _Record()))
+            if record.retry_at is not None and record.retry_at > now and not everything:
+                retry_at = record.retry_at if retry_at is None else min(retry_at, record.retry_at)
+                continue
+            candidates.append(
+                _Candidate(
+                    key=kv.key,
+                    value=kv.value,
+                    mod_revision=kv.mod_revision,
+                    lease=kv.lease,
+                    claim=claims + item_id,
+                    record_key=record_keys + item_id,
+                    record_mod=record_mod,
+                    record=record,
+                )
+            )
+        return _Heads(candidates[:wanted], revision, retry_at, complete)
+
+    def _arrivals(self, raw: bytes, heads: _Heads) -> Watch:
+        """What a consumer with nothing to take watches: an item put, or a claim gone.
+
+        It also reads again when the first delayed item it saw is due.
+        """
         start, end = children_range(raw)
         claims = self._claims_prefix(raw)
         creates = [
@@ -531,33 +1298,64 @@ class Queue:
                 return True  # a claim released or expired
             return event.type == _PUT and is_direct_child(raw, event.kv.key)
 
-        return Watch(creates, accept)
+        due = None if heads.retry_at is None else max(0.0, heads.retry_at - time.time())
+        return Watch(creates, accept, due)
 
 
-def _fifo_order(kv: Any) -> tuple[int, bytes]:
-    # Within one enqueue transaction, item keys increase in enqueue order.
-    return kv.create_revision, kv.key
+def _too_many(deliveries: int, policy: _Policy) -> str:
+    return f"delivered {deliveries} times, and max_deliveries is {policy.max_deliveries}"
 
 
-def _unchanged_and_unclaimed(candidate: _Candidate) -> list[Any]:
-    return [
+def _readable(value: bytes) -> str:
+    return value.decode("utf-8", errors="replace")
+
+
+def _unchanged_and_unclaimed(candidate: _Candidate, *, record: bool = True) -> list[Any]:
+    """The compares that the item is as read, and unclaimed.
+
+    Args:
+        candidate: The item, as read.
+        record: Whether its delivery record must be as read, too: a claim
+            counts from it. A take needs not: the record goes with the
+            item, and a record that changed since the read (a claim given
+            back meanwhile) only means the item is taken before its
+            redelivery delay ends, within one read's staleness.
+    """
+    same = [
         ops.compare_mod(candidate.key, "==", candidate.mod_revision),
         ops.compare_version(candidate.claim, "==", 0),
     ]
+    if record:
+        same.append(ops.compare_mod(candidate.record_key, "==", candidate.record_mod))
+    return same
 
 
 class Claim:
-    """Context manager of `EtcdPatterns.claim`: acks on success, releases on error."""
+    """Context manager of `EtcdPatterns.claim`: acks on success, releases on error.
 
-    def __init__(self, queue: Queue, raw: bytes, lease_ttl: int | None, deadline: Deadline) -> None:
+    An item acked or released explicitly inside the block is left alone on
+    exit.
+    """
+
+    def __init__(
+        self,
+        queue: Queue,
+        raw: bytes,
+        lease_ttl: int | None,
+        deadline: Deadline,
+        policy: _Policy,
+    ) -> None:
         self._queue = queue
         self._raw = raw
         self._lease_ttl = lease_ttl
         self._deadline = deadline
+        self._policy = policy
         self._item: ClaimedItem | None = None
 
     def __enter__(self) -> ClaimedItem:
-        self._item = self._queue._claim_one(self._raw, self._lease_ttl, self._deadline)
+        self._item = self._queue._claim_one(
+            self._raw, self._lease_ttl, self._deadline, self._policy
+        )
         return self._item
 
     def __exit__(
@@ -567,15 +1365,14 @@ class Claim:
         traceback: TracebackType | None,
     ) -> None:
         item, self._item = self._item, None
-        if item is None:
+        if item is None or item._settled is not None:
             return
-        if exc_type is not None:
-            self._queue.release(item)
+        if exc is not None:
+            try:
+                item.release(exc)
+            except EtcdPatternsError as failure:
+                # The block's own error is the one to see; the item is
+                # available again once its claim goes.
+                exc.add_note(f"releasing the claimed item failed too: {failure!r}")
             return
-        try:
-            self._queue.ack(item)
-        except ClaimLostError:
-            raise
-        except BaseException:
-            self._queue.let_go(item)
-            raise
+        item.ack()

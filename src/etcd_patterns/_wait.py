@@ -26,7 +26,8 @@ Guarantees:
   outlives it; the wait then ends with at most one more read, itself
   bounded by the instance's timeout. A watch that silently stopped
   delivering (a member that hangs, a cut stream) costs at most
-  `RECHECK_INTERVAL` before a fresh read, and streams that fail at once
+  `RECHECK_INTERVAL` before a fresh read (less when ``watch`` names a
+  time at which the state changes by the clock alone), and streams that fail at once
   are retried with a growing pause (50 ms, doubling to 1 s), not in a spin.
 * A refused watch is an error, not a spin: etcd refuses a watch by creating
   and cancelling it at once ("permission denied", which is also how it
@@ -80,10 +81,14 @@ class Watch(NamedTuple):
         creates: One `WatchCreateRequest` per key or range, without a start
             revision.
         accept: Whether an event may have changed the state waited on.
+        recheck: Read again after at most this many seconds, whatever the
+            watch says: the state will change by the clock alone then (a
+            queue item's redelivery delay ends). None for no such time.
     """
 
     creates: Sequence[Any]
     accept: Callable[[Any], bool]
+    recheck: float | None = None
 
 
 def wait(
@@ -116,7 +121,9 @@ def wait(
         remaining = deadline.remaining()
         if remaining == 0:
             raise timeout_error()
-        window = RECHECK_INTERVAL if remaining is None else min(RECHECK_INTERVAL, remaining)
+        window = min(
+            [RECHECK_INTERVAL, *(t for t in (remaining, waiting.recheck) if t is not None)]
+        )
         outcome = _watch_once(transport, waiting, state, window=window, read=read, watch=watch)
         if isinstance(outcome, _Refused):
             if refused is not None:

@@ -29,7 +29,7 @@ from etcd_patterns import (
     QueueEmptyError,
     ValueDecodeError,
 )
-from etcd_patterns._queue import CHUNK, PREFETCH
+from etcd_patterns._queue import CHUNK
 from etcd_patterns.testing import EtcdCluster, ExternalEtcd
 from tests.helpers import (
     SCHEDULING_GRACE,
@@ -89,11 +89,32 @@ def test_a_dir_key_holding_a_value_is_refused(patterns: EtcdPatterns, raw: Raw) 
     assert raw.revision() == before
 
 
-def test_an_undecodable_head_stays_queued(patterns: EtcdPatterns, raw: Raw) -> None:
+def test_an_undecodable_head_goes_to_the_dead_letters(
+    patterns: EtcdPatterns, raw: Raw, caplog: pytest.LogCaptureFixture
+) -> None:
     raw.put("q/0001", b"\xff")
-    with pytest.raises(ValueDecodeError):
+    patterns.enqueue("q", "good")
+    assert patterns.dequeue("q", timeout=0) == "good"
+    assert raw.value("q/0001") is None
+    assert raw.value("q.dead/0001") == b"\xff"
+    assert "not UTF-8" in caplog.text
+    (dead,) = patterns.peek("q.dead")
+    assert (dead.value, dead.value_bytes, dead.reason) == (None, b"\xff", "the value is not UTF-8")
+    with pytest.raises(QueueEmptyError):
         patterns.dequeue("q", timeout=0)
-    assert raw.value("q/0001") == b"\xff"
+
+
+def test_bytes_mode_delivers_any_value(patterns: EtcdPatterns, raw: Raw) -> None:
+    raw.put("q/0001", b"\xff")
+    patterns.enqueue("q", "good")
+    assert patterns.dequeue("q", timeout=0, decode=False) == b"\xff"
+    assert patterns.dequeue_many("q", 5, decode=False) == [b"good"]
+    raw.put("q/0001", b"\xfe")
+    with patterns.claim("q", decode=False) as item:
+        assert item.value_bytes == b"\xfe"
+        with pytest.raises(ValueDecodeError):
+            item.value  # noqa: B018 - the property raises
+    assert raw.count("q") == 0
 
 
 # -- blocking -------------------------------------------------------------------
@@ -357,7 +378,7 @@ def test_an_exception_returns_the_item_to_its_place(patterns: EtcdPatterns) -> N
     seen: list[str] = []
 
     def process() -> None:
-        with patterns.claim("q") as item:
+        with patterns.claim("q", redelivery_delay=0) as item:
             seen.append(item.value)
             raise RuntimeError("processing failed")
 
@@ -497,8 +518,13 @@ def _claims(request: Any) -> bool:
 
 
 def _acks(request: Any) -> bool:
-    deletes: int = sum(op.HasField("request_delete_range") for op in request.success)
-    return deletes == 2
+    return any(
+        op.HasField("request_delete_range") and b"/claims/" in op.request_delete_range.key
+        for op in request.success
+    ) and any(
+        op.HasField("request_delete_range") and b"/q/" in op.request_delete_range.key
+        for op in request.success
+    )
 
 
 @pytest.mark.parametrize("step", ["claim", "ack"])
@@ -621,30 +647,30 @@ def test_dequeue_many_reports_a_take_it_could_not_settle(
         return "pass"
 
     client = client_with_faults(etcd.endpoints, FaultInjector(plan))
-    patterns.enqueue_many("q", ["a", "b", "c"])
-    # prefetch=1: the first take is "a" alone; "b" and "c" follow in a second.
+    values = [f"{i:03d}" for i in range(CHUNK + 2)]
+    patterns.enqueue_many("q", values)
+    # The first take is a whole chunk; the last two items follow in a second.
     with (
-        EtcdPatterns(client, namespace=namespace, timeout=1, prefetch=1) as faulty,
+        EtcdPatterns(client, namespace=namespace, timeout=1) as faulty,
         pytest.raises(OutcomeUnknownError) as caught,
     ):
-        faulty.dequeue_many("q", 3)
+        faulty.dequeue_many("q", len(values))
     client.close()
     assert takes == ["take", "take"]
-    assert caught.value.taken == ["a"]
-    assert caught.value.uncertain == ["b", "c"]
-    assert raw.count("q/") == 0  # all three left the queue, and none went unreported
+    assert caught.value.taken == values[:CHUNK]
+    assert caught.value.uncertain == values[CHUNK:]
+    assert raw.count("q/") == 0  # all of them left the queue, and none went unreported
 
 
-def test_dequeue_many_serves_the_good_items_before_a_bad_one(
+def test_dequeue_many_moves_a_bad_item_aside_and_serves_the_rest(
     patterns: EtcdPatterns, raw: Raw
 ) -> None:
-    patterns.enqueue_many("q", [str(i) for i in range(10)])
-    assert patterns.dequeue("q") == "0"  # caches the heads behind it
-    raw.put("q/zzz", b"\xff")  # newest, not UTF-8
-    assert patterns.dequeue_many("q", 20) == [str(i) for i in range(1, 10)]
-    assert raw.count("q/") == 1  # the bad item stays, for someone to look at
-    with pytest.raises(ValueDecodeError):
-        patterns.dequeue("q", timeout=0)
+    patterns.enqueue_many("q", [str(i) for i in range(5)])
+    raw.put("q/0999-bad", b"\xff")  # first in line, not UTF-8
+    patterns.enqueue_many("q", [str(i) for i in range(5, 10)])
+    assert patterns.dequeue_many("q", 20) == [str(i) for i in range(10)]
+    assert raw.count("q/") == 0
+    assert raw.value("q.dead/0999-bad") == b"\xff"
 
 
 def test_dequeue_many_keeps_what_it_took_when_etcd_fails_midway(
@@ -656,23 +682,23 @@ def test_dequeue_many_keeps_what_it_took_when_etcd_fails_midway(
     def plan(method: str, request: Any) -> str:
         if method != TXN:
             return "pass"
-        if took and request.failure and request.failure[0].HasField("request_range"):
-            refused.append(1)
-            return "hold"  # every read after the first take fails
         if _takes_an_item(request):
+            if took:
+                refused.append(1)
+                return "hold"  # every take after the first is lost on its way
             took.append(1)
         return "pass"
 
-    # More items than one read fetches, so that taking the rest needs a read.
-    items = [f"{i:03d}" for i in range(PREFETCH + 8)]
+    # More items than one transaction takes, so that taking them needs two.
+    items = [f"{i:03d}" for i in range(CHUNK + 8)]
     client = client_with_faults(etcd.endpoints, FaultInjector(plan))
     patterns.enqueue_many("q", items)
     with EtcdPatterns(client, namespace=namespace, timeout=1) as faulty:
-        assert faulty.dequeue_many("q", len(items)) == items[:PREFETCH]
+        assert faulty.dequeue_many("q", len(items)) == items[:CHUNK]
     client.close()
     assert took == [1]
     assert refused  # the fault fired
-    assert raw.count("q/") == len(items) - PREFETCH
+    assert raw.count("q/") == len(items) - CHUNK
 
 
 def test_an_items_expired_lease_is_not_blamed_on_the_session(
@@ -712,7 +738,7 @@ def test_an_enqueue_whose_generated_key_is_taken_draws_another(
     queue = patterns._queue
     fresh = queue._new_id
     names = iter([b"taken"])
-    monkeypatch.setattr(queue, "_new_id", lambda: next(names, None) or fresh())
+    monkeypatch.setattr(queue, "_new_id", lambda priority=0: next(names, None) or fresh(priority))
     key = patterns.enqueue("q", "mine")
     assert key != "q/taken"
     assert raw.value("q/taken") == b"someone else's"
@@ -723,7 +749,7 @@ def test_an_enqueue_whose_generated_keys_are_always_taken_fails_clearly(
     patterns: EtcdPatterns, raw: Raw, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     raw.put("q/taken", "someone else's")
-    monkeypatch.setattr(patterns._queue, "_new_id", lambda: b"taken")
+    monkeypatch.setattr(patterns._queue, "_new_id", lambda priority=0: b"taken")
     with pytest.raises(EtcdError, match="not enqueued"):
         patterns.enqueue("q", "mine")
     assert raw.count("q/") == 1
@@ -738,11 +764,11 @@ def test_enqueue_many_that_fails_midway_says_what_was_enqueued(
     drawn = itertools.count()
     rest = 10
 
-    def new_id() -> bytes:
+    def new_id(priority: int = 0) -> bytes:
         # The first chunk's keys are free; in every set drawn for the second
         # chunk, the first key is taken.
         n = next(drawn)
-        return b"taken" if n >= CHUNK and (n - CHUNK) % rest == 0 else fresh()
+        return b"taken" if n >= CHUNK and (n - CHUNK) % rest == 0 else fresh(priority)
 
     monkeypatch.setattr(queue, "_new_id", new_id)
     values = [f"{i:03d}" for i in range(CHUNK + rest)]
@@ -751,7 +777,7 @@ def test_enqueue_many_that_fails_midway_says_what_was_enqueued(
     (note,) = info.value.__notes__
     assert f"the first {CHUNK} of {len(values)} values were enqueued" in note
     assert raw.count("q/") == CHUNK + 1  # the first chunk, and the other writer's key
-    assert patterns.dequeue_many("q", CHUNK + 1) == ["someone else's", *values[:CHUNK]]
+    assert patterns.dequeue_many("q", CHUNK + 1) == [*values[:CHUNK], "someone else's"]
 
 
 @pytest.mark.timeout(60)
