@@ -594,8 +594,9 @@ class Queue:
         """See `EtcdPatterns.dequeue`."""
         raw = self._keyspace.encode(dir_key, name="dir_key")
         policy = self.policy(raw, dead_letter=dead_letter, decode=decode)
-        deadline = Deadline(check_timeout(timeout))
-        for candidate in self._candidates_until(raw, deadline, policy):
+        wait_for = check_timeout(timeout)
+        deadline, tidy = Deadline(wait_for), self._tidy_until(wait_for)
+        for candidate in self._candidates_until(raw, deadline, policy, tidy):
             fresh = self._take([candidate], raw, refill=self._prefetch)
             if fresh is None:
                 return self._deliver(candidate, policy)
@@ -605,24 +606,32 @@ class Queue:
     def _deliver(self, candidate: _Candidate, policy: _Policy) -> str | bytes:
         return candidate.decoded(self._keyspace) if policy.decode else candidate.value
 
-    def _deliverable(self, candidate: _Candidate, policy: _Policy) -> bool:
+    def _tidy_until(self, timeout: float | None) -> Deadline:
+        """Until when a call may move undeliverable items aside: its timeout, or one request's."""
+        return Deadline(None if timeout is None else max(timeout, self._transport.timeout))
+
+    def _deliverable(self, candidate: _Candidate, policy: _Policy, tidy: Deadline) -> bool:
         """Whether to deliver a candidate; moves it to the dead letters if not.
 
         An item that is not UTF-8, when the consumer wants `str`, and an
         item due a delivery past ``max_deliveries`` (a consumer that crashed
         with it used one) are moved to the dead-letter queue, by whichever
         consumer gets there first, so that they never block the items
-        behind them.
+        behind them. Once ``tidy`` passes, they are only skipped, so that a
+        call meeting many of them still ends in time.
         """
         deliveries = candidate.record.deliveries
         if policy.max_deliveries is not None and deliveries >= policy.max_deliveries:
-            self._bury(candidate, policy, reason=_too_many(deliveries, policy))
+            if not tidy.expired():
+                self._bury(candidate, policy, reason=_too_many(deliveries, policy))
             return False
         if not policy.decode:
             return True
         try:
             candidate.decoded(self._keyspace)
         except ValueDecodeError:
+            if tidy.expired():
+                return False
             moved = self._bury(candidate, policy, reason="the value is not UTF-8")
             if moved:
                 log.warning(
@@ -694,30 +703,28 @@ class Queue:
         raw = self._keyspace.encode(dir_key, name="dir_key")
         wanted = check_count(max_items, name="max_items")
         policy = self.policy(raw, dead_letter=dead_letter, decode=decode)
-        deadline = Deadline(check_timeout(timeout))
+        wait_for = check_timeout(timeout)
+        deadline, tidy = Deadline(wait_for), self._tidy_until(wait_for)
         taken: list[Any] = []
-        lost_race = False
+        offered = False
         # The first item gets the caller's timeout; taking what else is
         # there is part of the same call, and gets the time of one request.
         follow_up: Deadline | None = None
         heads = self._cached_heads(raw, wanted)
         while True:
-            if lost_race and not taken and deadline.expired():
-                raise QueueEmptyError(
-                    f"queue {self._keyspace.decode(raw)!r}: other consumers took every "
-                    "item first until the timeout"
-                )
+            if offered and not taken and deadline.expired():
+                raise _outrun(self._keyspace.decode(raw))
             if heads is None:
                 heads = self._wait_for_heads(raw, max(wanted, self._prefetch), deadline)
             try:
-                heads, lost = self._take_batch(raw, heads, policy, wanted, taken)
+                heads, missed = self._take_batch(raw, heads, policy, wanted, taken, tidy=tidy)
             except OutcomeUnknownError:
                 raise  # it carries what is taken, and what may be
             except EtcdPatternsError:
                 if not taken:
                     raise
                 return taken  # nothing more was taken; what is taken is ours
-            lost_race |= lost
+            offered |= missed
             if not taken:
                 heads = heads if heads.candidates else None
                 continue
@@ -732,23 +739,33 @@ class Queue:
                 return taken
 
     def _take_batch(
-        self, raw: bytes, heads: _Heads, policy: _Policy, wanted: int, taken: list[Any]
+        self,
+        raw: bytes,
+        heads: _Heads,
+        policy: _Policy,
+        wanted: int,
+        taken: list[Any],
+        *,
+        tidy: Deadline,
     ) -> tuple[_Heads, bool]:
         """Take the first heads, up to ``wanted`` in all, adding them to ``taken``.
 
         Returns:
-            The heads left, and whether the take lost a race. Another
-            consumer then took some of them, but not necessarily all: the
-            failed take read the heads afresh, in order, and those are left,
-            so this consumer skips none of a producer's items.
+            The heads left, and whether items were missed: the take lost a
+            race, or items were skipped once ``tidy`` passed. After a lost
+            race, another consumer took some of the items, but not
+            necessarily all: the failed take read the heads afresh, in
+            order, and those are left, so this consumer skips none of a
+            producer's items.
         """
         batch = heads.candidates[: min(wanted - len(taken), CHUNK)]
-        chosen = [c for c in batch if self._deliverable(c, policy)]
+        chosen = [c for c in batch if self._deliverable(c, policy, tidy)]
         fresh = self._take(chosen, raw, refill=wanted - len(taken), taken=taken)
         if fresh is not None:
             return fresh, True
         taken += [self._deliver(c, policy) for c in chosen]
-        return heads._replace(candidates=heads.candidates[len(batch) :]), False
+        rest = heads._replace(candidates=heads.candidates[len(batch) :])
+        return rest, len(chosen) < len(batch) and tidy.expired()
 
     def _read_more(self, raw: bytes, heads: _Heads, wanted: int) -> _Heads | None:
         """After every head was taken: the next ones, unless the read saw them all."""
@@ -781,13 +798,20 @@ class Queue:
             max_deliveries=max_deliveries,
             redelivery_delay=redelivery_delay,
         )
-        deadline = Deadline(check_timeout(timeout))
-        return Claim(self, raw, lease_ttl, deadline, policy)
+        wait_for = check_timeout(timeout)
+        return Claim(
+            self, raw, lease_ttl, Deadline(wait_for), policy, tidy=self._tidy_until(wait_for)
+        )
 
     def _claim_one(
-        self, raw: bytes, lease_ttl: int | None, deadline: Deadline, policy: _Policy
+        self,
+        raw: bytes,
+        lease_ttl: int | None,
+        deadline: Deadline,
+        policy: _Policy,
+        tidy: Deadline,
     ) -> ClaimedItem:
-        for candidate in self._candidates_until(raw, deadline, policy):
+        for candidate in self._candidates_until(raw, deadline, policy, tidy):
             deliveries = candidate.record.deliveries
             # The claim's name is the item's, so that claims exclude one
             # another; its value is this attempt's alone, so that cleaning
@@ -1108,7 +1132,7 @@ class Queue:
     # -- machinery ----------------------------------------------------------
 
     def _candidates_until(
-        self, raw: bytes, deadline: Deadline, policy: _Policy
+        self, raw: bytes, deadline: Deadline, policy: _Policy, tidy: Deadline
     ) -> Iterator[_Candidate]:
         """Yield deliverable candidate heads, first served first, waiting when there are none.
 
@@ -1120,16 +1144,16 @@ class Queue:
         offered = False
         while True:
             cached = self._more_candidates(raw, 1)
-            if cached and not self._deliverable(cached[0], policy):
-                continue
             if cached:
                 # A consumer that keeps losing races for items that are
                 # there must still give up in time.
                 if offered and deadline.expired():
-                    raise QueueEmptyError(
-                        f"queue {self._keyspace.decode(raw)!r}: other consumers took every "
-                        "item first until the timeout"
-                    )
+                    raise _outrun(self._keyspace.decode(raw))
+                if not self._deliverable(cached[0], policy, tidy):
+                    # Moved aside, which is no race lost; or skipped, once
+                    # moving them aside took all the time there was.
+                    offered = offered or tidy.expired()
+                    continue
                 offered = True
                 yield cached[0]
                 continue
@@ -1302,6 +1326,13 @@ class Queue:
         return Watch(creates, accept, due)
 
 
+def _outrun(name: str) -> QueueEmptyError:
+    return QueueEmptyError(
+        f"queue {name!r}: other consumers took every item first until the timeout "
+        "(or every item left was undeliverable)"
+    )
+
+
 def _too_many(deliveries: int, policy: _Policy) -> str:
     return f"delivered {deliveries} times, and max_deliveries is {policy.max_deliveries}"
 
@@ -1344,17 +1375,20 @@ class Claim:
         lease_ttl: int | None,
         deadline: Deadline,
         policy: _Policy,
+        *,
+        tidy: Deadline,
     ) -> None:
         self._queue = queue
         self._raw = raw
         self._lease_ttl = lease_ttl
         self._deadline = deadline
         self._policy = policy
+        self._tidy = tidy
         self._item: ClaimedItem | None = None
 
     def __enter__(self) -> ClaimedItem:
         self._item = self._queue._claim_one(
-            self._raw, self._lease_ttl, self._deadline, self._policy
+            self._raw, self._lease_ttl, self._deadline, self._policy, self._tidy
         )
         return self._item
 

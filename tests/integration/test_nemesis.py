@@ -42,6 +42,9 @@ def test_the_nemesis_finds_no_violation(seed: int) -> None:
             problems.append(f"{result.workload}: the nemesis did not strike")
         if not result.operations["ok"]:
             problems.append(f"{result.workload}: the clients got no work done")
+        counts = {name: n for verdict in result.verdicts for name, n in verdict.counts.items()}
+        if result.workload == "claims" and not counts["dead letters"]:
+            problems.append("claims: no item was given back often enough to be a dead letter")
         if result.violations:
             problems += [
                 f"{result.workload} seed {seed}; history in {result.history}",

@@ -30,6 +30,7 @@ from tests.nemesis.history import Recorder, load
 from tests.nemesis.schedule import Nemesis, draw
 from tests.nemesis.workloads import (
     BOUNDS,
+    MAX_DELIVERIES,
     NAMESPACE,
     PARTICIPANTS,
     SEMAPHORE_LIMIT,
@@ -151,17 +152,18 @@ def _finish(workload: str, cluster: EtcdCluster, directory: Path) -> dict[str, A
     host, port = endpoints[0].rsplit(":", 1)
     client = etcd3.client(host=host, port=int(port), timeout=10)
     try:
-        prefix = (NAMESPACE + "q/").encode()
-        items = client.kvstub.Range(
-            etcdrpc.RangeRequest(key=prefix, range_end=etcd3.utils.prefix_range_end(prefix)), 10
-        ).kvs
+
+        def values(directory: str) -> list[str]:
+            prefix = (NAMESPACE + directory + "/").encode()
+            end = etcd3.utils.prefix_range_end(prefix)
+            found = client.kvstub.Range(etcdrpc.RangeRequest(key=prefix, range_end=end), 10).kvs
+            return [bytes(kv.value).decode() for kv in found]
+
+        remaining, dead = values("q"), values("q.dead")
         counter = client.get(NAMESPACE + "counter")[0]
     finally:
         client.close()
-    return {
-        "remaining": [bytes(kv.value).decode() for kv in items],
-        "counter": int(counter) if counter else 0,
-    }
+    return {"remaining": remaining, "dead": dead, "counter": int(counter) if counter else 0}
 
 
 def _judge(workload: str, history: list[Any], final: dict[str, Any]) -> list[checkers.Verdict]:
@@ -181,7 +183,9 @@ def _judge(workload: str, history: list[Any], final: dict[str, Any]) -> list[che
     elif workload == "queue":
         verdicts.append(checkers.check_queue(history, final["remaining"]))
     elif workload == "claims":
-        verdicts.append(checkers.check_claims(history, final["remaining"]))
+        verdicts.append(
+            checkers.check_claims(history, final["remaining"], final["dead"], MAX_DELIVERIES)
+        )
     return verdicts
 
 

@@ -302,13 +302,18 @@ def _check_order(history: Sequence[Op], uncertain: set[str], verdict: Verdict) -
             last[producer] = int(number)
 
 
-def check_claims(history: Sequence[Op], remaining: Sequence[str]) -> Verdict:
-    """Claim/ack: every acknowledged enqueue is acked exactly once.
+def check_claims(
+    history: Sequence[Op], remaining: Sequence[str], dead: Sequence[str], max_deliveries: int
+) -> Verdict:
+    """Claim/ack: every acknowledged enqueue ends exactly once: acked, queued or dead.
 
     A "claim" op names the item it claimed, its fencing ``token`` (claims are
-    ordered by it, as etcd ordered them) and, in ``info["ended"]``, how the
-    claim ended: "acked", "released", "lost" or "unknown". No claim may
-    follow an acked one; the others are redeliveries, and counted.
+    ordered by it, as etcd ordered them), its ``deliveries`` count and, in
+    ``info["ended"]``, how the claim ended: "acked", "released", "lost" or
+    "unknown". No claim may follow an acked one; the others are
+    redeliveries, and counted. No item is delivered more than
+    ``max_deliveries`` times, and each delivery's count exceeds the last,
+    by at least one per delivery seen.
     """
     verdict = Verdict("claims")
     enqueued = {op.value: op for op in history if op.kind == "enqueue"}
@@ -331,27 +336,66 @@ def check_claims(history: Sequence[Op], remaining: Sequence[str]) -> Verdict:
         if acked[value] > 1:
             verdict.violations.append(f"{value!r} acked {acked[value]} times")
         ordered = sorted(ops, key=lambda op: op.info.get("token", 0))
+        _check_deliveries(value, ordered, max_deliveries, verdict)
         for before, after in itertools.pairwise(ordered):
             redeliveries += 1
             if before.info.get("ended") == "acked":
                 verdict.violations.append(
                     f"{value!r} claimed again after it was acked: {_show(before)} {_show(after)}"
                 )
-    left = Counter(remaining)
-    for value, op in enqueued.items():
-        if op.outcome != OK:
-            continue
-        if acked[value] + left[value] == 0 and value not in unsettled:
-            verdict.violations.append(f"acknowledged {value!r} never acked, and not queued")
-        if acked[value] and left[value]:
-            verdict.violations.append(f"{value!r} acked, yet still queued")
+    buried = Counter(dead)
+    _check_ends(enqueued, acked, Counter(remaining), buried, unsettled, verdict)
     verdict.counts = {
         "enqueued": sum(op.outcome == OK for op in enqueued.values()),
         "acked": sum(acked.values()),
         "redeliveries": redeliveries,
+        "dead letters": sum(buried.values()),
         "unsettled acks": len(unsettled),
     }
     return verdict
+
+
+def _check_ends(
+    enqueued: dict[str, Op],
+    acked: Counter[str],
+    left: Counter[str],
+    buried: Counter[str],
+    unsettled: set[str],
+    verdict: Verdict,
+) -> None:
+    """Each acknowledged enqueue ends once: acked, still queued, or a dead letter."""
+    for value, op in enqueued.items():
+        if op.outcome != OK:
+            continue
+        ends = acked[value] + left[value] + buried[value]
+        if ends == 0 and value not in unsettled:
+            verdict.violations.append(f"acknowledged {value!r} never acked, and not queued")
+        if ends > 1:
+            verdict.violations.append(
+                f"{value!r} ended {ends} times: acked {acked[value]}, queued {left[value]}, "
+                f"dead {buried[value]}"
+            )
+    for value in buried:
+        if value not in enqueued:
+            verdict.violations.append(f"{value!r} is a dead letter, but was never enqueued")
+
+
+def _check_deliveries(
+    value: str, ordered: Sequence[Op], max_deliveries: int, verdict: Verdict
+) -> None:
+    """The claims of one item, in token order, count its deliveries up to the limit."""
+    if len(ordered) > max_deliveries:
+        verdict.violations.append(
+            f"{value!r} delivered {len(ordered)} times, max_deliveries {max_deliveries}"
+        )
+    last = 0
+    for op in ordered:
+        count = op.info.get("deliveries", 0)
+        if count <= last or count > max_deliveries:
+            verdict.violations.append(
+                f"{value!r} delivered with count {count} after count {last}: {_show(op)}"
+            )
+        last = count
 
 
 def check_timeouts(history: Sequence[Op], slack: float = TIMEOUT_SLACK) -> Verdict:

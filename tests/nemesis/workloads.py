@@ -21,7 +21,7 @@ from etcd_patterns import (
     LockLostError,
     OutcomeUnknownError,
 )
-from etcd_patterns._queue import PREFETCH
+from etcd_patterns._queue import CHUNK
 from etcd_patterns._session import CLEANUP_TIMEOUT
 from tests.nemesis.history import OK, Op, Recorder
 
@@ -38,10 +38,11 @@ BOUNDS = {
     "acquire": OP_TIMEOUT + 3 * TIMEOUT + CLEANUP_TIMEOUT,
     # a lease grant, the write
     "enqueue": 2 * TIMEOUT,
-    # a lease grant, a read, a take; dequeue_many's follow-up takes get one more
-    "dequeue": OP_TIMEOUT + 4 * TIMEOUT,
+    # a lease grant, a read, a take; dequeue_many's follow-up takes get one
+    # more; moving an undeliverable item aside, begun just before the deadline
+    "dequeue": OP_TIMEOUT + 5 * TIMEOUT,
     # as dequeue, then the ack, or the release of the claim
-    "claim": OP_TIMEOUT + 4 * TIMEOUT + CLEANUP_TIMEOUT,
+    "claim": OP_TIMEOUT + 5 * TIMEOUT + CLEANUP_TIMEOUT,
     # as acquire
     "campaign": OP_TIMEOUT + 3 * TIMEOUT + CLEANUP_TIMEOUT,
     # as acquire, and one more registration when the limit's record is not
@@ -251,21 +252,32 @@ def observer(endpoints: list[str], out: str, name: str, stop: Any) -> None:
 
 
 def producer(endpoints: list[str], out: str, name: str, stop: Any) -> None:
-    """Enqueue numbered items, each named after this producer."""
+    """Enqueue numbered items, each named after this producer and its priority.
+
+    Items of one priority are served in enqueue order: ``<name>/p<priority>``
+    is the "producer" whose order each consumer must see.
+    """
     recorder = Recorder(Path(out), name)
+    chance = random.Random(name)
     with _connect(endpoints) as etcd:
         for number in itertools.count():
             if stop.is_set():
                 break
-            value = f"{name}:{number}"
+            priority = chance.choice(PRIORITIES)
+            value = f"{name}/p{priority}:{number}"
             with recorder.op("enqueue", value=value, bound=BOUNDS["enqueue"]):
-                etcd.enqueue("q", value)
+                etcd.enqueue("q", value, priority=priority)
     recorder.close()
 
 
-# More than one read of candidates fetches, so that a batch often takes
-# what it read and then reads and takes again within the one call.
-BATCH = PREFETCH + 8
+# The priorities that producers pick from.
+PRIORITIES = (-1, 0, 0, 1)
+# More than one transaction takes, so that a batch often takes twice.
+BATCH = CHUNK + 8
+# Claimers give back this share of their items, and allow this many
+# deliveries: some items are due one more, and go to the dead letters.
+RELEASED = 0.25
+MAX_DELIVERIES = 3
 
 
 def consumer(endpoints: list[str], out: str, name: str, stop: Any) -> None:
@@ -283,12 +295,12 @@ def consumer(endpoints: list[str], out: str, name: str, stop: Any) -> None:
 
 
 def claimer(endpoints: list[str], out: str, name: str, stop: Any) -> None:
-    """Claim items; ack most, give some back."""
+    """Claim items; ack most, give some back, so that some go to the dead letters."""
     recorder = Recorder(Path(out), name)
     chance = random.Random(name)
     with _connect(endpoints) as etcd:
         while not stop.is_set():
-            claim_one(etcd, recorder, release=chance.random() < 0.1)
+            claim_one(etcd, recorder, release=chance.random() < RELEASED)
     recorder.close()
 
 
@@ -296,10 +308,14 @@ def claim_one(
     etcd: EtcdPatterns, recorder: Recorder, *, release: bool, timeout: float = OP_TIMEOUT
 ) -> bool:
     """Claim one item and ack it (or give it back); whether there was one."""
-    claiming = etcd.claim("q", timeout=timeout)
+    # A short redelivery delay: released items come back within the run.
+    claiming = etcd.claim(
+        "q", timeout=timeout, max_deliveries=MAX_DELIVERIES, redelivery_delay=0.05
+    )
     with recorder.op("claim", bound=BOUNDS["claim"]) as op:
         item = claiming.__enter__()
         op.value, op.info["token"] = item.value, item.fencing_token
+        op.info["deliveries"] = item.delivery_count
         if release:
             claiming.__exit__(RuntimeError, RuntimeError("given back"), None)
             op.info["ended"] = "released"
@@ -325,6 +341,6 @@ WORKLOADS: dict[str, list[Any]] = {
     "semaphore": [permit_holder] * 4,
     "rwlock": [rw_reader, rw_reader, rw_reader, rw_writer, rw_writer],
     "barrier": [participant] * PARTICIPANTS,
-    "queue": [producer, producer, consumer, consumer],
-    "claims": [producer, producer, claimer, claimer],
+    "queue": [producer, producer, consumer, consumer, consumer, consumer],
+    "claims": [producer, producer, claimer, claimer, claimer, claimer],
 }

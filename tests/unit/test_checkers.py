@@ -163,27 +163,67 @@ def test_queue_catches_one_producers_items_out_of_order() -> None:
 # -- claims -------------------------------------------------------------------------
 
 
+def _claims(history: list[Op], remaining: list[str], dead: tuple[str, ...] = ()) -> Any:
+    return checkers.check_claims(history, remaining, list(dead), max_deliveries=3)
+
+
 def test_claims_catch_an_item_acked_twice_or_never() -> None:
     enqueued = [op("enqueue", value="a:0")]
-    once = [*enqueued, op("claim", value="a:0", ended="acked", token=5)]
-    assert checkers.check_claims(once, remaining=[]).ok
-    twice = [*once, op("claim", value="a:0", ended="acked", token=9)]
-    assert not checkers.check_claims(twice, remaining=[]).ok
-    assert not checkers.check_claims(enqueued, remaining=[]).ok  # never acked, not queued
+    once = [*enqueued, op("claim", value="a:0", ended="acked", token=5, deliveries=1)]
+    assert _claims(once, remaining=[]).ok
+    twice = [*once, op("claim", value="a:0", ended="acked", token=9, deliveries=2)]
+    assert not _claims(twice, remaining=[]).ok
+    assert not _claims(enqueued, remaining=[]).ok  # never acked, not queued
 
 
 def test_claims_count_redeliveries_after_a_release() -> None:
     history = [
         op("enqueue", value="a:0"),
-        op("claim", value="a:0", ended="released", token=5),
-        op("claim", value="a:0", ended="acked", token=9),
+        op("claim", value="a:0", ended="released", token=5, deliveries=1),
+        op("claim", value="a:0", ended="acked", token=9, deliveries=2),
     ]
-    verdict = checkers.check_claims(history, remaining=[])
+    verdict = _claims(history, remaining=[])
     assert verdict.ok
     assert verdict.counts["redeliveries"] == 1
     # Claimed again after the ack, by etcd's order, whatever the clocks say.
-    history.insert(1, op("claim", value="a:0", ended="released", token=12))
-    assert not checkers.check_claims(history, remaining=[]).ok
+    history.insert(1, op("claim", value="a:0", ended="released", token=12, deliveries=3))
+    assert not _claims(history, remaining=[]).ok
+
+
+def test_claims_catch_a_dead_letter_that_also_ended_otherwise() -> None:
+    enqueued = [op("enqueue", value="a:0")]
+    released = [
+        *enqueued,
+        *(op("claim", value="a:0", ended="released", token=t, deliveries=t) for t in (1, 2, 3)),
+    ]
+    assert _claims(released, remaining=[], dead=("a:0",)).ok
+    assert not _claims(released, remaining=["a:0"], dead=("a:0",)).ok  # queued and dead
+    assert not _claims(released, remaining=[], dead=("a:0", "a:0")).ok  # dead twice
+    acked = [*enqueued, op("claim", value="a:0", ended="acked", token=5, deliveries=1)]
+    assert not _claims(acked, remaining=[], dead=("a:0",)).ok  # acked and dead
+    assert not _claims(enqueued, remaining=[], dead=("b:0",)).ok  # never enqueued
+
+
+def test_claims_catch_deliveries_past_the_limit_or_miscounted() -> None:
+    enqueued = [op("enqueue", value="a:0")]
+    four = [
+        *enqueued,
+        *(op("claim", value="a:0", ended="released", token=t, deliveries=t) for t in (1, 2, 3)),
+        op("claim", value="a:0", ended="acked", token=4, deliveries=4),
+    ]
+    assert not _claims(four, remaining=[]).ok  # a fourth delivery, with three allowed
+    same_count = [
+        *enqueued,
+        op("claim", value="a:0", ended="released", token=1, deliveries=1),
+        op("claim", value="a:0", ended="acked", token=2, deliveries=1),
+    ]
+    assert not _claims(same_count, remaining=[]).ok  # the second delivery was not counted
+    crashed_between = [
+        *enqueued,
+        op("claim", value="a:0", ended="released", token=1, deliveries=1),
+        op("claim", value="a:0", ended="acked", token=7, deliveries=3),  # one lost in a crash
+    ]
+    assert _claims(crashed_between, remaining=[]).ok
 
 
 # -- timeouts -----------------------------------------------------------------------
