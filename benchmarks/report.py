@@ -149,7 +149,41 @@ def targets(results: list[dict[str, Any]], baseline: float) -> list[tuple[str, s
         ),
         ("blocked-dequeue wake-up p50 < 3 ms", f"{wake_p50:.2f} ms", wake_p50 < 3),
         conflict_target(results, uncontended),
+        *queue_targets(results),
     ]
+
+
+def queue_targets(results: list[dict[str, Any]]) -> list[tuple[str, str, bool | None]]:
+    """Many consumers and batches: RPCs per item, and the gain of chained takes."""
+    named = {r["name"]: r for r in results}
+    chained = named.get("4 producers x 4 consumers (items/s)")
+    single = named.get("4 producers x 4 consumers, one head per take (items/s)")
+    drain = named.get("8 consumers draining a backlog (items/s)")
+    batch = named.get("dequeue_many, 100 per call")
+    rows: list[tuple[str, str, bool | None]] = []
+    target = "4 producers x 4 consumers: <= 2.5 RPCs per item"
+    if chained is None:
+        rows.append((target, "not measured", None))
+    else:
+        per_item = chained["rpcs_per_op"]
+        rows.append((target, f"{per_item:.2f}", per_item <= 2.5))
+    target = "4 producers x 4 consumers: >= 2x the items/s of one head per take"
+    if chained is None or single is None:
+        rows.append((target, "not measured", None))
+    else:
+        gain = (median(chained["ops_per_s"]) or 0.0) / (median(single["ops_per_s"]) or 1.0)
+        rows.append((target, f"{gain:.2f}x", gain >= 2))
+    target = "8 consumers draining a backlog: <= 1.5 RPCs per item"
+    if drain is None:
+        rows.append((target, "not measured", None))
+    else:
+        rows.append((target, f"{drain['rpcs_per_op']:.2f}", drain["rpcs_per_op"] <= 1.5))
+    target = "dequeue_many(100): <= 3 RPCs per call"
+    if batch is None:
+        rows.append((target, "not measured", None))
+    else:
+        rows.append((target, f"{batch['rpcs_per_op']:.2f}", batch["rpcs_per_op"] <= 3))
+    return rows
 
 
 def conflict_target(

@@ -14,6 +14,7 @@ drift, beside every figure.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import multiprocessing
@@ -34,7 +35,8 @@ from typing import Any
 
 import etcd3
 
-from etcd_patterns import EtcdPatterns
+from etcd_patterns import EtcdPatterns, QueueEmptyError
+from etcd_patterns._queue import CHAIN
 from etcd_patterns.testing import EtcdCluster, RpcCount, find_etcd_binary
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -385,6 +387,8 @@ def locks(bench: Bench, tmp: Path) -> None:
 
 # -- queue ------------------------------------------------------------------------
 
+SINGLE_HEAD = "4 producers x 4 consumers, one head per take (items/s)"
+
 
 def _producer(endpoints: list[str], namespace: str, count: int, start: Any, done: Any) -> None:
     with EtcdPatterns.connect(endpoints, namespace=namespace) as etcd:
@@ -395,12 +399,25 @@ def _producer(endpoints: list[str], namespace: str, count: int, start: Any, done
         done.wait(timeout=600)
 
 
-def _consumer(endpoints: list[str], namespace: str, count: int, start: Any, done: Any) -> None:
+def _consumer(
+    endpoints: list[str], namespace: str, count: int, chain: int, start: Any, done: Any
+) -> None:
     with EtcdPatterns.connect(endpoints, namespace=namespace) as etcd:
+        etcd._queue._chain = chain  # how many heads one take tries
         etcd.enqueue("warm-up", "x")
         start.wait(timeout=120)
         for _ in range(count):
             etcd.dequeue("q", timeout=60)
+        done.wait(timeout=600)
+
+
+def _drainer(endpoints: list[str], namespace: str, start: Any, done: Any) -> None:
+    with EtcdPatterns.connect(endpoints, namespace=namespace) as etcd:
+        etcd.enqueue("warm-up", "x")
+        start.wait(timeout=120)
+        with contextlib.suppress(QueueEmptyError):
+            while True:
+                etcd.dequeue("q", timeout=0)
         done.wait(timeout=600)
 
 
@@ -440,17 +457,35 @@ def queue(bench: Bench) -> None:
     etcd.enqueue_many("c", [str(i) for i in range(bench.n(200) * bench.rounds + 1)])
     bench.timed("queue", "claim and ack", claim_cycle, bench.n(200))
 
-    # 4 producers x 4 consumers, end to end.
-    namespace, per = f"/bench/{uuid.uuid4().hex[:8]}/", bench.n(150)
-    args = (bench.cluster.endpoints, namespace, per)
-    window = run_processes(bench, [(_producer, args)] * 4 + [(_consumer, args)] * 4)
+    # 4 producers x 4 consumers, end to end: consumers whose take tries the
+    # first few heads in one round trip, and, in the same run, consumers
+    # whose take tries the first head alone.
+    for chain, name in ((CHAIN, "4 producers x 4 consumers (items/s)"), (1, SINGLE_HEAD)):
+        rates, per_item = [], []
+        for _ in range(bench.rounds):
+            namespace, per = f"/bench/{uuid.uuid4().hex[:8]}/", bench.n(150)
+            args = (bench.cluster.endpoints, namespace, per)
+            window = run_processes(
+                bench, [(_producer, args)] * 4 + [(_consumer, (*args, chain))] * 4
+            )
+            rates.append(4 * per / window.seconds)
+            per_item.append(window.rpcs / (4 * per))
+        bench.add(Result("queue", name, rates, [], statistics.mean(per_item)))
+
+    # 8 consumers draining a backlog.
+    namespace, backlog = f"/bench/{uuid.uuid4().hex[:8]}/", bench.n(5000)
+    filler = bench.connect(namespace)
+    for start in range(0, backlog, 60):
+        filler.enqueue_many("q", [str(i) for i in range(start, min(start + 60, backlog))])
+    filler.close()
+    window = run_processes(bench, [(_drainer, (bench.cluster.endpoints, namespace))] * 8)
     bench.add(
         Result(
             "queue",
-            "4 producers x 4 consumers (items/s)",
-            [4 * per / window.seconds],
+            "8 consumers draining a backlog (items/s)",
+            [backlog / window.seconds],
             [],
-            window.rpcs / (4 * per),
+            window.rpcs / backlog,
         )
     )
 

@@ -67,6 +67,7 @@ def range_request(
     oldest_first: bool = False,
     newest_first: bool = False,
     max_create_revision: int = 0,
+    revision: int = 0,
 ) -> Any:
     """A `RangeRequest`: one key, or ``[key, range_end)``.
 
@@ -78,6 +79,7 @@ def range_request(
         oldest_first: Sort by create revision, ascending.
         newest_first: Sort by create revision, descending.
         max_create_revision: Only keys created at or before this revision.
+        revision: Read the keyspace as it was at this revision; 0 for now.
     """
     request = etcdrpc.RangeRequest(
         key=key,
@@ -85,6 +87,7 @@ def range_request(
         limit=limit,
         keys_only=keys_only,
         max_create_revision=max_create_revision,
+        revision=revision,
     )
     if oldest_first or newest_first:
         request.sort_target = etcdrpc.RangeRequest.CREATE

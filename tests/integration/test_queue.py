@@ -10,6 +10,7 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from types import FrameType
@@ -270,10 +271,18 @@ def test_every_item_exactly_once_across_processes(
 TXN = "/etcdserverpb.KV/Txn"
 
 
+def _operations(request: Any) -> Iterator[Any]:
+    """A transaction's operations, those of the transactions nested in it included."""
+    for op in [*request.success, *request.failure]:
+        yield op
+        if op.HasField("request_txn"):
+            yield from _operations(op.request_txn)
+
+
 def _takes_an_item(request: Any) -> bool:
     return any(
         op.HasField("request_delete_range") and b"/q/" in op.request_delete_range.key
-        for op in request.success
+        for op in _operations(request)
     )
 
 
@@ -793,8 +802,10 @@ def test_a_consumer_that_keeps_losing_races_gives_up_in_time(
 
     def plan(method: str, request: Any) -> str:
         if method == TXN and _takes_an_item(request) and len(lost) < interfere:
-            key = request.success[0].request_delete_range.key
-            raw.client.put(key, b"touched")
+            for op in _operations(request):  # every item a chained take tries
+                key = op.request_delete_range.key
+                if op.HasField("request_delete_range") and b"/q/" in key:
+                    raw.client.put(key, b"touched")
             lost.append("take")
         return "pass"
 
