@@ -902,6 +902,9 @@ class EtcdPatterns:
             InvalidArgumentError: The two queues are the same, or
                 ``max_items`` < 1.
             NotAValueError: ``dir_key`` holds a value.
+            ConflictError: Consumers of the dead letters kept taking items
+                first for one request's time; the error says how many
+                were moved.
         """
         return self._queue.requeue(dead_letter_dir, dir_key, max_items=max_items)
 

@@ -73,6 +73,7 @@ from . import _ops as ops
 from ._commit import commit
 from ._errors import (
     ClaimLostError,
+    ConflictError,
     EtcdError,
     EtcdPatternsError,
     InvalidArgumentError,
@@ -643,12 +644,19 @@ class Queue:
             OutcomeUnknownError: The take could not be settled; its items
                 are in ``uncertain``.
         """
-        step = self._read_ops(raw, self._prefetch)
-        for candidate in reversed(chain):
+        with self._lock:
+            # Whether taking the chain's last item leaves nothing cached:
+            # then its transaction reads the next heads, too.
+            refill = len(self._candidates.get(raw, ())) < len(chain)
+        read = self._read_ops(raw, self._prefetch)
+        step = read
+        for position, candidate in reversed(list(enumerate(chain))):
+            take = [ops.delete(candidate.key), ops.delete(candidate.record_key)]
+            last = position == len(chain) - 1
             step = [
                 ops.nested(
                     compare=_unchanged_and_unclaimed(candidate, record=False),
-                    success=[ops.delete(candidate.key), ops.delete(candidate.record_key)],
+                    success=take + read if last and refill else take,
                     failure=step,
                 )
             ]
@@ -673,6 +681,10 @@ class Queue:
                 f"{exc}; the items it may have taken are in 'uncertain'",
                 uncertain=[_readable(candidate.value) for candidate in chain],
             ) from exc
+        if refill and index == len(chain) - 1 and committed.responses is not None:
+            heads = self._heads(raw, response.responses[2:], committed.revision, self._prefetch)
+            self._cache(raw, heads.candidates)
+            return chain[index], None
         # The chain's items up to the one taken are gone; those behind it
         # stay cached. Other threads of this instance share the cache.
         gone = {candidate.key for candidate in chain[1 : index + 1]}
@@ -1124,6 +1136,9 @@ class Queue:
             raise InvalidArgumentError("dead_letter_dir and dir_key must be different queues")
         limit = None if max_items is None else check_count(max_items, name="max_items")
         moved = 0
+        # Against consumers of the dead letters that keep taking items
+        # first, the time of one request, as the batch calls have.
+        deadline = Deadline(self._transport.timeout)
         while limit is None or moved < limit:
             wanted = REQUEUE_CHUNK if limit is None else min(REQUEUE_CHUNK, limit - moved)
             heads = self._read(source, wanted, everything=True)
@@ -1154,6 +1169,11 @@ class Queue:
                 moved += len(chosen)
             elif committed.responses is not None and ops.kvs(committed.responses, 0):
                 raise NotAValueError(self._keyspace.decode(target))
+            elif deadline.expired():
+                raise ConflictError(
+                    f"requeue moved {moved} items, then other consumers of "
+                    f"{self._keyspace.decode(source)!r} kept taking its items first"
+                )
             # Otherwise a consumer of the dead letters took one first: read again.
         return moved
 

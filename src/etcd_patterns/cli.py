@@ -4,9 +4,12 @@
     etcd-patterns transform KEY (--set VALUE | --incr N)
     etcd-patterns lock KEY [--ttl S] [--timeout S] -- CMD...
     etcd-patterns try-lock KEY [--ttl S] -- CMD...
-    etcd-patterns enqueue DIR VALUE [--ttl S]
+    etcd-patterns enqueue DIR VALUE [--ttl S] [--priority P]
     etcd-patterns dequeue DIR [--timeout S]
-    etcd-patterns claim DIR [--ttl S] [--timeout S] -- CMD...
+    etcd-patterns claim DIR [--ttl S] [--timeout S] [--max-deliveries N]
+                            [--dead-letter DIR] -- CMD...
+    etcd-patterns stats DIR [--dead-letter DIR] [--json]
+    etcd-patterns peek DIR [-n N] [--json]
     etcd-patterns semaphore NAME LIMIT [--ttl S] [--timeout S] -- CMD...
     etcd-patterns contenders NAME
     etcd-patterns elect NAME VALUE [--ttl S] [--timeout S] [-- CMD...]
@@ -28,6 +31,12 @@ stops confirming it (past the lease's TTL without an answer), CMD is sent
 SIGTERM. ``leader`` prints the leader's value; with ``--watch``, one line
 per change, an empty line while nobody leads.
 
+``claim`` pipes the item's value to CMD's stdin, acks it if CMD succeeds,
+and otherwise releases it, recording CMD's exit status as the item's last
+error. ``stats`` prints one line per figure of `QueueStats`, tab-separated;
+``peek`` one line per item: its key, "pending", "claimed" or "delayed", its
+delivery count and its value.
+
 ``semaphore`` runs CMD holding a permit, with ``ETCD_SEMAPHORE_KEY`` and
 ``ETCD_SEMAPHORE_REV`` set. ``contenders`` prints, oldest first, one line
 per key queued under a name: its create revision (the fencing token), its
@@ -45,6 +54,7 @@ waiting; 2 for bad usage; 1 for any other error.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -54,6 +64,7 @@ import time
 import traceback
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import asdict
 from signal import SIGINT, SIGTERM
 from types import FrameType
 
@@ -77,7 +88,7 @@ class _CommandFailed(Exception):
     """Raised inside a claim so that a failed command releases the item."""
 
     def __init__(self, status: int) -> None:
-        super().__init__(status)
+        super().__init__(f"the command exited with status {status}")
         self.status = status
 
 
@@ -119,6 +130,9 @@ def _add_queue_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     enqueue.add_argument("dir")
     enqueue.add_argument("value")
     enqueue.add_argument("--ttl", type=float, help="the item vanishes after TTL seconds")
+    enqueue.add_argument(
+        "--priority", type=int, default=0, help="-1000 to 1000; lower is served first (default 0)"
+    )
 
     dequeue = commands.add_parser("dequeue", help="take the oldest value of a queue")
     dequeue.add_argument("dir")
@@ -128,7 +142,23 @@ def _add_queue_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     claim.add_argument("dir")
     claim.add_argument("--ttl", type=float, help="lease TTL of the claim in seconds")
     claim.add_argument("--timeout", type=float, help="seconds to wait (default: forever)")
+    claim.add_argument(
+        "--max-deliveries", type=int, help="move an item to the dead letters after N deliveries"
+    )
+    claim.add_argument("--dead-letter", help="the dead-letter queue (default: DIR.dead)")
     claim.usage = "etcd-patterns [options] claim DIR [options] -- CMD [ARGS...]"
+
+    stats = commands.add_parser(
+        "stats", help="how many items are pending, in flight, delayed and dead"
+    )
+    stats.add_argument("dir")
+    stats.add_argument("--dead-letter", help="the dead-letter queue (default: DIR.dead)")
+    stats.add_argument("--json", action="store_true", help="one JSON object")
+
+    peek = commands.add_parser("peek", help="list the next items of a queue, taking none")
+    peek.add_argument("dir")
+    peek.add_argument("-n", type=int, default=10, help="how many (default 10)")
+    peek.add_argument("--json", action="store_true", help="one JSON object per line")
 
 
 def _add_coordination_commands(
@@ -233,7 +263,38 @@ def _contenders(etcd: EtcdPatterns, args: argparse.Namespace) -> int:
 
 
 def _enqueue(etcd: EtcdPatterns, args: argparse.Namespace) -> int:
-    print(etcd.enqueue(args.dir, args.value, ttl=args.ttl))
+    print(etcd.enqueue(args.dir, args.value, ttl=args.ttl, priority=args.priority))
+    return 0
+
+
+def _stats(etcd: EtcdPatterns, args: argparse.Namespace) -> int:
+    stats = etcd.queue_stats(args.dir, dead_letter=args.dead_letter)
+    if args.json:
+        fields = asdict(stats)
+        fields["pending"] = {str(p): n for p, n in stats.pending.items()}
+        fields["total_pending"] = stats.total_pending
+        print(json.dumps(fields, sort_keys=True))
+        return 0
+    by_priority = ", ".join(f"priority {p}: {n}" for p, n in stats.pending.items())
+    age = "-" if stats.oldest_age is None else f"{stats.oldest_age:.1f} s"
+    print(f"pending\t{stats.total_pending}" + (f"\t({by_priority})" if by_priority else ""))
+    print(f"in flight\t{stats.in_flight}")
+    print(f"delayed\t{stats.delayed}")
+    print(f"oldest\t{age}")
+    print(f"dead letters\t{stats.dead_letters}")
+    return 0
+
+
+def _peek(etcd: EtcdPatterns, args: argparse.Namespace) -> int:
+    for item in etcd.peek(args.dir, args.n):
+        if args.json:
+            fields = asdict(item)
+            fields["value_bytes"] = item.value_bytes.hex()
+            print(json.dumps(fields, sort_keys=True))
+            continue
+        state = "claimed" if item.claimed else "delayed" if item.retry_at else "pending"
+        value = item.value if item.value is not None else repr(item.value_bytes)
+        print(f"{item.key}\t{state}\t{item.delivery_count}\t{value}")
     return 0
 
 
@@ -244,7 +305,13 @@ def _dequeue(etcd: EtcdPatterns, args: argparse.Namespace) -> int:
 
 def _claim(etcd: EtcdPatterns, args: argparse.Namespace) -> int:
     try:
-        with etcd.claim(args.dir, ttl=args.ttl, timeout=args.timeout) as item:
+        with etcd.claim(
+            args.dir,
+            ttl=args.ttl,
+            timeout=args.timeout,
+            max_deliveries=args.max_deliveries,
+            dead_letter=args.dead_letter,
+        ) as item:
             status = subprocess.run(args.cmd, input=item.value, text=True, check=False)
             if status.returncode:
                 raise _CommandFailed(status.returncode)
@@ -393,6 +460,8 @@ _HANDLERS = {
     "enqueue": _enqueue,
     "dequeue": _dequeue,
     "claim": _claim,
+    "stats": _stats,
+    "peek": _peek,
     "semaphore": _semaphore,
     "contenders": _contenders,
     "elect": _elect,

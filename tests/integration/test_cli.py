@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -92,6 +93,40 @@ def test_claim_acks_on_success_and_releases_on_failure(
     assert done.returncode == 0
     assert done.stdout == "payload"
     assert patterns.get_values("q") == []
+
+
+def test_priorities_stats_and_peek(etcd: Etcd, namespace: str, patterns: EtcdPatterns) -> None:
+    cli(etcd, namespace, "enqueue", "q", "later")
+    urgent = cli(etcd, namespace, "enqueue", "q", "urgent", "--priority", "-5").stdout.strip()
+    assert cli(etcd, namespace, "peek", "q", "-n", "1").stdout == f"{urgent}\tpending\t0\turgent\n"
+    shown = [
+        json.loads(line) for line in cli(etcd, namespace, "peek", "q", "--json").stdout.split()
+    ]
+    assert [(item["value"], item["priority"]) for item in shown] == [("urgent", -5), ("later", 0)]
+    stats = json.loads(cli(etcd, namespace, "stats", "q", "--json").stdout)
+    assert (stats["pending"], stats["total_pending"], stats["in_flight"]) == (
+        {"-5": 1, "0": 1},
+        2,
+        0,
+    )
+    assert (stats["delayed"], stats["dead_letters"]) == (0, 0)
+    text = cli(etcd, namespace, "stats", "q").stdout
+    assert "pending\t2\t(priority -5: 1, priority 0: 1)\n" in text
+    assert "dead letters\t0\n" in text
+    assert patterns.dequeue("q", timeout=0) == "urgent"
+
+
+def test_a_claim_whose_command_fails_too_often_is_a_dead_letter(
+    etcd: Etcd, namespace: str, patterns: EtcdPatterns
+) -> None:
+    patterns.enqueue("q", "payload")
+    fail = [sys.executable, "-c", "raise SystemExit(3)"]
+    failed = cli(etcd, namespace, "claim", "q", "--max-deliveries", "1", "--", *fail)
+    assert failed.returncode == 3
+    assert patterns.get_values("q") == []
+    (dead,) = patterns.peek("q.dead")
+    assert (dead.value, dead.delivery_count) == ("payload", 1)
+    assert dead.last_error == "_CommandFailed: the command exited with status 3"
 
 
 @pytest.mark.parametrize(
