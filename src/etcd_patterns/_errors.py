@@ -305,18 +305,20 @@ class OutcomeUnknownError(EtcdPatternsError):
     Attributes:
         taken: For `EtcdPatterns.dequeue_many`: values taken for certain
             before the write whose outcome is unknown. They are the
-            caller's now, and no longer in the queue.
+            caller's now, and no longer in the queue. `bytes` with
+            ``decode=False``.
         uncertain: For `EtcdPatterns.dequeue` and `dequeue_many`: the values
             the unsettled write may have taken. Each is either still queued
             (and will be delivered) or was taken and delivered to nobody.
+            `bytes` with ``decode=False``.
     """
 
     def __init__(
         self,
         message: str,
         *,
-        taken: Sequence[str] = (),
-        uncertain: Sequence[str] = (),
+        taken: Sequence[str | bytes] = (),
+        uncertain: Sequence[str | bytes] = (),
     ) -> None:
         super().__init__(message)
         self.taken = list(taken)

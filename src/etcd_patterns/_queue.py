@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import secrets
 import threading
@@ -192,11 +193,23 @@ class _Record:
             return cls(
                 deliveries=deliveries if isinstance(deliveries, int) else 0,
                 error=_str_or_none(fields.get("error")),
-                retry_at=float(retry_at) if isinstance(retry_at, (int, float)) else None,
+                retry_at=_due_time(retry_at),
                 reason=_str_or_none(fields.get("reason")),
             )
         except (ValueError, AttributeError):
             return cls()
+
+
+def _due_time(value: object) -> float | None:
+    """A record's ``retry_at``, trusted only as far as a release could have set it.
+
+    No release delays an item past `MAX_REDELIVERY_DELAY`: a later time
+    comes from a clock far ahead of this one, or from another tool, and
+    must not hide the item for long. It counts as that far away at most.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return min(float(value), time.time() + MAX_REDELIVERY_DELAY)
 
 
 def _str_or_none(value: object) -> str | None:
@@ -311,10 +324,8 @@ class QueueStats:
 
 def redelivery_delay(first: float, deliveries: int) -> float:
     """The delay before the next delivery of an item released after ``deliveries``."""
-    if first == 0:
-        return 0.0
     doubled = first * 2.0 ** min(max(deliveries - 1, 0), 64)
-    return max(first, min(doubled, MAX_REDELIVERY_DELAY))
+    return min(doubled, MAX_REDELIVERY_DELAY)
 
 
 @dataclass(frozen=True)
@@ -587,6 +598,10 @@ class Queue:
         delay = check_timeout(redelivery_delay, name="redelivery_delay")
         if delay is None:
             raise InvalidTypeError("redelivery_delay must be a number of seconds, not None")
+        if delay > MAX_REDELIVERY_DELAY:
+            raise InvalidArgumentError(
+                f"redelivery_delay must be at most {MAX_REDELIVERY_DELAY} s, not {delay}"
+            )
         return _Policy(dead, decode, limit, delay)
 
     def dequeue(
@@ -604,7 +619,13 @@ class Queue:
         deadline, tidy = Deadline(wait_for), self._tidy_until(wait_for)
         for candidate in self._candidates_until(raw, deadline, policy, tidy):
             chain = [candidate, *self._chain_behind(raw, policy)]
-            taken, fresh = self._take_first(chain, raw)
+            try:
+                taken, fresh = self._take_first(chain, raw, policy)
+            except BaseException:
+                # Candidates behind one whose take failed must not be
+                # served before it: read afresh next time.
+                self._forget_candidates(raw)
+                raise
             if taken is not None:
                 return self._deliver(taken, policy)
             assert fresh is not None  # nothing taken: the heads read instead
@@ -626,7 +647,7 @@ class Queue:
         return behind
 
     def _take_first(
-        self, chain: list[_Candidate], raw: bytes
+        self, chain: list[_Candidate], raw: bytes, policy: _Policy
     ) -> tuple[_Candidate | None, _Heads | None]:
         """Delete the first of these items still there and unclaimed, exactly once.
 
@@ -666,7 +687,10 @@ class Queue:
             )
             assert committed.succeeded  # no compare of the caller's own
             if committed.responses is None:
-                index = self._which_was_taken(chain, committed.revision)
+                found = self._which_was_taken(chain, committed.revision)
+                if found is None:  # every item was gone: nothing taken
+                    return None, _Heads([], committed.revision, None, complete=False)
+                index = found
             else:
                 response, index = committed.responses[0].response_txn, 0
                 while not response.succeeded:
@@ -679,7 +703,7 @@ class Queue:
         except OutcomeUnknownError as exc:
             raise OutcomeUnknownError(
                 f"{exc}; the items it may have taken are in 'uncertain'",
-                uncertain=[_readable(candidate.value) for candidate in chain],
+                uncertain=[self._deliver(candidate, policy) for candidate in chain],
             ) from exc
         if refill and index == len(chain) - 1 and committed.responses is not None:
             heads = self._heads(raw, response.responses[2:], committed.revision, self._prefetch)
@@ -695,11 +719,13 @@ class Queue:
                     self._candidates[raw] = deque(c for c in cached if c.key not in gone)
         return chain[index], None
 
-    def _which_was_taken(self, chain: list[_Candidate], revision: int) -> int:
+    def _which_was_taken(self, chain: list[_Candidate], revision: int) -> int | None:
         """Which item of a chained take applied at ``revision``, from etcd's history.
 
         Only that transaction wrote at that revision: its item is the first
         of the chain that existed, as read, just before it, and not at it.
+        None if there is none: every item was gone, and the transaction
+        took nothing.
 
         Raises:
             OutcomeUnknownError: The history is compacted away.
@@ -727,9 +753,7 @@ class Queue:
             after = ops.kvs(response.responses, len(chain) + index)
             if any(kv.mod_revision == candidate.mod_revision for kv in before) and not after:
                 return index
-        raise OutcomeUnknownError(
-            f"a take applied at revision {revision}, but none of its items left the queue then"
-        )
+        return None
 
     def _deliver(self, candidate: _Candidate, policy: _Policy) -> str | bytes:
         return candidate.decoded(self._keyspace) if policy.decode else candidate.value
@@ -774,6 +798,7 @@ class Queue:
         self,
         chosen: list[_Candidate],
         raw: bytes,
+        policy: _Policy,
         *,
         refill: int,
         taken: Sequence[str | bytes] = (),
@@ -810,8 +835,8 @@ class Queue:
         except OutcomeUnknownError as exc:
             raise OutcomeUnknownError(
                 f"{exc}; the items it may have taken are in 'uncertain'",
-                taken=[_readable(v) if isinstance(v, bytes) else v for v in taken],
-                uncertain=[_readable(candidate.value) for candidate in chosen],
+                taken=taken,
+                uncertain=[self._deliver(candidate, policy) for candidate in chosen],
             ) from exc
         if committed.succeeded:
             return None
@@ -846,8 +871,12 @@ class Queue:
                 heads = self._wait_for_heads(raw, max(wanted, self._prefetch), deadline)
             try:
                 heads, missed = self._take_batch(raw, heads, policy, wanted, taken, tidy=tidy)
-            except OutcomeUnknownError:
-                raise  # it carries what is taken, and what may be
+            except OutcomeUnknownError as exc:
+                if exc.taken or not taken:
+                    raise  # it carries what is taken, and what may be
+                # Moving an item aside went unsettled: what is taken is
+                # the caller's all the same.
+                raise OutcomeUnknownError(str(exc), taken=taken, uncertain=exc.uncertain) from exc
             except EtcdPatternsError:
                 if not taken:
                     raise
@@ -888,7 +917,7 @@ class Queue:
         """
         batch = heads.candidates[: min(wanted - len(taken), CHUNK)]
         chosen = [c for c in batch if self._deliverable(c, policy, tidy)]
-        fresh = self._take(chosen, raw, refill=wanted - len(taken), taken=taken)
+        fresh = self._take(chosen, raw, policy, refill=wanted - len(taken), taken=taken)
         if fresh is not None:
             return fresh, True
         taken += [self._deliver(c, policy) for c in chosen]
@@ -971,6 +1000,7 @@ class Queue:
             except LeaseNotFoundError:
                 continue  # the item's own lease expired: it is gone
             except BaseException as exc:
+                self._forget_candidates(raw)  # as in dequeue
                 # Unsettled, or settled and then interrupted: a claim that
                 # may exist must not outlive this call, or the item would
                 # stay invisible for as long as the process lives.
@@ -1116,6 +1146,8 @@ class Queue:
                 failure=[],
             )
         except LeaseNotFoundError:
+            if holder is not None:
+                raise  # the releaser withdraws its claim
             return False  # the item's own lease expired: it is gone
         if committed.succeeded:
             log.info(
@@ -1167,6 +1199,7 @@ class Queue:
             )
             if committed.succeeded:
                 moved += len(chosen)
+                deadline = Deadline(self._transport.timeout)
             elif committed.responses is not None and ops.kvs(committed.responses, 0):
                 raise NotAValueError(self._keyspace.decode(target))
             elif deadline.expired():
@@ -1375,15 +1408,14 @@ class Queue:
         With ``everything``, items held back by a redelivery delay count as
         available too.
         """
-        limit = wanted
-        while True:
-            responses, revision = self._read_raw(raw, limit)
-            heads = self._heads(raw, responses, revision, wanted, everything=everything)
-            # Deeper keys, claimed and delayed items count against the
-            # limit: read further only if they hid every item.
-            if heads.candidates or heads.complete:
-                return heads
-            limit *= 2
+        responses, revision = self._read_raw(raw, wanted)
+        heads = self._heads(raw, responses, revision, wanted, everything=everything)
+        # Deeper keys, claimed and delayed items count against the limit:
+        # if they hid every item, read all of it once.
+        if heads.candidates or heads.complete:
+            return heads
+        responses, revision = self._read_raw(raw, 0)
+        return self._heads(raw, responses, revision, wanted, everything=everything)
 
     def _claimed(self, raw: bytes, responses: Sequence[Any]) -> set[bytes]:
         claims = self._claims_prefix(raw)
@@ -1479,10 +1511,6 @@ def _decodes(value: bytes) -> bool:
     except UnicodeDecodeError:
         return False
     return True
-
-
-def _readable(value: bytes) -> str:
-    return value.decode("utf-8", errors="replace")
 
 
 def _unchanged_and_unclaimed(candidate: _Candidate, *, record: bool = True) -> list[Any]:

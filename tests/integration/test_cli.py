@@ -100,7 +100,7 @@ def test_priorities_stats_and_peek(etcd: Etcd, namespace: str, patterns: EtcdPat
     urgent = cli(etcd, namespace, "enqueue", "q", "urgent", "--priority", "-5").stdout.strip()
     assert cli(etcd, namespace, "peek", "q", "-n", "1").stdout == f"{urgent}\tpending\t0\turgent\n"
     shown = [
-        json.loads(line) for line in cli(etcd, namespace, "peek", "q", "--json").stdout.split()
+        json.loads(line) for line in cli(etcd, namespace, "peek", "q", "--json").stdout.splitlines()
     ]
     assert [(item["value"], item["priority"]) for item in shown] == [("urgent", -5), ("later", 0)]
     stats = json.loads(cli(etcd, namespace, "stats", "q", "--json").stdout)

@@ -15,10 +15,12 @@ from etcd_patterns import (
     EtcdPatterns,
     InvalidArgumentError,
     InvalidTypeError,
+    OutcomeUnknownError,
     QueueEmptyError,
     QueueStats,
 )
 from etcd_patterns._queue import (
+    CHUNK,
     ERROR_CHARS,
     MAX_REDELIVERY_DELAY,
     REDELIVERY_DELAY,
@@ -27,7 +29,15 @@ from etcd_patterns._queue import (
     redelivery_delay,
 )
 from etcd_patterns.testing import EtcdCluster, ExternalEtcd
-from tests.helpers import SCHEDULING_GRACE, Raw, freed_within, holder_to_kill, run_together
+from tests.helpers import (
+    SCHEDULING_GRACE,
+    FaultInjector,
+    Raw,
+    client_with_faults,
+    freed_within,
+    holder_to_kill,
+    run_together,
+)
 
 Etcd = EtcdCluster | ExternalEtcd
 
@@ -64,8 +74,11 @@ def test_an_urgent_item_is_served_before_a_backlog_at_the_next_read(
 ) -> None:
     patterns.enqueue_many("q", [f"backlog-{i}" for i in range(100)])
     with EtcdPatterns.connect(etcd.endpoints, namespace=namespace, prefetch=1) as consumer:
+        # Each take reads the next head in its own transaction: that read
+        # came before the urgent item, which waits behind it alone.
         assert consumer.dequeue("q", timeout=0) == "backlog-0"
         patterns.enqueue("q", "urgent", priority=-1)
+        assert consumer.dequeue("q", timeout=0) == "backlog-1"
         assert consumer.dequeue("q", timeout=0) == "urgent"
 
 
@@ -165,7 +178,21 @@ def test_redelivery_delays_double_up_to_the_maximum() -> None:
     assert [redelivery_delay(REDELIVERY_DELAY, n) for n in (1, 2, 3, 4)] == [1.0, 2.0, 4.0, 8.0]
     assert redelivery_delay(REDELIVERY_DELAY, 50) == MAX_REDELIVERY_DELAY
     assert redelivery_delay(0, 5) == 0
-    assert redelivery_delay(120.0, 3) == 120.0  # a first delay past the cap is kept
+    assert redelivery_delay(MAX_REDELIVERY_DELAY, 3) == MAX_REDELIVERY_DELAY
+
+
+def test_a_delay_from_a_clock_far_ahead_hides_an_item_no_longer_than_the_maximum(
+    patterns: EtcdPatterns, raw: Raw
+) -> None:
+    key = patterns.enqueue("q", "x")
+    item_id = key.rpartition("/")[2]
+    records = raw.key(".etcd-patterns/deliveries/") + raw.key("q").hex().encode() + b"/"
+    raw.client.put(records + item_id.encode(), b'{"deliveries": 1, "retry_at": 1e300}')
+    (shown,) = patterns.peek("q")
+    assert shown.retry_at is not None
+    assert shown.retry_at <= time.time() + MAX_REDELIVERY_DELAY
+    raw.client.put(records + item_id.encode(), b'{"deliveries": 1, "retry_at": "soon"}')
+    assert patterns.dequeue("q", timeout=0) == "x"  # a record it cannot read delays nothing
 
 
 def test_a_failing_item_does_not_starve_the_others(patterns: EtcdPatterns) -> None:
@@ -346,6 +373,7 @@ def test_peek_lists_without_taking(etcd: Etcd, patterns: EtcdPatterns, raw: Raw)
         (lambda etcd: etcd.claim("q", dead_letter=""), InvalidArgumentError),
         (lambda etcd: etcd.claim("q", redelivery_delay=-1), InvalidArgumentError),
         (lambda etcd: etcd.claim("q", redelivery_delay=None), InvalidTypeError),
+        (lambda etcd: etcd.claim("q", redelivery_delay=61), InvalidArgumentError),
         (lambda etcd: etcd.claim("q", decode="yes"), InvalidTypeError),
         (lambda etcd: etcd.dequeue("q", dead_letter="q"), InvalidArgumentError),
         (lambda etcd: etcd.dequeue_many("q", 5, decode=1), InvalidTypeError),
@@ -370,3 +398,95 @@ def test_a_claimed_item_released_with_a_non_error_is_refused(patterns: EtcdPatte
     patterns.enqueue("q", "x")
     with patterns.claim("q") as item, pytest.raises(InvalidTypeError):
         item.release(42)  # type: ignore[arg-type]
+
+
+# -- faults -------------------------------------------------------------------------------
+
+TXN = "/etcdserverpb.KV/Txn"
+
+
+def _buries(request: Any) -> bool:
+    return any(
+        op.HasField("request_put") and b"/q.dead/" in op.request_put.key for op in request.success
+    )
+
+
+def _resolves(request: Any) -> bool:
+    """Whether a Txn is the exactly-once commit's resolution: it nests one in its failure."""
+    return any(op.HasField("request_txn") for op in request.failure)
+
+
+def test_dequeue_many_hands_over_what_it_took_when_moving_an_item_aside_is_unsettled(
+    etcd: Etcd, namespace: str, patterns: EtcdPatterns, raw: Raw
+) -> None:
+    injected: list[str] = []
+
+    def plan(method: str, request: Any) -> str:
+        if method != TXN:
+            return "pass"
+        if not injected and _buries(request):
+            injected.append("bury")
+            return "lose-response"
+        if injected and _resolves(request):
+            return "hold"  # and etcd stays away while the library settles it
+        return "pass"
+
+    values = [f"{i:03d}" for i in range(CHUNK)]
+    patterns.enqueue_many("q", values)
+    raw.put("q/9999-poison", b"\xff")  # behind the first chunk
+    client = client_with_faults(etcd.endpoints, FaultInjector(plan))
+    with (
+        EtcdPatterns(client, namespace=namespace, timeout=1) as faulty,
+        pytest.raises(OutcomeUnknownError) as caught,
+    ):
+        faulty.dequeue_many("q", CHUNK + 1)
+    client.close()
+    assert injected == ["bury"]
+    assert caught.value.taken == values  # taken, and the caller's
+    assert raw.count("q/") == 0
+    assert raw.value("q.dead/9999-poison") == b"\xff"
+
+
+def test_a_chained_take_that_took_nothing_is_no_unknown_outcome(
+    etcd: Etcd, namespace: str, patterns: EtcdPatterns, raw: Raw
+) -> None:
+    injected: list[str] = []
+    chained = threading.Event()
+
+    def plan(method: str, request: Any) -> str:
+        if method != TXN:
+            return "pass"
+        nests = any(op.HasField("request_txn") for op in request.success)
+        if chained.is_set() and not injected and nests:
+            injected.append("take")
+            return "lose-response"
+        return "pass"
+
+    keys = patterns.enqueue_many("q", ["a", "b", "c"])
+    client = client_with_faults(etcd.endpoints, FaultInjector(plan))
+    with EtcdPatterns(client, namespace=namespace) as faulty:
+        assert faulty.dequeue("q", timeout=0) == "a"  # "b" and "c" stay cached
+        for key in keys[1:]:
+            raw.client.delete(raw.key(key))  # other consumers take them
+        patterns.enqueue("q", "d")
+        chained.set()
+        # The take of "b" or "c" applies and takes nothing; its answer is
+        # lost. The commit finds it applied; etcd's history says it took
+        # nothing, so the consumer reads again.
+        assert faulty.dequeue("q", timeout=5) == "d"
+    client.close()
+    assert injected == ["take"]
+
+
+def test_a_last_release_of_an_expired_item_leaves_no_claim(
+    patterns: EtcdPatterns, raw: Raw
+) -> None:
+    ttl = 2
+    patterns.enqueue("q", "short-lived", ttl=ttl)
+    with patterns.claim("q", max_deliveries=1) as item:
+        # Sleeping to let the item's own lease expire, and etcd delete it.
+        time.sleep(freed_within(ttl))
+        assert raw.count("q/") == 0
+        item.release("too late")
+    assert raw.count(".etcd-patterns/claims/") == 0
+    assert raw.count("q.dead/") == 0
