@@ -69,6 +69,12 @@ WHY_MISSED = {
         "at the median with the code of commit 023b02b and 3.1 to 3.3 ms with this code: "
         "about 0.3 ms lost to work per handoff that has not been traced yet."
     ),
+    "4 producers x 4 consumers: >= 2x the items/s of one head per take": (
+        "chained takes cut the RPCs per item by almost half (the RPCs/op column), but "
+        "the four producers, four consumers and etcd share the machine's cores, and "
+        "the rate they reach varies from run to run: two runs on a 2-core machine "
+        "measured 1.66x and 2.01x."
+    ),
     "8 contenders: handoffs/s >= python-etcd3": (
         "python-etcd3's Lock is not first come, first served: the process that releases "
         "usually takes the lock straight back (see its fairness row), so most of its "
