@@ -279,3 +279,8 @@ def holder_to_kill(target: Callable[..., object], *args: object) -> Iterator[Cal
     finally:
         process.kill()
         process.join()
+
+
+def resolves(request: Any) -> bool:
+    """Whether a Txn is the exactly-once commit's resolution: it nests one in its failure."""
+    return any(op.HasField("request_txn") for op in request.failure)

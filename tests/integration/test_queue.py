@@ -38,6 +38,7 @@ from tests.helpers import (
     Raw,
     client_with_faults,
     freed_within,
+    resolves,
     wait_until,
 )
 
@@ -564,11 +565,6 @@ def test_lost_answers_in_claim_and_ack(
     client.close()
 
 
-def _resolves(request: Any) -> bool:
-    """Whether a Txn is the exactly-once commit's resolution: it nests one in its failure."""
-    return any(op.HasField("request_txn") for op in request.failure)
-
-
 def _interrupt(_request: Any) -> None:
     raise KeyboardInterrupt
 
@@ -590,7 +586,7 @@ def test_an_ack_that_cannot_be_settled_lets_the_item_go(
         if not injected and _acks(request):
             injected.append("ack")
             return "hold"
-        if injected and away.is_set() and _resolves(request):
+        if injected and away.is_set() and resolves(request):
             injected.append("resolution")
             return "hold"
         return "pass"
@@ -651,7 +647,7 @@ def test_dequeue_many_reports_a_take_it_could_not_settle(
             takes.append("take")
             if len(takes) == 2:
                 return "lose-response"  # etcd applies the second take; its answer is lost
-        if len(takes) >= 2 and _resolves(request):
+        if len(takes) >= 2 and resolves(request):
             return "hold"  # and etcd stays away while the library tries to settle it
         return "pass"
 
@@ -849,7 +845,7 @@ def test_cleaning_up_a_failed_claim_never_deletes_a_later_claim_on_the_item(
     away.set()
 
     def plan(method: str, request: Any) -> str:
-        if method == TXN and away.is_set() and (_claims(request) or _resolves(request)):
+        if method == TXN and away.is_set() and (_claims(request) or resolves(request)):
             return "hold"
         return "pass"
 

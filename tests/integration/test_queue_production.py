@@ -36,6 +36,7 @@ from tests.helpers import (
     client_with_faults,
     freed_within,
     holder_to_kill,
+    resolves,
     run_together,
 )
 
@@ -411,11 +412,6 @@ def _buries(request: Any) -> bool:
     )
 
 
-def _resolves(request: Any) -> bool:
-    """Whether a Txn is the exactly-once commit's resolution: it nests one in its failure."""
-    return any(op.HasField("request_txn") for op in request.failure)
-
-
 def test_dequeue_many_hands_over_what_it_took_when_moving_an_item_aside_is_unsettled(
     etcd: Etcd, namespace: str, patterns: EtcdPatterns, raw: Raw
 ) -> None:
@@ -427,7 +423,7 @@ def test_dequeue_many_hands_over_what_it_took_when_moving_an_item_aside_is_unset
         if not injected and _buries(request):
             injected.append("bury")
             return "lose-response"
-        if injected and _resolves(request):
+        if injected and resolves(request):
             return "hold"  # and etcd stays away while the library settles it
         return "pass"
 
