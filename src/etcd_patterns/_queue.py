@@ -71,7 +71,7 @@ from etcd3 import etcdrpc
 from etcd3.etcdrpc import kv_pb2
 
 from . import _ops as ops
-from ._commit import commit
+from ._commit import Committed, commit
 from ._errors import (
     ClaimLostError,
     ConflictError,
@@ -643,6 +643,9 @@ class Queue:
             for candidate in list(self._candidates.get(raw, ()))[: self._chain - 1]:
                 if policy.decode and not _decodes(candidate.value):
                     break
+                limit = policy.max_deliveries
+                if limit is not None and candidate.record.deliveries >= limit:
+                    break
                 behind.append(candidate)
         return behind
 
@@ -670,20 +673,22 @@ class Queue:
             # then its transaction reads the next heads, too.
             refill = len(self._candidates.get(raw, ())) < len(chain)
         read = self._read_ops(raw, self._prefetch)
-        step = read
-        for position, candidate in reversed(list(enumerate(chain))):
-            take = [ops.delete(candidate.key), ops.delete(candidate.record_key)]
-            last = position == len(chain) - 1
-            step = [
-                ops.nested(
-                    compare=_unchanged_and_unclaimed(candidate, record=False),
-                    success=take + read if last and refill else take,
-                    failure=step,
-                )
-            ]
+        levels = [
+            (
+                _unchanged_and_unclaimed(candidate, record=False),
+                [ops.delete(candidate.key), ops.delete(candidate.record_key)],
+            )
+            for candidate in chain
+        ]
+        if refill:
+            levels[-1][1].extend(read)
         try:
             committed = commit(
-                self._transport, self._sessions.get, compare=[], success=step, failure=[]
+                self._transport,
+                self._sessions.get,
+                compare=[],
+                success=_nest(levels, read),
+                failure=[],
             )
             assert committed.succeeded  # no compare of the caller's own
             if committed.responses is None:
@@ -692,14 +697,11 @@ class Queue:
                     return None, _Heads([], committed.revision, None, complete=False)
                 index = found
             else:
-                response, index = committed.responses[0].response_txn, 0
-                while not response.succeeded:
-                    if index == len(chain) - 1:
-                        heads = self._heads(
-                            raw, response.responses, committed.revision, self._prefetch
-                        )
-                        return None, heads
-                    response, index = response.responses[0].response_txn, index + 1
+                level, response = _which_level(committed.responses, len(chain))
+                if level is None:
+                    heads = self._heads(raw, response.responses, committed.revision, self._prefetch)
+                    return None, heads
+                index = level
         except OutcomeUnknownError as exc:
             raise OutcomeUnknownError(
                 f"{exc}; the items it may have taken are in 'uncertain'",
@@ -709,15 +711,21 @@ class Queue:
             heads = self._heads(raw, response.responses[2:], committed.revision, self._prefetch)
             self._cache(raw, heads.candidates)
             return chain[index], None
-        # The chain's items up to the one taken are gone; those behind it
-        # stay cached. Other threads of this instance share the cache.
-        gone = {candidate.key for candidate in chain[1 : index + 1]}
-        if gone:
+        self._drop_cached(raw, chain[1 : index + 1])
+        return chain[index], None
+
+    def _drop_cached(self, raw: bytes, gone: list[_Candidate]) -> None:
+        """Forget cached candidates that a chain found gone, or took.
+
+        Those behind them stay cached. Other threads of this instance share
+        the cache, so they are removed by key, not by position.
+        """
+        keys = {candidate.key for candidate in gone}
+        if keys:
             with self._lock:
                 cached = self._candidates.get(raw)
                 if cached:
-                    self._candidates[raw] = deque(c for c in cached if c.key not in gone)
-        return chain[index], None
+                    self._candidates[raw] = deque(c for c in cached if c.key not in keys)
 
     def _which_was_taken(self, chain: list[_Candidate], revision: int) -> int | None:
         """Which item of a chained take applied at ``revision``, from etcd's history.
@@ -969,59 +977,97 @@ class Queue:
         tidy: Deadline,
     ) -> ClaimedItem:
         for candidate in self._candidates_until(raw, deadline, policy, tidy):
-            deliveries = candidate.record.deliveries
-            # The claim's name is the item's, so that claims exclude one
+            chain = [candidate, *self._chain_behind(raw, policy)]
+            # A claim's name is its item's, so that claims exclude one
             # another; its value is this attempt's alone, so that cleaning
             # up after a failed attempt can never delete a later claim.
-            mine = Orphan(candidate.claim, value=secrets.token_hex(8).encode())
-            counted = replace(candidate.record, deliveries=deliveries + 1, retry_at=None)
+            token = secrets.token_hex(8).encode()
+            mine = [Orphan(c.claim, value=token) for c in chain]
+            counted = [
+                replace(c.record, deliveries=c.record.deliveries + 1, retry_at=None) for c in chain
+            ]
 
-            def put_claim(
+            def claims(
                 session: Session,
-                mine: Orphan = mine,
-                candidate: _Candidate = candidate,
-                counted: _Record = counted,
+                chain: list[_Candidate] = chain,
+                token: bytes = token,
+                counted: list[_Record] = counted,
             ) -> list[Any]:
-                # The claim lives on the lease of the session that commits it.
-                assert mine.value is not None
-                return [
-                    ops.put(mine.key, mine.value, lease=session.lease_id),
-                    ops.put(candidate.record_key, counted.encode(), lease=candidate.lease),
+                # Each claim lives on the lease of the session that commits it.
+                levels = [
+                    (
+                        _unchanged_and_unclaimed(c),
+                        [
+                            ops.put(c.claim, token, lease=session.lease_id),
+                            ops.put(c.record_key, record.encode(), lease=c.lease),
+                        ],
+                    )
+                    for c, record in zip(chain, counted, strict=True)
                 ]
+                return _nest(levels, self._read_ops(raw, self._prefetch))
 
             try:
                 committed = commit(
                     self._transport,
                     lambda: self._sessions.get(lease_ttl),
-                    compare=_unchanged_and_unclaimed(candidate),
-                    success=put_claim,
+                    compare=[],
+                    success=claims,
                     failure=[],
                 )
+                index = self._which_claimed(raw, chain, token, committed)
             except LeaseNotFoundError:
-                continue  # the item's own lease expired: it is gone
+                self._forget_candidates(raw)
+                continue  # the claimed item's own lease expired: it is gone
             except BaseException as exc:
                 self._forget_candidates(raw)  # as in dequeue
                 # Unsettled, or settled and then interrupted: a claim that
-                # may exist must not outlive this call, or the item would
+                # may exist must not outlive this call, or its item would
                 # stay invisible for as long as the process lives.
-                if isinstance(exc, EtcdPatternsError):
-                    self._sessions.abandon(lease_ttl, mine)
-                else:
-                    self._sessions.withdraw(lease_ttl, mine)
+                for orphan in mine:
+                    if isinstance(exc, EtcdPatternsError):
+                        self._sessions.abandon(lease_ttl, orphan)
+                    else:
+                        self._sessions.withdraw(lease_ttl, orphan)
                 raise
-            if committed.succeeded:
+            if index is not None:
                 return ClaimedItem(
                     queue=self,
                     candidate=replace(
-                        candidate,
-                        record_mod=committed.revision,
-                        record=counted,
+                        chain[index], record_mod=committed.revision, record=counted[index]
                     ),
                     policy=policy,
                     fencing_token=committed.revision,
                     session=committed.session,
                 )
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _which_claimed(
+        self, raw: bytes, chain: list[_Candidate], token: bytes, committed: Committed
+    ) -> int | None:
+        """Which item of a chained claim the committed transaction claimed; None for none.
+
+        When nothing was claimed, the fresh heads that the innermost
+        transaction read replace the cache. After a lost answer, the claims
+        themselves tell: only this attempt's claim holds its token.
+        """
+        assert committed.succeeded  # no compare of the caller's own
+        if committed.responses is not None:
+            index, response = _which_level(committed.responses, len(chain))
+            if index is None:
+                heads = self._heads(raw, response.responses, committed.revision, self._prefetch)
+                self._cache(raw, heads.candidates)
+            else:
+                self._drop_cached(raw, chain[1 : index + 1])
+            return index
+        self._forget_candidates(raw)
+        response = self._transport.txn(
+            ops.txn(compare=[], success=[ops.get(c.claim) for c in chain], failure=[]),
+            write=False,
+        )
+        for index in range(len(chain)):
+            if any(kv.value == token for kv in ops.kvs(response.responses, index)):
+                return index
+        return None
 
     def _ack(self, item: ClaimedItem) -> None:
         """Delete a claimed item, its claim and its record, if the claim is still ours."""
@@ -1499,6 +1545,34 @@ def _outrun(name: str) -> QueueEmptyError:
         f"queue {name!r}: other consumers took every item first until the timeout "
         "(or every item left was undeliverable)"
     )
+
+
+def _nest(levels: Sequence[tuple[list[Any], list[Any]]], innermost: list[Any]) -> list[Any]:
+    """One transaction per level, each trying the next in its failure branch.
+
+    Args:
+        levels: The compares and success operations of each level, first
+            tried first.
+        innermost: The operations of the last level's failure branch.
+    """
+    step = innermost
+    for compare, success in reversed(levels):
+        step = [ops.nested(compare=compare, success=success, failure=step)]
+    return step
+
+
+def _which_level(responses: Sequence[Any], levels: int) -> tuple[int | None, Any]:
+    """Which level of `_nest`'s transactions applied its success branch, and its response.
+
+    None, and the innermost transaction's response, if none did.
+    """
+    response = responses[0].response_txn
+    for index in range(levels):
+        if response.succeeded:
+            return index, response
+        if index < levels - 1:
+            response = response.responses[0].response_txn
+    return None, response
 
 
 def _too_many(deliveries: int, policy: _Policy) -> str:

@@ -523,7 +523,8 @@ def test_cost_in_round_trips(etcd: Etcd, patterns: EtcdPatterns) -> None:
 
 def _claims(request: Any) -> bool:
     return any(
-        op.HasField("request_put") and b"/claims/" in op.request_put.key for op in request.success
+        op.HasField("request_put") and b"/claims/" in op.request_put.key
+        for op in _operations(request)
     )
 
 

@@ -486,3 +486,24 @@ def test_a_last_release_of_an_expired_item_leaves_no_claim(
         item.release("too late")
     assert raw.count(".etcd-patterns/claims/") == 0
     assert raw.count("q.dead/") == 0
+
+
+# -- many consumers -----------------------------------------------------------------------
+
+
+def test_a_consumer_that_loses_the_head_takes_the_next_in_the_same_round_trip(
+    etcd: Etcd, patterns: EtcdPatterns, other: EtcdPatterns
+) -> None:
+    patterns.enqueue_many("q", [str(i) for i in range(10)])
+    assert patterns.dequeue("q", timeout=0) == "0"  # caches the heads behind it
+    assert other.dequeue("q", timeout=0) == "1"  # takes this consumer's next head
+    with etcd.count_rpcs() as rpcs:
+        assert patterns.dequeue("q", timeout=0) == "2"
+    assert rpcs.kv == 1
+    with patterns.claim("q") as item:  # claims chain the same way
+        assert item.value == "3"
+    with other.claim("q") as taken:
+        assert taken.value == "4"
+        with etcd.count_rpcs() as rpcs, patterns.claim("q") as item:
+            assert (item.value, item.delivery_count) == ("5", 1)
+        assert rpcs.requests["etcdserverpb.KV/Txn"] == 2  # the claim, and its ack
