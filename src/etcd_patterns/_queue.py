@@ -46,10 +46,13 @@ another consumer may already have the item. The delivery counts.
 
 Cost: `enqueue` is one round trip. `dequeue` reads a batch of candidate
 heads (one round trip) and then takes one per call (one round trip each).
-A take that loses a race reads the fresh heads in its own transaction, so
-the loser tries the next head without another read. `dequeue_many(n)`
-reads n heads, then takes them 60 per transaction. A claim, an ack and a
-release are one round trip each.
+A take, or a claim, tries the first six candidates in order in one
+transaction, nesting one per item, so a consumer that loses the race for
+the head takes the next in the same round trip; if all six are gone, the
+innermost transaction reads the fresh heads, and a take that empties the
+cache reads the next ones. `dequeue_many(n)` reads n heads, then takes
+them 60 per transaction. A claim, an ack and a release are one round trip
+each.
 """
 
 from __future__ import annotations
