@@ -112,6 +112,9 @@ PREFETCH = 16
 # success and failure (a take needs two compares and two deletes per item,
 # and the commit's bookkeeping one more of each).
 CHUNK = 60
+# How far past the head a consumer looks for an item that is neither claimed
+# nor delayed, when the first read found none.
+FAR = 1024
 # How many items one chained take tries, in order, in one round trip.
 CHAIN = 6
 # Items per transaction when moving dead letters back: four compares and
@@ -1263,7 +1266,7 @@ class Queue:
         """See `EtcdPatterns.peek`."""
         raw = self._keyspace.encode(dir_key, name="dir_key")
         count = check_count(n, name="n")
-        responses, _ = self._read_raw(raw, count)
+        responses, _ = self._read_raw(raw, count)  # claims and records sort as items do
         claimed = self._claimed(raw, responses)
         records = self._records(raw, responses)
         start = raw + b"/"
@@ -1422,14 +1425,21 @@ class Queue:
         return self._keyspace.internal("deliveries", raw.hex()) + b"/"
 
     def _read_ops(self, raw: bytes, limit: int) -> list[Any]:
-        """The ranges that show a queue's first ``limit`` items, its claims and its records."""
+        """The ranges that show a queue's first ``limit`` items, with their claims and records.
+
+        Claims and records are named after their items, so they sort as the
+        items do: the first ``limit`` of each cover the items read, and a
+        read costs the same however many items are in flight or delayed
+        behind them. (`_heads` sets aside an item whose claim or record
+        might lie past a range cut short.)
+        """
         start, end = children_range(raw)
         claims = self._claims_prefix(raw)
         records = self._records_prefix(raw)
         return [
             ops.get(start, end, limit=limit),
-            ops.get(claims, prefix_end(claims), keys_only=True),
-            ops.get(records, prefix_end(records)),
+            ops.get(claims, prefix_end(claims), keys_only=True, limit=limit),
+            ops.get(records, prefix_end(records), limit=limit),
         ]
 
     def _read_raw(self, raw: bytes, limit: int) -> tuple[Sequence[Any], int]:
@@ -1460,10 +1470,10 @@ class Queue:
         responses, revision = self._read_raw(raw, wanted)
         heads = self._heads(raw, responses, revision, wanted, everything=everything)
         # Deeper keys, claimed and delayed items count against the limit:
-        # if they hid every item, read all of it once.
-        if heads.candidates or heads.complete:
+        # if they hid every item, look further once.
+        if heads.candidates or heads.complete or wanted >= FAR:
             return heads
-        responses, revision = self._read_raw(raw, 0)
+        responses, revision = self._read_raw(raw, FAR)
         return self._heads(raw, responses, revision, wanted, everything=everything)
 
     def _claimed(self, raw: bytes, responses: Sequence[Any]) -> set[bytes]:
@@ -1493,11 +1503,24 @@ class Queue:
         claimed = self._claimed(raw, responses)
         records = self._records(raw, responses)
         claims, record_keys = self._claims_prefix(raw), self._records_prefix(raw)
+        # Past the last claim or record of a range cut short, an item's
+        # claim or record is unknown: such items are set aside.
+        known_to = min(
+            (
+                ops.kvs(responses, index)[-1].key[len(prefix) :]
+                for index, prefix in ((1, claims), (2, record_keys))
+                if responses[index].response_range.more
+            ),
+            default=None,
+        )
         now = time.time()
         retry_at: float | None = None
         candidates: list[_Candidate] = []
         for kv in found:
             item_id = kv.key[len(start) :]
+            if known_to is not None and item_id > known_to:
+                complete = False
+                break
             if not is_direct_child(raw, kv.key) or item_id in claimed:
                 continue
             record_mod, record = records.get(item_id, (0, _Record()))

@@ -23,6 +23,7 @@ from etcd_patterns._queue import (
     CHUNK,
     ERROR_CHARS,
     MAX_REDELIVERY_DELAY,
+    PREFETCH,
     REDELIVERY_DELAY,
     REQUEUE_CHUNK,
     parse_id,
@@ -507,3 +508,62 @@ def test_a_consumer_that_loses_the_head_takes_the_next_in_the_same_round_trip(
         with etcd.count_rpcs() as rpcs, patterns.claim("q") as item:
             assert (item.value, item.delivery_count) == ("5", 1)
         assert rpcs.requests["etcdserverpb.KV/Txn"] == 2  # the claim, and its ack
+
+
+def test_a_read_costs_the_same_however_many_items_are_delayed_behind_it(
+    etcd: Etcd, namespace: str, patterns: EtcdPatterns, raw: Raw
+) -> None:
+    delayed = 40
+    patterns.enqueue_many("q", [f"failing-{i}" for i in range(delayed)])
+    patterns.enqueue("q", "good")
+    for _ in range(delayed):
+        with patterns.claim("q", redelivery_delay=MAX_REDELIVERY_DELAY) as item:
+            item.release("downstream is down")
+    # Orphan records, first in key order, as another tool could leave them.
+    records = raw.key(".etcd-patterns/deliveries/") + raw.key("q").hex().encode() + b"/"
+    for i in range(20):
+        raw.client.put(records + f"0000-{i:020d}-00000000".encode(), b'{"deliveries": 9}')
+    with EtcdPatterns.connect(etcd.endpoints, namespace=namespace) as consumer:
+        with etcd.count_rpcs() as rpcs:
+            assert consumer.dequeue("q", timeout=0) == "good"
+        # A read of 16 heads, all delayed, then one further look, and the take.
+        assert rpcs.kv == 3
+    assert patterns.queue_stats("q").delayed == delayed
+
+
+def _returned_kvs(response: Any) -> int:
+    """How many key-values a transaction's response carries, nested ones included."""
+    total = 0
+    for op in response.responses:
+        if op.HasField("response_range"):
+            total += len(op.response_range.kvs)
+        elif op.HasField("response_txn"):
+            total += _returned_kvs(op.response_txn)
+    return total
+
+
+def test_a_read_returns_no_more_records_than_items_however_many_are_delayed(
+    etcd: Etcd, namespace: str, patterns: EtcdPatterns
+) -> None:
+    delayed = 40
+    patterns.enqueue_many("q", [f"failing-{i}" for i in range(delayed)])
+    for _ in range(delayed):
+        with patterns.claim("q", redelivery_delay=MAX_REDELIVERY_DELAY) as item:
+            item.release("downstream is down")
+    patterns.enqueue("q", "urgent", priority=-1)
+    with EtcdPatterns.connect(etcd.endpoints, namespace=namespace) as consumer:
+        transport = consumer._transport
+        sent = transport.txn
+        returned: list[int] = []
+
+        def txn(*args: Any, **kwargs: Any) -> Any:
+            response = sent(*args, **kwargs)
+            returned.append(_returned_kvs(response))
+            return response
+
+        transport.txn = txn  # type: ignore[method-assign]
+        assert consumer.dequeue("q", timeout=0) == "urgent"
+    # The read: 16 items and the records of the 15 delayed ones among them,
+    # not of all 40; then the take, and the next 16 heads with their records.
+    assert returned[0] <= 2 * PREFETCH
+    assert sum(returned) <= 4 * PREFETCH
