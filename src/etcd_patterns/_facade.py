@@ -713,6 +713,9 @@ class EtcdPatterns:
     ) -> list[str]:
         """Append several values, in order, at one priority: one transaction per 60 values.
 
+        Large values go fewer to a transaction: each carries at most half of
+        etcd's request limit (``max_request_bytes``).
+
         Each transaction is exactly once, but the call is not atomic: if a
         later one fails, the earlier ones stay enqueued, and the error's
         note (``__notes__``) says which values were.

@@ -87,6 +87,7 @@ from ._errors import (
     OutcomeUnknownError,
     QueueEmptyError,
     ValueDecodeError,
+    ValueTooLargeError,
 )
 from ._fence import Fence
 from ._keys import (
@@ -520,11 +521,19 @@ class Queue:
         if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
             raise InvalidTypeError(f"{_name} must be a list of str, not {type(values).__name__}")
         encoded = [encode_value(value, name="value") for value in values]
+        limit = self._transport.max_request_bytes
+        for index, value in enumerate(encoded):
+            # Refused before anything is written, rather than after the
+            # values before it.
+            if len(value) + 2 * (len(raw) + 64) > limit:
+                raise ValueTooLargeError(
+                    f"value {index} has {len(value)} bytes; etcd takes requests of at most "
+                    f"{limit} bytes (max_request_bytes); nothing was enqueued"
+                )
         lease_ttl = None if ttl is None else check_ttl(ttl)
         level = check_priority(priority)
         keys: list[str] = []
-        for start in range(0, len(encoded), CHUNK):
-            chunk = encoded[start : start + CHUNK]
+        for chunk in self._by_size(raw, encoded, CHUNK):
             try:
                 lease = 0 if lease_ttl is None else self._transport.lease_grant(lease_ttl).ID
                 items = self._enqueue_chunk(raw, chunk, lease, level)
@@ -567,6 +576,31 @@ class Queue:
             f"queue {self._keyspace.decode(raw)!r}: {_KEY_TRIES} sets of generated keys were "
             "all taken already; this chunk was not enqueued (earlier chunks were)"
         )
+
+    def _by_size(self, raw: bytes, values: list[bytes], most: int) -> list[list[bytes]]:
+        """``values`` in order, cut into runs that one transaction can carry.
+
+        A run has at most ``most`` values, and its values and keys fit in
+        half of etcd's request limit, leaving room for the rest of the
+        transaction. A value too large for any request has a run of its own,
+        which the transport refuses before sending anything.
+        """
+        budget = self._transport.max_request_bytes // 2
+        # A key, and its compare: the queue's name, an id, and framing.
+        per_item = 2 * (len(raw) + 64)
+        runs: list[list[bytes]] = []
+        run: list[bytes] = []
+        size = 0
+        for value in values:
+            cost = len(value) + per_item
+            if run and (len(run) == most or size + cost > budget):
+                runs.append(run)
+                run, size = [], 0
+            run.append(value)
+            size += cost
+        if run:
+            runs.append(run)
+        return runs
 
     def _new_id(self, priority: int = 0) -> bytes:
         # The priority, then nanoseconds, kept strictly increasing within
@@ -1229,6 +1263,9 @@ class Queue:
             chosen = heads.candidates[:wanted]
             if not chosen:
                 return moved
+            # As many as one request carries: the first alone, if need be.
+            values = [candidate.value for candidate in chosen]
+            chosen = chosen[: len(self._by_size(target, values, wanted)[0])]
             target_records = self._records_prefix(target)
             compare = [c for candidate in chosen for c in _unchanged_and_unclaimed(candidate)]
             compare += [ops.compare_version(target, "==", 0)]

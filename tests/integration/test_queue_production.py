@@ -18,6 +18,7 @@ from etcd_patterns import (
     OutcomeUnknownError,
     QueueEmptyError,
     QueueStats,
+    ValueTooLargeError,
 )
 from etcd_patterns._queue import (
     CHUNK,
@@ -567,3 +568,29 @@ def test_a_read_returns_no_more_records_than_items_however_many_are_delayed(
     # not of all 40; then the take, and the next 16 heads with their records.
     assert returned[0] <= 2 * PREFETCH
     assert sum(returned) <= 4 * PREFETCH
+
+
+# -- large values ---------------------------------------------------------------------------
+
+
+def test_large_values_go_fewer_to_a_transaction(
+    etcd: Etcd, patterns: EtcdPatterns, raw: Raw
+) -> None:
+    big = ["x" * 400_000 + str(i) for i in range(4)]  # two would pass half the limit
+    with etcd.count_rpcs() as rpcs:
+        patterns.enqueue_many("q", big)
+    assert rpcs.requests["etcdserverpb.KV/Txn"] == len(big)
+    for _ in big:
+        with patterns.claim("q", max_deliveries=1, redelivery_delay=0) as item:
+            item.release("to the dead letters")
+    assert patterns.requeue("q.dead", "q") == len(big)
+    assert patterns.dequeue_many("q", 10) == big
+
+
+def test_a_value_too_large_for_any_request_is_refused_before_anything_is_written(
+    patterns: EtcdPatterns, raw: Raw
+) -> None:
+    before = raw.snapshot()
+    with pytest.raises(ValueTooLargeError, match="value 1 has"):
+        patterns.enqueue_many("q", ["small", "y" * 2_000_000])
+    assert raw.snapshot() == before
