@@ -135,6 +135,9 @@ ERROR_CHARS = 1000
 # How many sets of fresh item keys an enqueue draws before giving up: a
 # collision needs another writer to pick the same nanosecond and random tag.
 _KEY_TRIES = 3
+# Room a one-item transaction needs besides its value and keys: the
+# transport's own margin, the commit's slot and the framing.
+_MARGIN = 1024
 _ID = re.compile(rb"(\d{4})-(\d{20})-[0-9a-f]{8}")
 
 _PUT = kv_pb2.Event.PUT
@@ -525,7 +528,7 @@ class Queue:
         for index, value in enumerate(encoded):
             # Refused before anything is written, rather than after the
             # values before it.
-            if len(value) + 2 * (len(raw) + 64) > limit:
+            if len(value) + _MARGIN + 3 * (len(raw) + 64) > limit:
                 raise ValueTooLargeError(
                     f"value {index} has {len(value)} bytes; etcd takes requests of at most "
                     f"{limit} bytes (max_request_bytes); nothing was enqueued"
@@ -533,7 +536,7 @@ class Queue:
         lease_ttl = None if ttl is None else check_ttl(ttl)
         level = check_priority(priority)
         keys: list[str] = []
-        for chunk in self._by_size(raw, encoded, CHUNK):
+        for chunk in self._by_size(raw, encoded, CHUNK, keys_per_item=2):
             try:
                 lease = 0 if lease_ttl is None else self._transport.lease_grant(lease_ttl).ID
                 items = self._enqueue_chunk(raw, chunk, lease, level)
@@ -577,7 +580,9 @@ class Queue:
             "all taken already; this chunk was not enqueued (earlier chunks were)"
         )
 
-    def _by_size(self, raw: bytes, values: list[bytes], most: int) -> list[list[bytes]]:
+    def _by_size(
+        self, raw: bytes, values: list[bytes], most: int, *, keys_per_item: int
+    ) -> list[list[bytes]]:
         """``values`` in order, cut into runs that one transaction can carry.
 
         A run has at most ``most`` values, and its values and keys fit in
@@ -586,8 +591,8 @@ class Queue:
         which the transport refuses before sending anything.
         """
         budget = self._transport.max_request_bytes // 2
-        # A key, and its compare: the queue's name, an id, and framing.
-        per_item = 2 * (len(raw) + 64)
+        # Each key at most as long as an item's delivery record's, and framing.
+        per_item = keys_per_item * (len(self._records_prefix(raw)) + 48)
         runs: list[list[bytes]] = []
         run: list[bytes] = []
         size = 0
@@ -1063,11 +1068,18 @@ class Queue:
                 # Unsettled, or settled and then interrupted: a claim that
                 # may exist must not outlive this call, or its item would
                 # stay invisible for as long as the process lives.
-                for orphan in mine:
-                    if isinstance(exc, EtcdPatternsError):
+                if isinstance(exc, EtcdPatternsError):
+                    for orphan in mine:
                         self._sessions.abandon(lease_ttl, orphan)
-                    else:
-                        self._sessions.withdraw(lease_ttl, orphan)
+                    raise
+                # Interrupted: all to the janitor first, so that a second
+                # interrupt leaves none behind; then delete them now, while
+                # etcd answers (the janitor keeps the one that fails).
+                for orphan in mine[1:]:
+                    self._sessions.abandon(lease_ttl, orphan)
+                for orphan in mine:
+                    if not self._sessions.withdraw(lease_ttl, orphan):
+                        break
                 raise
             if index is not None:
                 return ClaimedItem(
@@ -1100,10 +1112,16 @@ class Queue:
                 self._drop_cached(raw, chain[1 : index + 1])
             return index
         self._forget_candidates(raw)
-        response = self._transport.txn(
-            ops.txn(compare=[], success=[ops.get(c.claim) for c in chain], failure=[]),
-            write=False,
-        )
+        try:
+            response = self._transport.txn(
+                ops.txn(compare=[], success=[ops.get(c.claim) for c in chain], failure=[]),
+                write=False,
+            )
+        except EtcdPatternsError as exc:
+            raise OutcomeUnknownError(
+                f"a claim applied at revision {committed.revision}; which item it claimed "
+                f"is unknown: {exc}"
+            ) from exc
         for index in range(len(chain)):
             if any(kv.value == token for kv in ops.kvs(response.responses, index)):
                 return index
@@ -1265,7 +1283,8 @@ class Queue:
                 return moved
             # As many as one request carries: the first alone, if need be.
             values = [candidate.value for candidate in chosen]
-            chosen = chosen[: len(self._by_size(target, values, wanted)[0])]
+            # Each moved item names nine keys: compared, deleted or put.
+            chosen = chosen[: len(self._by_size(target, values, wanted, keys_per_item=9)[0])]
             target_records = self._records_prefix(target)
             compare = [c for candidate in chosen for c in _unchanged_and_unclaimed(candidate)]
             compare += [ops.compare_version(target, "==", 0)]
@@ -1303,7 +1322,8 @@ class Queue:
         """See `EtcdPatterns.peek`."""
         raw = self._keyspace.encode(dir_key, name="dir_key")
         count = check_count(n, name="n")
-        responses, _ = self._read_raw(raw, count)  # claims and records sort as items do
+        # Every claim and record: those of later items may lie past any limit.
+        responses, _ = self._read_raw(raw, count, sides=0)
         claimed = self._claimed(raw, responses)
         records = self._records(raw, responses)
         start = raw + b"/"
@@ -1461,25 +1481,33 @@ class Queue:
     def _records_prefix(self, raw: bytes) -> bytes:
         return self._keyspace.internal("deliveries", raw.hex()) + b"/"
 
-    def _read_ops(self, raw: bytes, limit: int) -> list[Any]:
+    def _read_ops(
+        self, raw: bytes, limit: int, *, head: bytes = b"", sides: int | None = None
+    ) -> list[Any]:
         """The ranges that show a queue's first ``limit`` items, with their claims and records.
 
         Claims and records are named after their items, so they sort as the
         items do: the first ``limit`` of each cover the items read, and a
         read costs the same however many items are in flight or delayed
         behind them. (`_heads` sets aside an item whose claim or record
-        might lie past a range cut short.)
+        might lie past a range cut short.) With ``head``, an item id, every
+        range starts there: claims and records left before the first item
+        (by another tool's deletes) then take no room. ``sides`` limits the
+        claims and records ranges otherwise; 0 reads them whole.
         """
+        side_limit = limit if sides is None else sides
         start, end = children_range(raw)
         claims = self._claims_prefix(raw)
         records = self._records_prefix(raw)
         return [
-            ops.get(start, end, limit=limit),
-            ops.get(claims, prefix_end(claims), keys_only=True, limit=limit),
-            ops.get(records, prefix_end(records), limit=limit),
+            ops.get(start + head, end, limit=limit),
+            ops.get(claims + head, prefix_end(claims), keys_only=True, limit=side_limit),
+            ops.get(records + head, prefix_end(records), limit=side_limit),
         ]
 
-    def _read_raw(self, raw: bytes, limit: int) -> tuple[Sequence[Any], int]:
+    def _read_raw(
+        self, raw: bytes, limit: int, *, head: bytes = b"", sides: int | None = None
+    ) -> tuple[Sequence[Any], int]:
         """The responses of `_read_ops`, and their revision.
 
         Raises:
@@ -1489,7 +1517,7 @@ class Queue:
             ops.txn(
                 compare=[ops.compare_version(raw, ">", 0)],
                 success=[ops.get(raw, keys_only=True)],
-                failure=self._read_ops(raw, limit),
+                failure=self._read_ops(raw, limit, head=head, sides=sides),
             ),
             write=False,
         )
@@ -1508,9 +1536,11 @@ class Queue:
         heads = self._heads(raw, responses, revision, wanted, everything=everything)
         # Deeper keys, claimed and delayed items count against the limit:
         # if they hid every item, look further once.
-        if heads.candidates or heads.complete or wanted >= FAR:
+        found = ops.kvs(responses, 0)
+        if heads.candidates or heads.complete or wanted >= FAR or not found:
             return heads
-        responses, revision = self._read_raw(raw, FAR)
+        head = found[0].key[len(raw) + 1 :]
+        responses, revision = self._read_raw(raw, FAR, head=head)
         return self._heads(raw, responses, revision, wanted, everything=everything)
 
     def _claimed(self, raw: bytes, responses: Sequence[Any]) -> set[bytes]:

@@ -386,14 +386,17 @@ class Sessions:
         if session is not None:
             session.abandon(orphan)
 
-    def withdraw(self, ttl: int | None, orphan: Orphan) -> None:
+    def withdraw(self, ttl: int | None, orphan: Orphan) -> bool:
         """Have the session for ``ttl`` delete a key now; see `Session.withdraw`.
 
         Never creates a session, for the same reason as `abandon`.
+
+        Returns:
+            Whether etcd confirmed that the key is gone; True if there is no
+            session, whose lease could carry it.
         """
         session = self._current(ttl)
-        if session is not None:
-            session.withdraw(orphan)
+        return True if session is None else session.withdraw(orphan)
 
     def _current(self, ttl: int | None) -> Session | None:
         with self._lock:

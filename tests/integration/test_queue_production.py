@@ -23,6 +23,7 @@ from etcd_patterns import (
 from etcd_patterns._queue import (
     CHUNK,
     ERROR_CHARS,
+    FAR,
     MAX_REDELIVERY_DELAY,
     PREFETCH,
     REDELIVERY_DELAY,
@@ -593,4 +594,34 @@ def test_a_value_too_large_for_any_request_is_refused_before_anything_is_written
     before = raw.snapshot()
     with pytest.raises(ValueTooLargeError, match="value 1 has"):
         patterns.enqueue_many("q", ["small", "y" * 2_000_000])
+    assert raw.snapshot() == before
+
+
+def test_records_left_before_the_head_by_another_tool_hide_nothing(
+    patterns: EtcdPatterns, raw: Raw
+) -> None:
+    # Delivery records whose items another tool deleted, more of them than
+    # a consumer's furthest look, all sorting before the only item.
+    records = raw.key(".etcd-patterns/deliveries/") + raw.key("q").hex().encode() + b"/"
+    orphans = [records + f"0000-{i:020d}-00000000".encode() for i in range(FAR + 100)]
+    for start in range(0, len(orphans), 100):
+        raw.client.transaction(
+            compare=[],
+            success=[
+                raw.client.transactions.put(key, b'{"deliveries": 1}')
+                for key in orphans[start : start + 100]
+            ],
+            failure=[],
+        )
+    patterns.enqueue("q", "x")
+    assert patterns.dequeue("q", timeout=0) == "x"
+
+
+def test_a_value_just_under_the_limit_is_refused_before_anything_is_written(
+    patterns: EtcdPatterns, raw: Raw
+) -> None:
+    limit = patterns._transport.max_request_bytes
+    before = raw.snapshot()
+    with pytest.raises(ValueTooLargeError, match="nothing was enqueued"):
+        patterns.enqueue_many("q", ["small", "z" * (limit - 600)])
     assert raw.snapshot() == before
