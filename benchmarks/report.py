@@ -70,10 +70,12 @@ WHY_MISSED = {
         "about 0.3 ms lost to work per handoff that has not been traced yet."
     ),
     "4 producers x 4 consumers: >= 2x the items/s of one head per take": (
-        "chained takes cut the RPCs per item by almost half (the RPCs/op column), but "
-        "the four producers, four consumers and etcd share the machine's cores, and "
-        "the rate they reach varies from run to run: two runs on a 2-core machine "
-        "measured 1.66x and 2.01x."
+        "the rate is bound by how many transactions etcd applies per second, and "
+        "chained takes cut the transactions per item from 3.6-4.0 to 2.2 (the RPCs/op "
+        "column): a gain of about 1.7-1.8x at most, more or less as the run's noise "
+        "goes. Four runs on a 2-core machine measured 1.66x, 2.01x, 1.79x and 1.47x. "
+        "Cheaper transactions (an enqueue without the exactly-once commit's bookkeeping "
+        "key) would raise both rates."
     ),
     "8 contenders: handoffs/s >= python-etcd3": (
         "python-etcd3's Lock is not first come, first served: the process that releases "
