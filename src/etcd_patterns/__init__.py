@@ -35,6 +35,8 @@ from ._errors import (
     LockLostError,
     LockReentryError,
     LockTimeoutError,
+    MemberExistsError,
+    MembershipLostError,
     NotALockError,
     NotAnElectionError,
     NotAValueError,
@@ -46,11 +48,14 @@ from ._errors import (
     SemaphoreTimeoutError,
     ValueDecodeError,
     ValueTooLargeError,
+    WatchTimeoutError,
 )
 from ._facade import EtcdPatterns
 from ._fence import Fence
 from ._kv import TryTransformResult
 from ._lock import HeldLock, Locked, TryLocked, TryLockResult
+from ._members import Joined, Member
+from ._partition import Partition, Partitioned
 from ._queue import PRIORITY_MAX, PRIORITY_MIN, Claim, ClaimedItem, QueuedItem, QueueStats
 from ._rwlock import HeldRWLock, RWLocked
 from ._semaphore import Permit, Semaphored
@@ -84,6 +89,7 @@ __all__ = [
     "HeldRWLock",
     "InvalidArgumentError",
     "InvalidTypeError",
+    "Joined",
     "KeyNotFoundError",
     "LeaderInfo",
     "Leadership",
@@ -93,10 +99,15 @@ __all__ = [
     "LockReentryError",
     "LockTimeoutError",
     "Locked",
+    "Member",
+    "MemberExistsError",
+    "MembershipLostError",
     "NotALockError",
     "NotAValueError",
     "NotAnElectionError",
     "OutcomeUnknownError",
+    "Partition",
+    "Partitioned",
     "PermissionDeniedError",
     "Permit",
     "QueueEmptyError",
@@ -112,5 +123,6 @@ __all__ = [
     "TryTransformResult",
     "ValueDecodeError",
     "ValueTooLargeError",
+    "WatchTimeoutError",
     "__version__",
 ]

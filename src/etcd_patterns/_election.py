@@ -68,7 +68,7 @@ from ._keys import Keyspace, children_range, encode_value
 from ._retry import Deadline, check_timeout
 from ._session import Session, Sessions, check_ttl
 from ._transport import Transport
-from ._wait import Watch, wait
+from ._wait import Watch, changes
 
 
 class LeaderInfo(NamedTuple):
@@ -256,39 +256,27 @@ class Elections:
     def _observe(self, raw: bytes, timeout: float | None) -> Iterator[LeaderInfo | None]:
         start, end = children_range(raw)
 
-        def read() -> Winner:
-            return self._contenders.winner(raw)
+        def watch(state: Winner) -> Watch:
+            if state.kv is None:
+                # Nobody leads: the first candidate to arrive will.
+                create = etcdrpc.WatchCreateRequest(
+                    key=start, range_end=end, filters=[etcdrpc.WatchCreateRequest.NODELETE]
+                )
+            else:
+                # Only the leader's key: its value may change, or it may go.
+                create = etcdrpc.WatchCreateRequest(key=state.kv.key)
+            return Watch([create], lambda event: True)
 
-        state = read()
-        seen = self._info(state.kv)
-        yield seen
-        while True:
-
-            def watch(state: Winner, seen: LeaderInfo | None = seen) -> Watch | None:
-                if self._info(state.kv) != seen:
-                    return None
-                if state.kv is None:
-                    # Nobody leads: the first candidate to arrive will.
-                    create = etcdrpc.WatchCreateRequest(
-                        key=start, range_end=end, filters=[etcdrpc.WatchCreateRequest.NODELETE]
-                    )
-                else:
-                    # Only the leader's key: its value may change, or it may go.
-                    create = etcdrpc.WatchCreateRequest(key=state.kv.key)
-                return Watch([create], lambda event: True)
-
-            state = wait(
-                self._transport,
-                state,
-                read=read,
-                watch=watch,
-                deadline=Deadline(timeout),
-                timeout_error=lambda: ElectionTimeoutError(
-                    f"no change of leader of {self._keyspace.decode(raw)!r} in time"
-                ),
-            )
-            seen = self._info(state.kv)
-            yield seen
+        return changes(
+            self._transport,
+            lambda: self._contenders.winner(raw),
+            view=lambda state: self._info(state.kv),
+            watch=watch,
+            timeout=timeout,
+            timeout_error=lambda: ElectionTimeoutError(
+                f"no change of leader of {self._keyspace.decode(raw)!r} in time"
+            ),
+        )
 
     def _lead(self, raw: bytes, won: Won, proposal: bytes) -> Leadership:
         return Leadership(

@@ -28,6 +28,9 @@ and every wait that runs out of time raises a `TimeoutError`::
     ├── BarrierFullError                       a double barrier's round is full
     ├── QueueEmptyError (TimeoutError)         no item arrived within the timeout
     ├── ClaimLostError                         a claimed item's claim expired
+    ├── MemberExistsError (ValueError)         a group has a member of that id already
+    ├── MembershipLostError                    a member's key is gone from its group
+    ├── WatchTimeoutError (TimeoutError)       no change within the timeout
     ├── EtcdUnavailableError                   etcd did not answer in time; nothing changed
     ├── OutcomeUnknownError                    a write may or may not have applied
     ├── PermissionDeniedError                  authentication or role check failed
@@ -67,6 +70,8 @@ __all__ = [
     "LockLostError",
     "LockReentryError",
     "LockTimeoutError",
+    "MemberExistsError",
+    "MembershipLostError",
     "NotALockError",
     "NotAValueError",
     "NotAnElectionError",
@@ -78,6 +83,7 @@ __all__ = [
     "SemaphoreTimeoutError",
     "ValueDecodeError",
     "ValueTooLargeError",
+    "WatchTimeoutError",
     "forked",
     "translate",
 ]
@@ -283,6 +289,23 @@ class ClaimLostError(EtcdPatternsError):
     The item was not removed: it is available to other consumers again, or
     already processed by one of them.
     """
+
+
+class MemberExistsError(EtcdPatternsError, ValueError):
+    """The group already has a member of this id; nothing was written."""
+
+
+class MembershipLostError(EtcdPatternsError):
+    """A member's key is gone from its group: its session lease expired or was revoked.
+
+    Raised by `Member.update` and by writes guarded by the member (which
+    then wrote nothing), and on leaving the block of `EtcdPatterns.member`
+    if the membership was lost in it.
+    """
+
+
+class WatchTimeoutError(EtcdPatternsError, TimeoutError):
+    """A watched value, or a group's membership, did not change within the timeout."""
 
 
 class EtcdUnavailableError(EtcdPatternsError):

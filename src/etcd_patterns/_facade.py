@@ -13,7 +13,7 @@ from __future__ import annotations
 import atexit
 import logging
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from types import TracebackType
 from typing import Any, Literal, TypeVar, overload
 
@@ -27,12 +27,15 @@ from ._fence import Fence
 from ._keys import Keyspace
 from ._kv import KeyValue, Transform, TryTransformResult
 from ._lock import Locked, Locks, TryLocked, TryLockResult
+from ._members import Groups, Joined
+from ._partition import Partitioned
 from ._queue import PREFETCH, REDELIVERY_DELAY, Claim, Queue, QueuedItem, QueueStats
 from ._retry import check_count, check_timeout
 from ._rwlock import READ, WRITE, RWLocked, RWLocks
 from ._semaphore import Semaphored, Semaphores
 from ._session import Sessions, check_ttl
 from ._transport import DEFAULT_MAX_REQUEST_BYTES, Transport
+from ._watch import Watcher
 
 T = TypeVar("T")
 
@@ -138,6 +141,8 @@ class EtcdPatterns:
         self._rwlocks = RWLocks(self._transport, self._keyspace, self._sessions)
         self._double_barriers = DoubleBarriers(self._transport, self._keyspace, self._sessions)
         self._queue = Queue(self._transport, self._keyspace, self._sessions, prefetch=prefetch)
+        self._groups = Groups(self._transport, self._keyspace, self._sessions)
+        self._watcher = Watcher(self._transport, self._keyspace, self._kv)
         _open_instances.add(self)
 
     @classmethod
@@ -276,6 +281,32 @@ class EtcdPatterns:
             ClosedError: The instance is closed.
         """
         return self._kv.get_values(key)
+
+    def watch_values(
+        self, key: str | bytes, *, timeout: float | None = None
+    ) -> Generator[list[str], None, None]:
+        """`get_values` now, then again after every change of the key or of its direct children.
+
+        ``for values in etcd.watch_values("config"): apply(values)``
+
+        Changes in between may coalesce, but the latest state is always
+        yielded, and every state yielded is one that etcd held. It goes on
+        across failover and compaction, reading again when its watch breaks.
+        It holds no thread: it runs while you iterate, and stops when the
+        iterator is closed. Cost: one read and one watch stream to begin,
+        then one read per change.
+
+        Args:
+            key: The key, or directory, without the namespace.
+            timeout: How long to wait for each next change; None waits
+                forever.
+
+        Raises:
+            WatchTimeoutError: No change within ``timeout`` (a
+                `TimeoutError`), raised by the iterator.
+            ValueDecodeError: A stored value is not UTF-8.
+        """
+        return self._watcher.watch_values(key, timeout=timeout)
 
     def try_transform(
         self,
@@ -668,6 +699,82 @@ class EtcdPatterns:
             NotAnElectionError: Data without a lease lies under ``name/``.
         """
         return self._elections.observe(name, timeout=timeout)
+
+    # -- membership ----------------------------------------------------------
+
+    def member(
+        self,
+        group: str | bytes,
+        member_id: str | bytes,
+        value: str | bytes = "",
+        *,
+        ttl: float | None = None,
+    ) -> Joined:
+        """Be a member of ``group`` inside a ``with`` block.
+
+        ``with etcd.member("workers", "w1", "10.0.0.7:8080") as me: ...``
+
+        Joining creates the key ``group/member_id`` on the session lease,
+        holding ``value``; leaving the block deletes it, and a process that
+        dies leaves within ``ttl`` seconds (default: the instance's
+        ``session_ttl``). The `Member` is a `Fence`; ``me.update(value)``
+        advertises another value. Cost: one round trip to join, one to leave.
+
+        Raises:
+            MemberExistsError: The group has a member of this id; nothing
+                was written.
+            InvalidArgumentError: ``member_id`` is empty or contains ``/``.
+            MembershipLostError: On leaving the block, if the membership was
+                lost in it (its lease expired).
+        """
+        return Joined(self._groups, group, member_id, value, ttl)
+
+    def members(self, group: str | bytes) -> dict[str, str]:
+        """The members of ``group``, each id with its value: one round trip."""
+        return self._groups.members(group)
+
+    def watch_members(
+        self, group: str | bytes, *, timeout: float | None = None
+    ) -> Generator[dict[str, str], None, None]:
+        """`members` now, then after each change of the group, as `watch_values` follows a key.
+
+        Raises:
+            WatchTimeoutError: No change within ``timeout`` (a
+                `TimeoutError`), raised by the iterator.
+        """
+        return self._groups.watch_members(group, timeout=timeout)
+
+    def partitioner(
+        self,
+        group: str | bytes,
+        member_id: str | bytes,
+        items: Sequence[str],
+        *,
+        ttl: float | None = None,
+    ) -> Partitioned:
+        """Share ``items`` among the live members of ``group``, inside a ``with`` block.
+
+        ``with etcd.partitioner("shards", "w1", shard_ids) as part: ...``
+
+        Joining makes this process a member, as `member` does; each item is
+        owned by one member under rendezvous hashing over the members of
+        one read. ``part.owned()`` is this member's share (one round trip);
+        ``part.changes()`` yields it now and whenever it changes;
+        ``part.lock(item)`` is a lock for one item, for a safe handover.
+
+        Raises:
+            MemberExistsError: The group has a member of this id.
+            InvalidTypeError, InvalidArgumentError: ``items`` is not a list
+                of distinct str; nothing was written.
+        """
+        return Partitioned(
+            self._groups,
+            group,
+            member_id,
+            items,
+            ttl=ttl,
+            locked=lambda name, timeout: self.locked(name, timeout=timeout),
+        )
 
     # -- queue --------------------------------------------------------------
 

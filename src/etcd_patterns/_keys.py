@@ -62,6 +62,16 @@ def decode_value(raw: bytes, *, key: str) -> str:
         raise ValueDecodeError(key, raw) from exc
 
 
+def encode_segment(segment: object, *, name: str) -> bytes:
+    """Validate one segment of a key, such as a member's id: UTF-8, not empty, no ``/``."""
+    raw = _utf8(segment, name=name)
+    if not raw:
+        raise InvalidArgumentError(f"{name} must not be empty")
+    if b"/" in raw:
+        raise InvalidArgumentError(f"{name} {segment!r} must not contain '/'")
+    return raw
+
+
 class Keyspace:
     """Maps user keys to etcd keys under a namespace prefix.
 

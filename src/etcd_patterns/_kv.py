@@ -47,6 +47,13 @@ from ._transport import Transport
 Transform = Callable[[str], str]
 
 
+class Values(NamedTuple):
+    """What `get_values` read, and the revision it read at."""
+
+    values: list[str]
+    revision: int
+
+
 class TryTransformResult(NamedTuple):
     """The outcome of `EtcdPatterns.try_transform`.
 
@@ -90,7 +97,10 @@ class KeyValue:
 
         See `EtcdPatterns.get_values`.
         """
-        raw = self._keyspace.encode(key)
+        return self.read_values(self._keyspace.encode(key)).values
+
+    def read_values(self, raw: bytes) -> Values:
+        """`get_values` of a validated key, and the revision it read at."""
         start, end = children_range(raw)
         # One snapshot: the key's own value if it has one, else its children.
         try:
@@ -103,15 +113,17 @@ class KeyValue:
                 write=False,
             )
             has_value, found = bool(response.succeeded), ops.kvs(response.responses, 0)
+            revision: int = response.header.revision
         except QuotaExceededError:
-            has_value, found = self._read_without_txn(raw)
-        if has_value:
-            return [decode_value(kv.value, key=self._keyspace.decode(kv.key)) for kv in found]
-        return [
-            decode_value(kv.value, key=self._keyspace.decode(kv.key))
-            for kv in found
-            if is_direct_child(raw, kv.key)
-        ]
+            has_value, found, revision = self._read_without_txn(raw)
+        return Values(
+            [
+                decode_value(kv.value, key=self._keyspace.decode(kv.key))
+                for kv in found
+                if has_value or is_direct_child(raw, kv.key)
+            ],
+            revision,
+        )
 
     def try_transform(
         self, key: object, fn: object, *, default: object = None, guard: object = None
@@ -161,7 +173,7 @@ class KeyValue:
 
         return retry_conflicts(attempt, Deadline(wait), give_up=give_up)
 
-    def _read_without_txn(self, raw: bytes) -> tuple[bool, list[Any]]:
+    def _read_without_txn(self, raw: bytes) -> tuple[bool, list[Any], int]:
         """The key, else its children, with plain ranges at one revision.
 
         etcd refuses even read-only transactions while its NOSPACE alarm is
@@ -169,12 +181,12 @@ class KeyValue:
         of one, and reads the same snapshot.
         """
         own = self._transport.range(ops.range_request(raw))
+        revision: int = own.header.revision
         if own.kvs:
-            return True, list(own.kvs)
+            return True, list(own.kvs), revision
         start, end = children_range(raw)
-        request = ops.range_request(start, end)
-        request.revision = own.header.revision
-        return False, list(self._transport.range(request).kvs)
+        request = ops.range_request(start, end, revision=revision)
+        return False, list(self._transport.range(request).kvs), revision
 
     # -- steps --------------------------------------------------------------
 

@@ -46,10 +46,13 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from typing import Any, NamedTuple, Protocol, TypeVar
 
+from etcd3 import etcdrpc
+
 from ._errors import PermissionDeniedError
+from ._keys import children_range, is_direct_child
 from ._retry import Deadline
 from ._transport import Transport
 
@@ -72,6 +75,7 @@ class Observed(Protocol):
 
 
 S = TypeVar("S", bound=Observed)
+V = TypeVar("V")
 
 
 class Watch(NamedTuple):
@@ -147,6 +151,66 @@ def wait(
             pause = _BROKEN_PAUSE
         state = read() if outcome is None else outcome
     return state
+
+
+def children_watch(raw: bytes, *, itself: bool) -> Watch:
+    """A watch on the direct children of ``raw`` and, if ``itself``, on ``raw``."""
+    start, end = children_range(raw)
+    creates = [etcdrpc.WatchCreateRequest(key=start, range_end=end)]
+    if itself:
+        creates.append(etcdrpc.WatchCreateRequest(key=raw))
+
+    def accept(event: Any) -> bool:
+        key: bytes = event.kv.key
+        return (itself and key == raw) or (key != raw and is_direct_child(raw, key))
+
+    return Watch(creates, accept)
+
+
+def changes(
+    transport: Transport,
+    read: Callable[[], S],
+    *,
+    view: Callable[[S], V],
+    watch: Callable[[S], Watch],
+    timeout: float | None,
+    timeout_error: Callable[[], Exception],
+) -> Generator[V, None, None]:
+    """What ``view`` shows of the state now, then each time it shows something else.
+
+    Each value yielded comes from one read, so it is a state that etcd
+    held; changes in between may coalesce, but the latest one is never
+    missed: the wait loop reads again whenever etcd moved on before its
+    watch began, whenever the watch breaks (failover, compaction), and at
+    least every `RECHECK_INTERVAL`.
+
+    Args:
+        transport: Sends the reads and opens the watches.
+        read: Reads the state, in one round trip.
+        view: What the caller sees of a state; equal views are not yielded
+            twice in a row.
+        watch: What to watch while the view is unchanged.
+        timeout: How long to wait for each next change; None waits forever.
+        timeout_error: Raised, from the iterator, when that time passes.
+    """
+    state = read()
+    seen = view(state)
+    yield seen
+    while True:
+
+        def unchanged(state: S, seen: V = seen) -> Watch | None:
+            return watch(state) if view(state) == seen else None
+
+        state = wait(
+            transport,
+            state,
+            read=read,
+            watch=unchanged,
+            deadline=Deadline(timeout),
+            timeout_error=timeout_error,
+        )
+        seen = view(state)
+        yield seen
 
 
 class _Refused(NamedTuple):

@@ -1,6 +1,8 @@
 """``etcd-patterns``: the patterns from the shell, for scripts and operators.
 
     etcd-patterns get KEY
+    etcd-patterns watch KEY [--json] [--timeout S]
+    etcd-patterns members GROUP [--json]
     etcd-patterns transform KEY (--set VALUE | --incr N)
     etcd-patterns lock KEY [--ttl S] [--timeout S] -- CMD...
     etcd-patterns try-lock KEY [--ttl S] -- CMD...
@@ -30,6 +32,12 @@ leadership is resigned once CMD exits. If the leadership is lost, or etcd
 stops confirming it (past the lease's TTL without an answer), CMD is sent
 SIGTERM. ``leader`` prints the leader's value; with ``--watch``, one line
 per change, an empty line while nobody leads.
+
+``watch`` prints the key's values (as ``get`` reads them) now, then after
+each change: one line per state, tab-separated, or a JSON list with
+``--json``; it runs until interrupted, or exits 75 when ``--timeout`` passes
+without a change. ``members`` prints one line per member of a group: its id
+and its value, tab-separated.
 
 ``claim`` pipes the item's value to CMD's stdin, acks it if CMD succeeds,
 and otherwise releases it, recording CMD's exit status as the item's last
@@ -113,6 +121,15 @@ def _parser() -> argparse.ArgumentParser:
 
     get = commands.add_parser("get", help="print a key's value, or a directory's values")
     get.add_argument("key")
+
+    watch = commands.add_parser("watch", help="print a key's values now, then after each change")
+    watch.add_argument("key")
+    watch.add_argument("--json", action="store_true", help="a JSON list per state")
+    watch.add_argument("--timeout", type=float, help="seconds to wait per change (default: ever)")
+
+    members = commands.add_parser("members", help="list a group's members and their values")
+    members.add_argument("group")
+    members.add_argument("--json", action="store_true", help="one JSON object")
 
     transform = commands.add_parser("transform", help="compare-and-swap set or increment")
     transform.add_argument("key")
@@ -217,6 +234,22 @@ def _connect(args: argparse.Namespace) -> EtcdPatterns:
 def _get(etcd: EtcdPatterns, args: argparse.Namespace) -> int:
     for value in etcd.get_values(args.key):
         print(value)
+    return 0
+
+
+def _watch(etcd: EtcdPatterns, args: argparse.Namespace) -> int:
+    for values in etcd.watch_values(args.key, timeout=args.timeout):
+        print(json.dumps(values) if args.json else "\t".join(values), flush=True)
+    return 0  # pragma: no cover - watch_values never ends by itself
+
+
+def _members(etcd: EtcdPatterns, args: argparse.Namespace) -> int:
+    found = etcd.members(args.group)
+    if args.json:
+        print(json.dumps(found, sort_keys=True))
+    else:
+        for member_id, value in sorted(found.items()):
+            print(f"{member_id}\t{value}")
     return 0
 
 
@@ -454,6 +487,8 @@ def _leader(etcd: EtcdPatterns, args: argparse.Namespace) -> int:
 
 _HANDLERS = {
     "get": _get,
+    "watch": _watch,
+    "members": _members,
     "transform": _transform,
     "lock": _lock,
     "try-lock": _lock,

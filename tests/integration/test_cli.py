@@ -478,3 +478,16 @@ def test_contenders_lists_holders_and_waiters(
             namespace + held.key,
         )
         assert "pid=" in value
+
+
+def test_watch_prints_each_state_and_members_lists_the_group(
+    etcd: Etcd, namespace: str, patterns: EtcdPatterns
+) -> None:
+    patterns.transform("cfg/a", lambda _: "1", default="")
+    watched = cli(etcd, namespace, "watch", "cfg", "--json", "--timeout", "0.3")
+    assert watched.returncode == 75  # no change within the timeout
+    assert watched.stdout == '["1"]\n'
+    with patterns.member("workers", "w1", "10.0.0.1"):
+        assert cli(etcd, namespace, "members", "workers").stdout == "w1\t10.0.0.1\n"
+        listed = cli(etcd, namespace, "members", "workers", "--json").stdout
+        assert json.loads(listed) == {"w1": "10.0.0.1"}
