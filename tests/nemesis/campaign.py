@@ -170,6 +170,11 @@ def _judge(workload: str, history: list[Any], final: dict[str, Any]) -> list[che
     verdicts = [checkers.check_timeouts(history)]
     if workload == "counter":
         verdicts.append(checkers.check_counter(history, final["counter"]))
+    elif workload == "watch":
+        verdicts += [
+            checkers.check_counter(history, final["counter"]),
+            checkers.check_watch(history, final["counter"]),
+        ]
     elif workload == "lock":
         verdicts.append(checkers.check_lock(history))
     elif workload == "election":

@@ -66,6 +66,43 @@ def check_counter(history: Sequence[Op], final: int) -> Verdict:
     return verdict
 
 
+def check_watch(history: Sequence[Op], final: int) -> Verdict:
+    """A watcher's states were written, never go back, and end at the final value.
+
+    Each "watch" op yields the counter's value. Per watcher: every value is
+    between 0 and ``final``; values never decrease (each comes from a read
+    at a later revision); one stream never yields the same value twice in
+    a row; and the last value, once the writers stopped and no change came
+    for a while, is ``final``: the latest state is never missed.
+    """
+    verdict = Verdict("watch")
+    yielded: dict[str, list[Op]] = defaultdict(list)
+    for op in history:
+        if op.kind == "watch" and op.outcome == OK:
+            yielded[op.process].append(op)
+    for process, ops in yielded.items():
+        for before, after in itertools.pairwise(ops):
+            if after.value < before.value:
+                verdict.violations.append(
+                    f"{process} saw {after.value} after {before.value}: {_show(after)}"
+                )
+            same_stream = before.info.get("stream") == after.info.get("stream")
+            if same_stream and after.value == before.value:
+                verdict.violations.append(f"{process} was given {after.value} twice in a row")
+        for op in ops:
+            if not 0 <= op.value <= final:
+                verdict.violations.append(f"{process} saw {op.value}, never written: {_show(op)}")
+        if ops[-1].value != final:
+            verdict.violations.append(
+                f"{process} ended at {ops[-1].value}, not at the final value {final}"
+            )
+    verdict.counts = {
+        "states yielded": sum(len(ops) for ops in yielded.values()),
+        "watchers": len(yielded),
+    }
+    return verdict
+
+
 def check_lock(history: Sequence[Op]) -> Verdict:
     """Fenced writes never go backwards; unfenced sections overlap only after a reported loss.
 

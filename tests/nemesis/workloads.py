@@ -8,6 +8,7 @@ instance's `TIMEOUT` (one request, settling included), each call's own
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import random
 import time
@@ -78,6 +79,31 @@ def counter(endpoints: list[str], out: str, name: str, stop: Any) -> None:
         while not stop.is_set():
             with recorder.op("incr", bound=BOUNDS["incr"]):
                 etcd.transform("counter", _incr, default="0", timeout=OP_TIMEOUT)
+    recorder.close()
+
+
+def watcher(endpoints: list[str], out: str, name: str, stop: Any) -> None:
+    """Follow the counter with `watch_values`, recording each state yielded.
+
+    A watch that fails is opened again. Once ``stop`` is set, it follows on
+    until no change comes for `OP_TIMEOUT`: its last state must then be
+    the counter's final value.
+    """
+    recorder = Recorder(Path(out), name)
+    with _connect(endpoints) as etcd:
+        for stream in itertools.count():
+            states = etcd.watch_values("counter", timeout=OP_TIMEOUT)
+            with contextlib.closing(states):
+                while True:
+                    stopping = stop.is_set()
+                    with recorder.op("watch", bound=BOUNDS["observe"]) as op:
+                        op.info["stream"], op.info["stopping"] = stream, stopping
+                        values = next(states)
+                        op.value = int(values[0]) if values else 0
+                    if op.outcome != OK:
+                        break  # a watch that raised is over: open another
+            if op.outcome != OK and stopping and op.error == "WatchTimeoutError":
+                break
     recorder.close()
 
 
@@ -336,6 +362,7 @@ def claim_one(
 
 WORKLOADS: dict[str, list[Any]] = {
     "counter": [counter, counter, counter],
+    "watch": [counter, counter, watcher, watcher],
     "lock": [lock, lock, lock],
     "election": [candidate, candidate, candidate, observer],
     "semaphore": [permit_holder] * 4,

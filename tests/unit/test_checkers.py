@@ -234,3 +234,23 @@ def test_timeouts_catch_a_call_past_its_bound() -> None:
     assert checkers.check_timeouts([quick]).ok
     slow = Op("p0", "incr", 0.0, 1.0 + checkers.TIMEOUT_SLACK + 0.1, bound=1.0)
     assert not checkers.check_timeouts([slow]).ok
+
+
+# -- watch --------------------------------------------------------------------------
+
+
+def _watched(*values: int, stream: int = 0) -> list[Op]:
+    return [op("watch", value=value, stream=stream) for value in values]
+
+
+def test_watch_accepts_states_that_move_forward_to_the_end() -> None:
+    assert checkers.check_watch(_watched(0, 3, 7, 9), final=9).ok
+    # A new stream may yield the value the last one ended at.
+    assert checkers.check_watch([*_watched(0, 3), *_watched(3, 9, stream=1)], final=9).ok
+
+
+def test_watch_catches_a_state_that_goes_back_repeats_or_was_never_written() -> None:
+    assert not checkers.check_watch(_watched(0, 5, 4, 9), final=9).ok  # back in time
+    assert not checkers.check_watch(_watched(0, 5, 5, 9), final=9).ok  # the same twice
+    assert not checkers.check_watch(_watched(0, 12), final=12 - 1).ok  # never written
+    assert not checkers.check_watch(_watched(0, 5), final=9).ok  # missed the latest
