@@ -101,9 +101,13 @@ def test_watch_values_costs_one_read_and_one_watch_per_change(
 # -- membership -------------------------------------------------------------------------------
 
 
-def test_join_update_and_leave(patterns: EtcdPatterns, other: EtcdPatterns, raw: Raw) -> None:
+def test_join_update_and_leave(
+    etcd: Etcd, patterns: EtcdPatterns, other: EtcdPatterns, raw: Raw
+) -> None:
     with patterns.member("workers", "w1", "10.0.0.1") as me:
-        assert patterns.members("workers") == {"w1": "10.0.0.1"}
+        with etcd.count_rpcs() as rpcs:
+            assert patterns.members("workers") == {"w1": "10.0.0.1"}
+        assert rpcs.kv == 1
         assert (me.group, me.member_id, me.key, me.value) == (
             "workers",
             "w1",
