@@ -49,7 +49,7 @@ an observer one watch and one read per change.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator
 from typing import Any, NamedTuple
 
 from etcd3 import etcdrpc
@@ -247,13 +247,17 @@ class Elections:
         """See `EtcdPatterns.leader`."""
         return self._info(self._contenders.winner(self._name(name)).kv)
 
-    def observe(self, name: object, *, timeout: object = None) -> Iterator[LeaderInfo | None]:
+    def observe(
+        self, name: object, *, timeout: object = None
+    ) -> Generator[LeaderInfo | None, None, None]:
         """See `EtcdPatterns.observe`."""
         raw = self._name(name)
         wait_for = check_timeout(timeout)
         return self._observe(raw, wait_for)
 
-    def _observe(self, raw: bytes, timeout: float | None) -> Iterator[LeaderInfo | None]:
+    def _observe(
+        self, raw: bytes, timeout: float | None
+    ) -> Generator[LeaderInfo | None, None, None]:
         start, end = children_range(raw)
 
         def watch(state: Winner) -> Watch:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import atexit
 import logging
 import weakref
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from types import TracebackType
 from typing import Any, Literal, TypeVar, overload
 
@@ -679,7 +679,7 @@ class EtcdPatterns:
 
     def observe(
         self, name: str | bytes, *, timeout: float | None = None
-    ) -> Iterator[LeaderInfo | None]:
+    ) -> Generator[LeaderInfo | None, None, None]:
         """Follow the leader of the election ``name``.
 
         Yields the current leader first (None if there is none), then the
@@ -773,7 +773,7 @@ class EtcdPatterns:
             member_id,
             items,
             ttl=ttl,
-            locked=lambda name, timeout: self.locked(name, timeout=timeout),
+            locked=lambda name, timeout: self.locked(name, ttl=ttl, timeout=timeout),
         )
 
     # -- queue --------------------------------------------------------------

@@ -100,6 +100,11 @@ class Janitor:
         with self._lock:
             return len(self._backlog) + len(self._unsettled)
 
+    def abandoned(self, key: bytes) -> bool:
+        """Whether a key abandoned under this name is still to be deleted."""
+        with self._lock:
+            return any(orphan.key == key for orphan in self._backlog)
+
     def settle_first(self, resolution: Any) -> None:
         """Have a write's resolving transaction sent before any key is deleted.
 

@@ -38,8 +38,8 @@ the block.
 
 from __future__ import annotations
 
-from collections.abc import Generator
-from typing import NamedTuple
+from collections.abc import Callable, Generator
+from typing import NamedTuple, TypeVar
 
 from . import _ops as ops
 from ._commit import commit
@@ -57,11 +57,14 @@ from ._session import Orphan, Session, Sessions, check_ttl
 from ._transport import Transport
 from ._wait import changes, children_watch
 
+V = TypeVar("V")
 
-class _Roster(NamedTuple):
-    """A group's members, and the revision they were read at."""
+
+class Roster(NamedTuple):
+    """A group's members, the create revisions of their keys, and the revision read at."""
 
     members: dict[str, str]
+    created: dict[str, int]
     revision: int
 
 
@@ -142,6 +145,14 @@ class Groups:
         advertised = encode_value(value)
         lease_ttl = None if ttl is None else check_ttl(ttl)
         key = raw + b"/" + segment
+        if self._sessions.abandoned(lease_ttl, key):
+            # The session deletes that key by name: a join now could be the
+            # one it deletes.
+            raise MemberExistsError(
+                f"an earlier join of {segment.decode()!r} to group "
+                f"{self._keyspace.decode(raw)!r} by this process is still in doubt; its key, "
+                "if it was made, is deleted once etcd answers, within a third of the TTL"
+            )
         try:
             committed = commit(
                 self._transport,
@@ -185,11 +196,14 @@ class Groups:
         orphan = Orphan(member.etcd_key, member.fencing_token)
         request = ops.delete_if_created(member.etcd_key, member.fencing_token)
         try:
-            # Safe to send twice: a second copy deletes nothing.
-            if self._transport.txn(request, write=False).succeeded:
-                return True
-            # Gone: with the lease, or by a first copy whose answer was lost.
-            return self._transport.lease_time_to_live(member.lease_id) > 0
+            try:
+                return bool(self._transport.txn(request).succeeded)
+            except OutcomeUnknownError:
+                # A second copy can only delete this member's key; if the
+                # first one did, the key vanished without the lease.
+                if self._transport.txn(request, write=False).succeeded:
+                    return True
+                return self._transport.lease_time_to_live(member.lease_id) > 0
         except EtcdPatternsError:
             member._session.abandon(orphan)
             return True
@@ -213,37 +227,44 @@ class Groups:
 
     def members(self, group: object) -> dict[str, str]:
         """See `EtcdPatterns.members`."""
-        return self._read(self._keyspace.encode(group, name="group")).members
+        return self.roster(self._keyspace.encode(group, name="group")).members
 
     def watch_members(
         self, group: object, *, timeout: object = None
     ) -> Generator[dict[str, str], None, None]:
         """See `EtcdPatterns.watch_members`."""
         raw = self._keyspace.encode(group, name="group")
-        wait_for = check_timeout(timeout)
-        watch = children_watch(raw, itself=False)
+        return self.follow(raw, view=lambda roster: roster.members, timeout=check_timeout(timeout))
+
+    def roster(self, raw: bytes) -> Roster:
+        """A group's members, with their keys' create revisions: one round trip."""
+        start, end = children_range(raw)
+        response = self._transport.range(ops.range_request(start, end))
+        found = [kv for kv in response.kvs if b"/" not in kv.key[len(start) :]]
+        ids = [kv.key[len(start) :].decode("utf-8", "replace") for kv in found]
+        return Roster(
+            {
+                member_id: decode_value(kv.value, key=self._keyspace.decode(kv.key))
+                for member_id, kv in zip(ids, found, strict=True)
+            },
+            {member_id: kv.create_revision for member_id, kv in zip(ids, found, strict=True)},
+            response.header.revision,
+        )
+
+    def follow(
+        self, raw: bytes, *, view: Callable[[Roster], V], timeout: float | None
+    ) -> Generator[V, None, None]:
+        """What ``view`` shows of the group now, then each time it shows something else."""
         return changes(
             self._transport,
-            lambda: self._read(raw),
-            view=lambda roster: roster.members,
-            watch=lambda _roster: watch,
-            timeout=wait_for,
+            lambda: self.roster(raw),
+            view=view,
+            watch=lambda _roster: children_watch(raw, itself=False),
+            timeout=timeout,
             timeout_error=lambda: WatchTimeoutError(
                 f"the members of group {self._keyspace.decode(raw)!r} did not change in time"
             ),
         )
-
-    def _read(self, raw: bytes) -> _Roster:
-        start, end = children_range(raw)
-        response = self._transport.range(ops.range_request(start, end))
-        members = {
-            kv.key[len(start) :].decode("utf-8", "replace"): decode_value(
-                kv.value, key=self._keyspace.decode(kv.key)
-            )
-            for kv in response.kvs
-            if b"/" not in kv.key[len(start) :]
-        }
-        return _Roster(members, response.header.revision)
 
 
 class Joined(Holding[Member]):

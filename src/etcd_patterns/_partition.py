@@ -34,14 +34,15 @@ lease, and `Partition.owned` then raises `MembershipLostError`.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 from collections.abc import Callable, Generator, Sequence
 from types import TracebackType
 
 from ._errors import InvalidArgumentError, InvalidTypeError
+from ._keys import encode_segment
 from ._lock import Locked
-from ._members import Groups, Joined, Member
+from ._members import Groups, Joined, Member, Roster
+from ._retry import check_timeout
 
 
 def weight(member_id: str, item: str) -> int:
@@ -64,13 +65,14 @@ def shares(members: Sequence[str], items: Sequence[str]) -> dict[str, list[str]]
 
 
 def check_items(items: object) -> list[str]:
-    """Validate a partitioner's items: a sequence of distinct str."""
+    """Validate a partitioner's items: distinct str, each one segment of a key (no ``/``)."""
     if isinstance(items, (str, bytes)) or not isinstance(items, Sequence):
         raise InvalidTypeError(f"items must be a list of str, not {type(items).__name__}")
     checked: list[str] = []
     for item in items:
         if not isinstance(item, str):
             raise InvalidTypeError(f"items must be str, not {type(item).__name__}")
+        encode_segment(item, name="item")  # it names a lock
         checked.append(item)
     if len(set(checked)) != len(checked):
         raise InvalidArgumentError("items must be distinct")
@@ -107,33 +109,21 @@ class Partition:
         Raises:
             MembershipLostError: This member is gone from the group.
         """
-        return self._share(self._groups.members(self.member.group))
+        return self._share(self._groups.roster(self._raw))
 
     def changes(self, *, timeout: float | None = None) -> Generator[list[str], None, None]:
         """The owned items now, then each time they change, as the membership changes.
 
         Args:
-            timeout: How long to wait for each next change of membership;
+            timeout: How long to wait for each next change of the share;
                 None waits forever.
 
         Raises:
-            WatchTimeoutError: No change of membership within ``timeout``
-                (a `TimeoutError`), raised by the iterator.
+            WatchTimeoutError: No change of the share within ``timeout`` (a
+                `TimeoutError`), raised by the iterator, which then ends.
             MembershipLostError: This member is gone from the group.
         """
-        follow = self._groups.watch_members(self.member.group, timeout=timeout)
-        return self._changes(follow)
-
-    def _changes(
-        self, follow: Generator[dict[str, str], None, None]
-    ) -> Generator[list[str], None, None]:
-        last: list[str] | None = None
-        with contextlib.closing(follow):
-            for members in follow:
-                share = self._share(members)
-                if share != last:
-                    last = share
-                    yield share
+        return self._groups.follow(self._raw, view=self._share, timeout=check_timeout(timeout))
 
     def lock(self, item: str, *, timeout: float | None = None) -> Locked:
         """A lock for one item, to make a handover safe: ``with part.lock(item) as held:``.
@@ -146,10 +136,17 @@ class Partition:
             raise InvalidArgumentError(f"{item!r} is not one of the partitioned items")
         return self._locked(f"{self.member.group}.partitions/{item}", timeout)
 
-    def _share(self, members: dict[str, str]) -> list[str]:
-        if self.member.member_id not in members:
+    @property
+    def _raw(self) -> bytes:
+        return self.member.etcd_key.rpartition(b"/")[0]
+
+    def _share(self, roster: Roster) -> list[str]:
+        # This member, by its key's incarnation: a process that took its id
+        # over after its lease expired is not this member.
+        mine = roster.created.get(self.member.member_id)
+        if mine != self.member.fencing_token or self.member.lost.is_set():
             raise self.member._lost_error("it owns nothing")
-        return shares(sorted(members), self.items)[self.member.member_id]
+        return shares(sorted(roster.members), self.items)[self.member.member_id]
 
 
 class Partitioned:

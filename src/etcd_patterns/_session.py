@@ -398,6 +398,11 @@ class Sessions:
         session = self._current(ttl)
         return True if session is None else session.withdraw(orphan)
 
+    def abandoned(self, ttl: int | None, key: bytes) -> bool:
+        """Whether the session for ``ttl`` still has to delete a key of this name."""
+        session = self._current(ttl)
+        return session is not None and session._janitor.abandoned(key)
+
     def _current(self, ttl: int | None) -> Session | None:
         with self._lock:
             session = self._sessions.get(self.default_ttl if ttl is None else ttl)

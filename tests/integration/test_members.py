@@ -15,14 +15,26 @@ from etcd_patterns import (
     InvalidTypeError,
     MemberExistsError,
     MembershipLostError,
+    OutcomeUnknownError,
     WatchTimeoutError,
 )
 from etcd_patterns.testing import EtcdCluster, ExternalEtcd
-from tests.helpers import Raw, freed_within, holder_to_kill, wait_until, watchers
+from tests.helpers import (
+    FaultInjector,
+    Raw,
+    client_with_faults,
+    freed_within,
+    holder_to_kill,
+    resolves,
+    wait_until,
+    watchers,
+)
 
 Etcd = EtcdCluster | ExternalEtcd
 
 pytestmark = pytest.mark.timeout(60)
+
+TXN = "/etcdserverpb.KV/Txn"
 
 
 # -- watched values ---------------------------------------------------------------------
@@ -283,3 +295,69 @@ def test_bad_items_are_refused_and_change_nothing(patterns: EtcdPatterns, raw: R
     with pytest.raises(InvalidArgumentError):
         patterns.partitioner("shards", "p", ["a", "a"])
     assert raw.snapshot() == before
+
+
+def test_a_member_deleted_by_another_client_is_told_on_leaving(
+    patterns: EtcdPatterns, raw: Raw
+) -> None:
+    joined = patterns.member("workers", "w1")
+    joined.__enter__()
+    raw.client.delete(raw.key("workers/w1"))  # an operator removes it
+    with pytest.raises(MembershipLostError):
+        joined.__exit__(None, None, None)
+
+
+def test_a_partition_whose_id_was_taken_over_owns_nothing(
+    patterns: EtcdPatterns, other: EtcdPatterns, raw: Raw
+) -> None:
+    partitioned = patterns.partitioner("shards", "p1", ITEMS)
+    old = partitioned.__enter__()
+    assert old.owned() == ITEMS
+    raw.client.delete(raw.key("shards/p1"))  # removed, and its id taken by another
+    with other.partitioner("shards", "p1", ITEMS) as new:
+        assert new.owned() == ITEMS
+        with pytest.raises(MembershipLostError):
+            old.owned()  # the same id, but not this member's key
+        with pytest.raises(MembershipLostError):
+            partitioned.__exit__(None, None, None)  # and leaving says so
+
+
+def test_items_that_cannot_name_a_lock_are_refused(patterns: EtcdPatterns, raw: Raw) -> None:
+    before = raw.snapshot()
+    for items in (["a", ""], ["a/b"], ["\ud800"]):
+        with pytest.raises(InvalidArgumentError):
+            patterns.partitioner("shards", "p", items)
+    assert raw.snapshot() == before
+
+
+def test_a_join_in_doubt_is_settled_before_the_id_joins_again(
+    etcd: Etcd, namespace: str, raw: Raw
+) -> None:
+    away = threading.Event()
+    away.set()
+
+    def plan(method: str, request: Any) -> str:
+        if method != TXN or not away.is_set():
+            return "pass"
+        joins = any(b"/workers/" in op.request_put.key for op in request.success)
+        return "hold" if joins or resolves(request) else "pass"
+
+    client = client_with_faults(etcd.endpoints, FaultInjector(plan))
+    with EtcdPatterns(client, namespace=namespace, timeout=1, session_ttl=2) as faulty:
+        with pytest.raises(OutcomeUnknownError), faulty.member("workers", "w1"):
+            pass
+        # Its key may exist; the session deletes it by name once etcd
+        # answers, so the id may not join again until then.
+        with (
+            pytest.raises(MemberExistsError, match="still in doubt"),
+            faulty.member("workers", "w1"),
+        ):
+            pass
+        away.clear()
+        # The session's next refresh, a third of its TTL, settles it.
+        wait_until(lambda: not faulty._sessions.abandoned(None, raw.key("workers/w1")))
+        with faulty.member("workers", "w1") as me:
+            assert faulty.members("workers") == {"w1": ""}
+            assert not me.lost.is_set()
+    client.close()
+    assert raw.count("workers/") == 0

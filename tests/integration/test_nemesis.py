@@ -45,8 +45,8 @@ def test_the_nemesis_finds_no_violation(seed: int) -> None:
         counts = {name: n for verdict in result.verdicts for name, n in verdict.counts.items()}
         if result.workload == "claims" and not counts["dead letters"]:
             problems.append("claims: no item was given back often enough to be a dead letter")
-        if result.workload == "watch" and not counts["states yielded"]:
-            problems.append("watch: the watchers saw no state")
+        if result.workload == "counter" and not counts["states yielded"]:
+            problems.append("counter: the watchers saw no state")
         if result.violations:
             problems += [
                 f"{result.workload} seed {seed}; history in {result.history}",

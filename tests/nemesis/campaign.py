@@ -169,8 +169,6 @@ def _finish(workload: str, cluster: EtcdCluster, directory: Path) -> dict[str, A
 def _judge(workload: str, history: list[Any], final: dict[str, Any]) -> list[checkers.Verdict]:
     verdicts = [checkers.check_timeouts(history)]
     if workload == "counter":
-        verdicts.append(checkers.check_counter(history, final["counter"]))
-    elif workload == "watch":
         verdicts += [
             checkers.check_counter(history, final["counter"]),
             checkers.check_watch(history, final["counter"]),

@@ -361,8 +361,7 @@ def claim_one(
 
 
 WORKLOADS: dict[str, list[Any]] = {
-    "counter": [counter, counter, counter],
-    "watch": [counter, counter, watcher, watcher],
+    "counter": [counter, counter, watcher, watcher],
     "lock": [lock, lock, lock],
     "election": [candidate, candidate, candidate, observer],
     "semaphore": [permit_holder] * 4,
