@@ -18,6 +18,7 @@ from etcd_patterns import (
     OutcomeUnknownError,
     WatchTimeoutError,
 )
+from etcd_patterns._wait import RECHECK_INTERVAL
 from etcd_patterns.testing import EtcdCluster, ExternalEtcd
 from tests.helpers import (
     FaultInjector,
@@ -101,8 +102,11 @@ def test_watch_values_costs_one_read_and_one_watch_per_change(
     with etcd.count_rpcs() as rpcs:
         waiter.start()
         wait_until(lambda: watchers(etcd) >= 2)  # the key and its children
+        put_at = time.monotonic()
         raw.put("cfg/a", "1")
         waiter.join()
+        # Woken by the watch's event, not by the loop's periodic read.
+        assert time.monotonic() - put_at < RECHECK_INTERVAL / 2
     assert got == [["1"]]
     # One watch stream, and one read after the change; the put is the test's.
     assert rpcs.requests["etcdserverpb.Watch/Watch"] == 1
