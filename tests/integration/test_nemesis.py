@@ -14,7 +14,7 @@ from tests.nemesis.campaign import run
 from tests.nemesis.workloads import WORKLOADS
 
 SEEDS = (1, 2)
-DURATION = 10.0
+DURATION = 8.0
 
 pytestmark = [
     pytest.mark.chaos,

@@ -37,7 +37,6 @@ from tests.helpers import (
     FaultInjector,
     Raw,
     client_with_faults,
-    freed_within,
     holder_to_kill,
     resolves,
     run_together,
@@ -140,12 +139,15 @@ def _claim_and_hang(endpoints: list[str], namespace: str, ttl: int, ready: Any) 
 def test_a_claim_lost_in_a_crash_counts_as_a_delivery(
     etcd: Etcd, namespace: str, patterns: EtcdPatterns, raw: Raw
 ) -> None:
-    ttl = 2
+    ttl = 60
     patterns.enqueue("q", "job")
     with holder_to_kill(_claim_and_hang, etcd.endpoints, namespace, ttl) as kill:
         kill()
-    # The crashed consumer's claim goes with its lease; the item comes back.
-    with patterns.claim("q", timeout=freed_within(ttl), max_deliveries=2) as item:
+    # The crashed consumer's claim goes with its lease (ended here at once,
+    # rather than after its TTL); the item comes back.
+    ((_, claim),) = list(raw.client.get_prefix(raw.key(".etcd-patterns/claims/")))
+    raw.revoke(claim.lease_id)
+    with patterns.claim("q", timeout=5, max_deliveries=2) as item:
         assert item.delivery_count == 2
         item.release("still failing")
     # Due a third delivery, with two allowed: it moves to the dead letters.
@@ -480,11 +482,9 @@ def test_a_chained_take_that_took_nothing_is_no_unknown_outcome(
 def test_a_last_release_of_an_expired_item_leaves_no_claim(
     patterns: EtcdPatterns, raw: Raw
 ) -> None:
-    ttl = 2
-    patterns.enqueue("q", "short-lived", ttl=ttl)
+    key = patterns.enqueue("q", "short-lived", ttl=60)
     with patterns.claim("q", max_deliveries=1) as item:
-        # Sleeping to let the item's own lease expire, and etcd delete it.
-        time.sleep(freed_within(ttl))
+        raw.revoke(raw.get(key).lease)  # the item's own lease ends, and the item with it
         assert raw.count("q/") == 0
         item.release("too late")
     assert raw.count(".etcd-patterns/claims/") == 0
