@@ -90,6 +90,9 @@ class Janitor:
         self._transport = transport
         self._lease_id = lease_id
         self._backlog: list[Orphan] = []
+        # What a sweep is deleting right now: abandoned still, until etcd
+        # confirms each delete.
+        self._sweeping: list[Orphan] = []
         self._unsettled: list[Any] = []
         self._failed_at = float("-inf")
         self._lock = threading.Lock()
@@ -98,12 +101,12 @@ class Janitor:
     def pending(self) -> int:
         """How many abandoned keys and unsettled writes are still to be dealt with."""
         with self._lock:
-            return len(self._backlog) + len(self._unsettled)
+            return len(self._backlog) + len(self._sweeping) + len(self._unsettled)
 
     def abandoned(self, key: bytes) -> bool:
         """Whether a key abandoned under this name is still to be deleted."""
         with self._lock:
-            return any(orphan.key == key for orphan in self._backlog)
+            return any(orphan.key == key for orphan in [*self._backlog, *self._sweeping])
 
     def settle_first(self, resolution: Any) -> None:
         """Have a write's resolving transaction sent before any key is deleted.
@@ -161,6 +164,7 @@ class Janitor:
             in_doubt = not settled or bool(self._unsettled)
             pending = [o for o in self._backlog if not in_doubt or _certain(o)]
             self._backlog = [o for o in self._backlog if in_doubt and not _certain(o)]
+            self._sweeping = pending
         try:
             while pending and not budget.expired():
                 request = self._delete_request(pending[-1])
@@ -173,6 +177,7 @@ class Janitor:
         finally:
             with self._lock:
                 self._backlog.extend(pending)
+                self._sweeping = []
 
     def _may_delete(self, orphan: Orphan, deadline: Deadline) -> bool:
         """Whether no write in doubt can create ``orphan`` again after its delete."""
