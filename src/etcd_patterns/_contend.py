@@ -61,6 +61,7 @@ from etcd3.etcdrpc import kv_pb2
 from . import _ops as ops
 from ._commit import commit
 from ._errors import EtcdPatternsError, OutcomeUnknownError
+from ._fence import give_back
 from ._keys import Keyspace, children_range
 from ._retry import Deadline
 from ._session import Orphan, Session, Sessions
@@ -388,28 +389,7 @@ class Contenders:
             in which case the session deletes the key as soon as etcd
             answers again.
         """
-        request = ops.txn(
-            compare=[ops.compare_create(key, "==", revision)],
-            success=[ops.delete(key), *also],
-            failure=[],
-        )
-        try:
-            try:
-                return bool(self._transport.txn(request).succeeded)
-            except OutcomeUnknownError:
-                # A second copy can only delete this contender's key, so it
-                # is safe to send; but if the first copy did delete it, the
-                # second finds it gone. The key vanishes without us only
-                # with its lease, so a live lease means the first copy did.
-                if self._transport.txn(request, write=False).succeeded:
-                    return True
-                return self._transport.lease_time_to_live(session.lease_id) > 0
-        except EtcdPatternsError:
-            session.abandon(Orphan(key, revision))
-            return True
-        except BaseException:
-            session.abandon(Orphan(key, revision))  # Ctrl-C: still let go
-            raise
+        return give_back(self._transport, key, revision, session, also=also)
 
     def withdraw_unsettled(self, lease_ttl: int | None, my_key: bytes, exc: BaseException) -> None:
         """Never leave a contender behind when registering ``my_key`` did not return.

@@ -32,15 +32,15 @@ from __future__ import annotations
 import os
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
 from etcd3 import transactions
 
 from . import _ops as ops
-from ._errors import EtcdPatternsError
-from ._session import Session
+from ._errors import EtcdPatternsError, OutcomeUnknownError
+from ._session import Orphan, Session
 from ._transport import Transport
 
 
@@ -105,6 +105,43 @@ class Fence:
     def _lost_error(self, consequence: str) -> EtcdPatternsError:
         """The error a guarded write raises when the fence has fallen."""
         return EtcdPatternsError(f"the holder's key {self.etcd_key!r} is gone; {consequence}")
+
+
+def give_back(
+    transport: Transport, key: bytes, revision: int, session: Session, *, also: Sequence[Any] = ()
+) -> bool:
+    """Delete a holder's key, if it is still this holder's (its create revision).
+
+    ``also`` are operations applied in the same transaction, only if the
+    key was still the holder's.
+
+    Returns:
+        False if the key was already gone: the holder had lost its hold.
+        True otherwise, including when etcd could not be reached, in which
+        case the session deletes the key as soon as etcd answers again.
+    """
+    request = ops.txn(
+        compare=[ops.compare_create(key, "==", revision)],
+        success=[ops.delete(key), *also],
+        failure=[],
+    )
+    try:
+        try:
+            return bool(transport.txn(request).succeeded)
+        except OutcomeUnknownError:
+            # A second copy can only delete this holder's key; but if the
+            # first copy did delete it, the second finds it gone. The key
+            # vanishes without us only with its lease, so a live lease
+            # means the first copy did.
+            if transport.txn(request, write=False).succeeded:
+                return True
+            return transport.lease_time_to_live(session.lease_id) > 0
+    except EtcdPatternsError:
+        session.abandon(Orphan(key, revision))
+        return True
+    except BaseException:
+        session.abandon(Orphan(key, revision))  # Ctrl-C: still let go
+        raise
 
 
 F = TypeVar("F", bound=Fence)

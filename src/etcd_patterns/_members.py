@@ -44,13 +44,12 @@ from typing import NamedTuple, TypeVar
 from . import _ops as ops
 from ._commit import commit
 from ._errors import (
-    EtcdPatternsError,
     MemberExistsError,
     MembershipLostError,
     OutcomeUnknownError,
     WatchTimeoutError,
 )
-from ._fence import Fence, Holding
+from ._fence import Fence, Holding, give_back
 from ._keys import Keyspace, children_range, decode_value, encode_segment, encode_value
 from ._retry import check_timeout
 from ._session import Orphan, Session, Sessions, check_ttl
@@ -193,23 +192,7 @@ class Groups:
             including when etcd could not be reached: the session then
             deletes the key as soon as etcd answers again.
         """
-        orphan = Orphan(member.etcd_key, member.fencing_token)
-        request = ops.delete_if_created(member.etcd_key, member.fencing_token)
-        try:
-            try:
-                return bool(self._transport.txn(request).succeeded)
-            except OutcomeUnknownError:
-                # A second copy can only delete this member's key; if the
-                # first one did, the key vanished without the lease.
-                if self._transport.txn(request, write=False).succeeded:
-                    return True
-                return self._transport.lease_time_to_live(member.lease_id) > 0
-        except EtcdPatternsError:
-            member._session.abandon(orphan)
-            return True
-        except BaseException:
-            member._session.abandon(orphan)  # Ctrl-C: still leave
-            raise
+        return give_back(self._transport, member.etcd_key, member.fencing_token, member._session)
 
     def update(self, member: Member, value: object) -> None:
         """See `Member.update`."""
