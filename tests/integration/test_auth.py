@@ -79,6 +79,7 @@ def test_every_pattern_works_inside_the_prefix(secured: EtcdCluster) -> None:
         assert etcd.get_values("q") == []
 
 
+@pytest.mark.slow
 def test_an_expired_token_is_renewed(secured: EtcdCluster) -> None:
     with EtcdPatterns.connect(
         secured.endpoints, user="app", password="apppw", namespace="/app/"

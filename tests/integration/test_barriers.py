@@ -104,6 +104,7 @@ def _hold_and_hang(endpoints: list[str], namespace: str, ttl: int, ready: Any) -
     threading.Event().wait()  # until SIGKILL
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_a_barrier_held_with_a_ttl_comes_down_when_its_holder_dies(
     etcd: Etcd, namespace: str, patterns: EtcdPatterns
@@ -167,6 +168,7 @@ def _enter_and_hang(endpoints: list[str], namespace: str, ttl: int, ready: Any) 
     threading.Event().wait()  # until SIGKILL, mid-round
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_a_participant_killed_mid_round_breaks_it_for_the_others(
     etcd: Etcd, namespace: str, patterns: EtcdPatterns, other: EtcdPatterns, raw: Raw

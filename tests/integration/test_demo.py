@@ -11,6 +11,7 @@ import pytest
 DEMO = Path(__file__).resolve().parents[2] / "examples" / "demo.py"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_the_demo_holds_its_invariants() -> None:
     result = subprocess.run(

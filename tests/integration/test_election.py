@@ -337,6 +337,7 @@ def _lead_and_hang(endpoints: list[str], namespace: str, ttl: int, ready: Any) -
     threading.Event().wait()  # until SIGKILL
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_a_killed_leader_is_replaced_within_its_ttl(
     etcd: Etcd, namespace: str, patterns: EtcdPatterns

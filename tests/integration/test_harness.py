@@ -44,6 +44,7 @@ def test_a_three_node_cluster_has_one_leader_and_replicates(cluster3: EtcdCluste
             assert one.get_values("k") == ["replicated"]
 
 
+@pytest.mark.slow
 def test_kill_pause_resume_restart(cluster3: EtcdCluster) -> None:
     node = cluster3.nodes[0]
     pid = node.pid
@@ -67,6 +68,7 @@ def test_metrics_are_exposed(cluster3: EtcdCluster) -> None:
     assert any(key.startswith("etcdserverpb.KV/") for key in counts)
 
 
+@pytest.mark.slow
 def test_teardown_leaves_no_process_and_no_directory() -> None:
     cluster = EtcdCluster(size=3)
     cluster.start()

@@ -93,6 +93,7 @@ def test_an_instance_never_closed_frees_what_it_held_at_exit(
     assert raw.count(".etcd-patterns/") == 0
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(90)
 def test_close_with_etcd_gone_is_quiet_and_bounded() -> None:
     result = run_python(
@@ -290,6 +291,7 @@ def test_a_hung_etcd_fails_within_the_timeout_then_recovers(namespace: str) -> N
         assert patterns.get_values("k") == ["1"]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_the_same_instance_works_after_etcd_restarts(namespace: str) -> None:
     with (

@@ -201,6 +201,7 @@ def _exclusion_worker(
             etcd.lock("mutex", critical)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_mutual_exclusion_across_processes(
     etcd: Etcd, namespace: str, raw: Raw, tmp_path: Path
@@ -225,6 +226,7 @@ def _hold_and_hang(endpoints: list[str], namespace: str, ttl: int, ready: Any) -
     threading.Event().wait()  # until SIGKILL
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_a_killed_holder_frees_the_lock_within_ttl(
     etcd: EtcdCluster | ExternalEtcd, namespace: str, patterns: EtcdPatterns, raw: Raw
@@ -239,6 +241,7 @@ def test_a_killed_holder_frees_the_lock_within_ttl(
     assert waited <= freed_within(ttl)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_a_block_outliving_the_ttl_keeps_the_lock(
     patterns: EtcdPatterns, other: EtcdPatterns, raw: Raw
@@ -334,6 +337,7 @@ def test_a_loss_is_reported_with_the_blocks_result(
     assert info.value.name == "L"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_leaving_locked_while_the_block_raises_keeps_the_blocks_error(
     patterns: EtcdPatterns, raw: Raw

@@ -115,6 +115,7 @@ def test_lost_answer_to_the_release_is_not_a_lost_lock(
     assert raw.count("L/") == 0
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_a_release_etcd_missed_is_completed_when_it_returns(namespace: str) -> None:
     with (
@@ -142,6 +143,7 @@ def test_a_release_etcd_missed_is_completed_when_it_returns(namespace: str) -> N
         assert patterns.try_lock("L", lambda: "free").acquired
 
 
+@pytest.mark.slow
 def test_a_release_etcd_never_received_is_completed_by_the_session(
     faulty: EtcdPatterns, plan: Plan, raw: Raw
 ) -> None:
@@ -218,6 +220,7 @@ def test_ctrl_c_before_etcd_received_the_registration_shuts_out_its_late_copy(
     assert raw.count("L/") == 0
 
 
+@pytest.mark.slow
 def test_ctrl_c_with_etcd_away_shuts_out_the_late_copy_before_withdrawing(
     etcd: EtcdCluster | ExternalEtcd,
     namespace: str,
@@ -328,6 +331,7 @@ def test_a_registration_whose_answer_and_lease_are_lost_is_made_again(
     assert raw.count("L/") == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pattern", ["lock", "election"])
 def test_a_registration_etcd_could_not_settle_is_reported_and_cleaned_up(
     hasty: EtcdPatterns, injector: FaultInjector, raw: Raw, pattern: str

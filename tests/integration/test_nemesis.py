@@ -47,6 +47,10 @@ def test_the_nemesis_finds_no_violation(seed: int) -> None:
             problems.append("claims: no item was given back often enough to be a dead letter")
         if result.workload == "counter" and not counts["states yielded"]:
             problems.append("counter: the watchers saw no state")
+        if result.workload == "partition" and not (
+            counts["revisions every member reported"] and counts["rosters yielded"]
+        ):
+            problems.append("partition: no revision's shares were all seen, or no roster")
         if result.violations:
             problems += [
                 f"{result.workload} seed {seed}; history in {result.history}",

@@ -187,6 +187,7 @@ def _watching(thread: threading.Thread) -> bool:
 # -- ttl ------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_an_item_with_a_ttl_expires_undelivered(patterns: EtcdPatterns, raw: Raw) -> None:
     patterns.enqueue("q", "short-lived", ttl=1)
@@ -223,6 +224,7 @@ def _consumer(
     Path(out).write_text("\n".join(received))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_every_item_exactly_once_across_processes(
     etcd: Etcd, namespace: str, raw: Raw, tmp_path: Path
@@ -353,6 +355,7 @@ def test_a_lost_answer_to_an_enqueue_enqueues_exactly_once(
     client.close()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_a_blocked_dequeue_survives_an_etcd_restart(namespace: str) -> None:
     with (
@@ -476,6 +479,7 @@ def _claim_and_hang(endpoints: list[str], namespace: str, ttl: int, ready: Any) 
     threading.Event().wait()  # until SIGKILL
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_a_killed_consumers_item_comes_back_within_ttl(
     etcd: Etcd, namespace: str, patterns: EtcdPatterns

@@ -211,6 +211,7 @@ def _worker(
                 out.write(f"{mode} {os.getpid()} {began} {ended}\n")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_readers_and_writers_across_processes(
     etcd: Etcd, namespace: str, raw: Raw, tmp_path: Path

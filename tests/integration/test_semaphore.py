@@ -198,6 +198,7 @@ def _leave(value: str) -> str:
     return f"{now - 1} {most}"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_never_more_than_limit_holders_across_processes(
     etcd: Etcd, namespace: str, raw: Raw
@@ -222,6 +223,7 @@ def _hold_and_hang(endpoints: list[str], namespace: str, ttl: int, ready: Any) -
     threading.Event().wait()  # until SIGKILL
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_a_killed_holders_permit_comes_back_within_its_ttl(
     etcd: Etcd, namespace: str, patterns: EtcdPatterns

@@ -51,6 +51,7 @@ def test_an_idle_session_of_another_ttl_is_retired(
         assert again.is_owner()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_a_session_whose_lease_carries_a_key_is_not_retired(
     quick: EtcdPatterns, monkeypatch: pytest.MonkeyPatch

@@ -30,6 +30,8 @@ from tests.nemesis.history import Recorder, load
 from tests.nemesis.schedule import Nemesis, draw
 from tests.nemesis.workloads import (
     BOUNDS,
+    GROUP,
+    ITEMS,
     MAX_DELIVERIES,
     NAMESPACE,
     PARTICIPANTS,
@@ -152,6 +154,18 @@ def _finish(workload: str, cluster: EtcdCluster, directory: Path) -> dict[str, A
     host, port = endpoints[0].rsplit(":", 1)
     client = etcd3.client(host=host, port=int(port), timeout=10)
     try:
+        group = (NAMESPACE + GROUP + "/").encode()
+        # A member whose process could not revoke its lease leaves within
+        # the TTL: wait that long for the group to empty.
+        until = time.monotonic() + SESSION_TTL + 2
+        while True:
+            found = client.kvstub.Range(
+                etcdrpc.RangeRequest(key=group, range_end=etcd3.utils.prefix_range_end(group)), 10
+            ).kvs
+            members = {kv.key[len(group) :].decode(): kv.create_revision for kv in found}
+            if not members or workload != "partition" or time.monotonic() > until:
+                break
+            time.sleep(0.2)  # polling etcd for the leases' expiry
 
         def values(directory: str) -> list[str]:
             prefix = (NAMESPACE + directory + "/").encode()
@@ -163,7 +177,12 @@ def _finish(workload: str, cluster: EtcdCluster, directory: Path) -> dict[str, A
         counter = client.get(NAMESPACE + "counter")[0]
     finally:
         client.close()
-    return {"remaining": remaining, "dead": dead, "counter": int(counter) if counter else 0}
+    return {
+        "remaining": remaining,
+        "dead": dead,
+        "counter": int(counter) if counter else 0,
+        "members": members,
+    }
 
 
 def _judge(workload: str, history: list[Any], final: dict[str, Any]) -> list[checkers.Verdict]:
@@ -189,6 +208,8 @@ def _judge(workload: str, history: list[Any], final: dict[str, Any]) -> list[che
         verdicts.append(
             checkers.check_claims(history, final["remaining"], final["dead"], MAX_DELIVERIES)
         )
+    elif workload == "partition":
+        verdicts.append(checkers.check_partition(history, ITEMS, final["members"]))
     return verdicts
 
 

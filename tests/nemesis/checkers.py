@@ -435,6 +435,113 @@ def _check_deliveries(
         last = count
 
 
+def check_partition(history: Sequence[Op], items: Sequence[str], final: dict[str, int]) -> Verdict:
+    """Memberships read by anyone agree, include every live member, and split the items.
+
+    "share" ops (a partition member's share) and "roster" ops (a watcher's
+    membership) carry the membership read's ``revision`` and ``created``
+    (member id to its key's create revision). "member" ops span a stay in
+    the group, from the join's return to the leave's call, with the
+    member's ``token`` and whether a loss was reported (``lost``).
+
+    * One revision, one membership, whoever read it.
+    * One stream's revisions increase.
+    * Every member listed was joined, with the token its join returned (or
+      by a join whose outcome is unknown): nothing listed was never written.
+    * A member whose stay spans a read is in it, unless it reported a loss.
+    * The shares of one revision are disjoint, each owner's is its own
+      (the owner is listed with its token), and when every member listed
+      reported its share at that revision, they cover every item.
+    * Every watcher's last membership is the final one, and the final one
+      is empty: everyone left, or was removed with its lease.
+    """
+    verdict = Verdict("partition")
+    reads = sorted(
+        (op for op in history if op.kind in ("share", "roster") and op.outcome == OK),
+        key=lambda op: op.invoke,
+    )
+    by_revision: dict[int, list[Op]] = defaultdict(list)
+    streams: dict[tuple[str, int], list[Op]] = defaultdict(list)
+    for op in reads:
+        by_revision[op.info["revision"]].append(op)
+        streams[op.process, op.info["stream"]].append(op)
+    for revision, ops in sorted(by_revision.items()):
+        for op in ops[1:]:
+            if op.info["created"] != ops[0].info["created"]:
+                verdict.violations.append(
+                    f"two memberships at revision {revision}: {_show(ops[0])} {_show(op)}"
+                )
+    for ops in streams.values():
+        for before, after in itertools.pairwise(ops):
+            if after.info["revision"] <= before.info["revision"]:
+                verdict.violations.append(f"revision went back: {_show(before)} {_show(after)}")
+    _check_listed(history, reads, verdict)
+    covered = sum(_check_shares(ops, items, verdict) for ops in by_revision.values())
+    if final:
+        verdict.violations.append(f"members left behind: {final}")
+    watchers: dict[str, list[Op]] = defaultdict(list)
+    for op in reads:
+        if op.kind == "roster":
+            watchers[op.process].append(op)
+    for process, ops in watchers.items():
+        if ops[-1].info["created"] != final:
+            verdict.violations.append(
+                f"{process} ended at {ops[-1].info['created']}, not at the final {final}"
+            )
+    stays = [op for op in history if op.kind == "member"]
+    verdict.counts = {
+        "reads": len(reads),
+        "revisions": len(by_revision),
+        "revisions every member reported": covered,
+        "stays": len(stays),
+        "losses reported": sum(bool(op.info["lost"]) for op in stays),
+        "rosters yielded": sum(len(ops) for ops in watchers.values()),
+    }
+    return verdict
+
+
+def _check_listed(history: Sequence[Op], reads: Sequence[Op], verdict: Verdict) -> None:
+    """Everyone listed joined; everyone whose stay spans a read is listed, but for a loss."""
+    joined = {
+        (op.process, op.info["token"]) for op in history if op.kind == "join" and op.outcome == OK
+    }
+    in_doubt = {op.process for op in history if op.kind == "join" and op.outcome == UNKNOWN}
+    for op in reads:
+        for member, token in op.info["created"].items():
+            if (member, token) not in joined and member not in in_doubt:
+                verdict.violations.append(f"{member}@{token} listed, never joined: {_show(op)}")
+    for stay in history:
+        if stay.kind != "member" or stay.info["lost"]:
+            continue
+        for op in reads:
+            spanned = stay.invoke < op.invoke and op.complete < stay.complete
+            if spanned and op.info["created"].get(stay.process) != stay.info["token"]:
+                verdict.violations.append(
+                    f"{stay.process}@{stay.info['token']} missing, no loss reported: "
+                    f"{_show(op)} within {_show(stay)}"
+                )
+
+
+def _check_shares(reads: Sequence[Op], items: Sequence[str], verdict: Verdict) -> bool:
+    """The shares read at one revision; whether every member listed reported one."""
+    listed = reads[0].info["created"]
+    shares = {op.process: op.info["owned"] for op in reads if op.kind == "share"}
+    for op in reads:
+        if op.kind == "share" and listed.get(op.process) != op.info["token"]:
+            verdict.violations.append(f"a share for a member not listed: {_show(op)}")
+    owners = Counter(item for owned in shares.values() for item in owned)
+    twice = sorted(item for item, n in owners.items() if n > 1)
+    revision = reads[0].info["revision"]
+    if twice:
+        verdict.violations.append(f"items owned twice at revision {revision}: {twice}")
+    if not shares or set(shares) != set(listed):
+        return False
+    if set(owners) != set(items):
+        nobody = sorted(set(items) - set(owners))
+        verdict.violations.append(f"items owned by nobody at revision {revision}: {nobody}")
+    return True
+
+
 def check_timeouts(history: Sequence[Op], slack: float = TIMEOUT_SLACK) -> Verdict:
     """Every call returns or raises within its bound plus ``slack``."""
     verdict = Verdict("timeouts")

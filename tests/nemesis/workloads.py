@@ -12,6 +12,7 @@ import contextlib
 import itertools
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,8 @@ from etcd_patterns import (
     LockLostError,
     OutcomeUnknownError,
 )
+from etcd_patterns._members import Roster
+from etcd_patterns._partition import Partition
 from etcd_patterns._queue import CHUNK
 from etcd_patterns._session import CLEANUP_TIMEOUT
 from tests.nemesis.history import OK, Op, Recorder
@@ -56,10 +59,22 @@ BOUNDS = {
     "enter": OP_TIMEOUT + 5 * TIMEOUT + CLEANUP_TIMEOUT,
     # saying so, the round's end, the last read, and a withdrawal
     "leave": OP_TIMEOUT + 4 * TIMEOUT,
+    # a lease grant, the join, settling a lost answer
+    "join": 3 * TIMEOUT,
+    # the wait for a change, a read when etcd moved on before the watch, the last read
+    "share": OP_TIMEOUT + 2 * TIMEOUT,
+    # deleting the member's key, settling a lost answer
+    "part": 2 * TIMEOUT,
 }
 NAMESPACE = "/nemesis/"
 SEMAPHORE_LIMIT = 2
 PARTICIPANTS = 3
+# The partitioner's group and items.
+GROUP = "G"
+ITEMS = [f"item-{n}" for n in range(60)]
+# A roster watcher, once stopped, follows on until the group is empty and
+# quiet for OP_TIMEOUT, or for this long at most.
+FOLLOW_ON = 30.0
 
 
 def _connect(endpoints: list[str]) -> EtcdPatterns:
@@ -360,6 +375,93 @@ def claim_one(
     return op.value is not None
 
 
+def partition_member(endpoints: list[str], out: str, name: str, stop: Any) -> None:
+    """Join the partitioner's group, follow this member's share for a while, leave; again.
+
+    Each share is recorded with the membership read it comes from (its
+    revision and the create revision of every member's key), computed by
+    the same read, wait loop and share as `Partition.changes`, which
+    yields the share alone. Each stay in the group is a "member" op, from
+    the join's return to the leave's call, with the member's token and
+    whether a loss was reported.
+    """
+    recorder = Recorder(Path(out), name)
+    chance = random.Random(name)
+    with _connect(endpoints) as etcd:
+        for stream in itertools.count():
+            if stop.is_set():
+                break
+            joining = etcd.partitioner(GROUP, name, ITEMS)
+            with recorder.op("join", bound=BOUNDS["join"]) as op:
+                part = joining.__enter__()
+                op.info["token"] = part.member.fencing_token
+            if op.outcome != OK:
+                continue
+            began, lost = time.monotonic(), False
+            stay = chance.uniform(0.2, 1.0)
+            until = began + stay
+            follow = part._groups.follow(part._raw, view=_with_share(part), timeout=stay)
+            with contextlib.closing(follow):
+                while time.monotonic() < until and not stop.is_set():
+                    with recorder.op("share", bound=BOUNDS["share"]) as op:
+                        roster, owned = next(follow)
+                        op.info.update(
+                            stream=stream,
+                            revision=roster.revision,
+                            created=roster.created,
+                            owned=owned,
+                            token=part.member.fencing_token,
+                        )
+                    if op.error == "MembershipLostError":
+                        lost = True
+                    if op.outcome != OK:
+                        break  # quiet, lost, or etcd away: this stay ends
+            ended = time.monotonic()
+            with recorder.op("part", bound=BOUNDS["part"]) as op:
+                joining.__exit__(None, None, None)
+            lost = lost or op.error == "MembershipLostError"
+            info = {"token": part.member.fencing_token, "lost": lost}
+            recorder.record(Op(name, "member", began, ended, info=info))
+    recorder.close()
+
+
+def _with_share(part: Partition) -> Callable[[Roster], tuple[Roster, list[str]]]:
+    return lambda roster: (roster, part._share(roster))
+
+
+def roster_watcher(endpoints: list[str], out: str, name: str, stop: Any) -> None:
+    """Follow the partitioner's group as `watch_members` does, recording each roster.
+
+    Once ``stop`` is set, it follows on until it has seen the group empty
+    and then no change for `OP_TIMEOUT`, or for `FOLLOW_ON` at most: its
+    last roster must then be the group's final state.
+    """
+    recorder = Recorder(Path(out), name)
+    with _connect(endpoints) as etcd:
+        raw = etcd._keyspace.encode(GROUP, name="group")
+        deadline, empty = None, False
+        for stream in itertools.count():
+            rosters = etcd._groups.follow(raw, view=lambda roster: roster, timeout=OP_TIMEOUT)
+            with contextlib.closing(rosters):
+                while deadline is None or time.monotonic() < deadline:
+                    if stop.is_set() and deadline is None:
+                        deadline = time.monotonic() + FOLLOW_ON
+                    with recorder.op("roster", bound=BOUNDS["observe"]) as op:
+                        roster = next(rosters)
+                        op.info.update(
+                            stream=stream, revision=roster.revision, created=roster.created
+                        )
+                    if op.outcome == OK:
+                        empty = not roster.created
+                    if op.outcome != OK:
+                        break  # a watch that raised is over: open another
+            if deadline is not None and (
+                time.monotonic() > deadline or (empty and op.error == "WatchTimeoutError")
+            ):
+                break
+    recorder.close()
+
+
 WORKLOADS: dict[str, list[Any]] = {
     "counter": [counter, counter, watcher, watcher],
     "lock": [lock, lock, lock],
@@ -369,4 +471,5 @@ WORKLOADS: dict[str, list[Any]] = {
     "barrier": [participant] * PARTICIPANTS,
     "queue": [producer, producer, consumer, consumer, consumer, consumer],
     "claims": [producer, producer, claimer, claimer, claimer, claimer],
+    "partition": [partition_member] * 3 + [roster_watcher],
 }

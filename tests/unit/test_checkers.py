@@ -254,3 +254,80 @@ def test_watch_catches_a_state_that_goes_back_repeats_or_was_never_written() -> 
     assert not checkers.check_watch(_watched(0, 5, 5, 9), final=9).ok  # the same twice
     assert not checkers.check_watch(_watched(0, 12), final=12 - 1).ok  # never written
     assert not checkers.check_watch(_watched(0, 5), final=9).ok  # missed the latest
+
+
+# -- partition --------------------------------------------------------------------
+
+ITEMS = ["a", "b", "c", "d"]
+
+
+def _joined(process: str, token: int, at: float) -> list[Op]:
+    """A join that returned at ``at``, and a stay until ``at + 10``."""
+    return [
+        Op(process, "join", at - 0.5, at, info={"token": token}),
+        Op(process, "member", at, at + 10, info={"token": token, "lost": False}),
+    ]
+
+
+def _read(
+    process: str, at: float, revision: int, created: dict[str, int], owned: list[str] | None = None
+) -> Op:
+    info: dict[str, Any] = {"stream": 0, "revision": revision, "created": created}
+    if owned is None:
+        return Op(process, "roster", at, at + 0.1, info=info)
+    return Op(
+        process, "share", at, at + 0.1, info={**info, "owned": owned, "token": created[process]}
+    )
+
+
+def _partition_history(**change: Any) -> list[Op]:
+    both = {"m1": 5, "m2": 6}
+    history = [
+        *_joined("m1", 5, 1),
+        *_joined("m2", 6, 2),
+        _read("m1", 3, 6, both, change.get("m1", ["a", "b"])),
+        _read("m2", 3, 6, both, change.get("m2", ["c", "d"])),
+        _read("w", 4, change.get("revision", 6), change.get("watched", both)),
+        _read("w", 20, 9, {}),
+    ]
+    return history
+
+
+def test_partition_accepts_agreeing_disjoint_covering_shares() -> None:
+    verdict = checkers.check_partition(_partition_history(), ITEMS, final={})
+    assert verdict.ok, verdict.violations
+    assert verdict.counts["revisions every member reported"] == 1
+
+
+def test_partition_catches_shares_that_overlap_or_leave_items_out() -> None:
+    assert not checkers.check_partition(_partition_history(m2=["b", "c", "d"]), ITEMS, {}).ok
+    assert not checkers.check_partition(_partition_history(m2=["c"]), ITEMS, {}).ok
+
+
+def test_partition_catches_two_memberships_at_one_revision_and_a_revision_going_back() -> None:
+    one = {"m1": 5}
+    assert not checkers.check_partition(_partition_history(watched=one), ITEMS, {}).ok
+    history = [*_partition_history(), _read("w", 21, 8, {})]
+    assert not checkers.check_partition(history, ITEMS, {}).ok
+
+
+def test_partition_catches_a_live_member_missing_or_a_member_never_joined() -> None:
+    # m2's stay spans the watcher's read at revision 7, which lists m1 alone.
+    missing = [*_partition_history(), _read("w", 5, 7, {"m1": 5})]
+    assert not checkers.check_partition(missing, ITEMS, {}).ok
+    # Unless m2 reported its loss.
+    lost = [
+        op
+        if op.kind != "member" or op.process != "m2"
+        else Op("m2", "member", op.invoke, op.complete, info={"token": 6, "lost": True})
+        for op in missing
+    ]
+    assert checkers.check_partition(lost, ITEMS, {}).ok
+    phantom = [*_partition_history(), _read("w", 5, 7, {"m1": 5, "m2": 6, "m3": 7})]
+    assert not checkers.check_partition(phantom, ITEMS, {}).ok
+
+
+def test_partition_catches_a_watcher_that_missed_the_end_or_a_member_left_behind() -> None:
+    ended_early = [op for op in _partition_history() if op.invoke != 20]
+    assert not checkers.check_partition(ended_early, ITEMS, {}).ok
+    assert not checkers.check_partition(_partition_history(), ITEMS, {"m1": 5}).ok
