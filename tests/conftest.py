@@ -7,8 +7,7 @@ unless ETCD_ENDPOINTS names a cluster to use instead.
 
 from __future__ import annotations
 
-import re
-import subprocess
+import warnings
 from collections.abc import Iterator
 
 import pytest
@@ -17,32 +16,25 @@ from etcd_patterns import EtcdPatterns
 from etcd_patterns.testing import (
     EtcdCluster,
     ExternalEtcd,
+    UnsoundEtcdWarning,
+    etcd_version,
     external_from_environment,
     find_etcd_binary,
+    is_unsound,
 )
 from tests.helpers import Raw
 
 pytest_plugins = ["pytester"]
 
 
-# etcd 3.5.0 to 3.5.2 can lose committed writes when a member is killed, and
-# can panic when clients drop connections mid-request (fixed in 3.5.3).
-_UNSAFE_UNDER_FAULTS = ((3, 5, 0), (3, 5, 2))
-
-
 def _binary_version() -> tuple[str, tuple[int, ...] | None]:
     """The harness's etcd binary and its version, if it can tell."""
-    binary = find_etcd_binary()
-    first = subprocess.run(
-        [binary, "--version"], capture_output=True, text=True, timeout=30, check=False
-    ).stdout.splitlines()[:1]
-    found = re.search(r"(\d+)\.(\d+)\.(\d+)", "".join(first))
-    return binary, tuple(int(part) for part in found.groups()) if found else None
-
-
-def _unsafe_under_faults(version: tuple[int, ...] | None) -> bool:
-    low, high = _UNSAFE_UNDER_FAULTS
-    return version is not None and low <= version <= high
+    # An unsound etcd is said so in the report's header (below), once,
+    # rather than raised from whichever test looks for etcd first.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnsoundEtcdWarning)
+        binary = find_etcd_binary()
+    return binary, etcd_version(binary)
 
 
 def pytest_report_header() -> list[str]:
@@ -52,7 +44,7 @@ def pytest_report_header() -> list[str]:
     binary, version = _binary_version()
     shown = ".".join(map(str, version)) if version else "unknown version"
     lines = [f"etcd: {binary} ({shown})"]
-    if _unsafe_under_faults(version):
+    if is_unsound(version):
         lines.append(
             f"WARNING: etcd {shown} can lose committed writes when a member is killed; "
             "the chaos tests are skipped (scripts/fetch-etcd fetches a sound etcd)"
@@ -64,7 +56,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     if external_from_environment() is not None:
         return
     _, version = _binary_version()
-    if not _unsafe_under_faults(version):
+    if not is_unsound(version):
         return
     shown = ".".join(map(str, version or ()))
     skip = pytest.mark.skip(

