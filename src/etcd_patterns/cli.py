@@ -1,6 +1,6 @@
 """``etcd-patterns``: the patterns from the shell, for scripts and operators.
 
-    etcd-patterns get KEY
+    etcd-patterns get KEY [--json]
     etcd-patterns watch KEY [--json] [--timeout S]
     etcd-patterns members GROUP [--json]
     etcd-patterns transform KEY (--set VALUE | --incr N)
@@ -50,18 +50,26 @@ delivery count and its value.
 per key queued under a name: its create revision (the fencing token), its
 lease in hex, its key and its value, separated by tabs.
 
+``lock``, ``try-lock``, ``semaphore``, ``claim`` and ``elect`` pass SIGTERM
+(and SIGINT, when not at a terminal) on to CMD, give it ``--grace`` seconds
+to exit before SIGKILL, and let go of what they hold only once it has
+exited; CMD gets SIGTERM if the hold is lost or goes unconfirmed, and, on
+Linux, if etcd-patterns itself dies.
+
 Exit status: 0 on success; a command's own status for ``lock``,
-``try-lock``, ``claim``, ``semaphore`` and ``elect`` (128 + N if it died of signal N); 75
+``try-lock``, ``claim``, ``semaphore`` and ``elect`` (128 + N if it died of
+signal N; 127 if it was not found, 126 if it could not be run); 75
 (``EX_TEMPFAIL``) when a lock is held, a wait timed out, an election has no
-leader, or a leadership was lost or went unconfirmed, so a script can try
-again later; 69
-(``EX_UNAVAILABLE``) when etcd cannot be reached; 130 on Ctrl-C while
-waiting; 2 for bad usage; 1 for any other error.
+leader, or a lock, permit, claim or leadership was lost or went unconfirmed
+while CMD ran, so a script can try again later; 69 (``EX_UNAVAILABLE``)
+when etcd cannot be reached; 130 on Ctrl-C while waiting; 2 for bad usage;
+1 for any other error (``get`` finding nothing among them).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -75,21 +83,65 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from signal import SIGINT, SIGTERM
 from types import FrameType
+from typing import IO
 
-from ._election import Leadership
+from . import __version__
 from ._errors import (
+    ClaimLostError,
     EtcdPatternsError,
     EtcdUnavailableError,
     LeadershipLostError,
+    LockLostError,
     OutcomeUnknownError,
     QueueEmptyError,
 )
 from ._facade import DEFAULT_TIMEOUT, EtcdPatterns
+from ._fence import Fence
 
 __all__ = ["main"]
 
 EX_TEMPFAIL = 75
 EX_UNAVAILABLE = 69
+# How long CMD has to exit once it is signalled, before SIGKILL (--grace).
+GRACE = 10.0
+
+_EPILOG = """\
+exit status:
+  0    success
+  N    lock, try-lock, claim, semaphore, elect: CMD's own status (128+N if it died of signal N)
+  1    any other error: a missing key for get, a value that is not an integer for --incr
+  2    bad usage
+  69   etcd cannot be reached (EX_UNAVAILABLE)
+  75   try again later (EX_TEMPFAIL): a lock held, a wait timed out, no leader, or a lock,
+       claim or leadership lost or unconfirmed while CMD ran (CMD was stopped)
+  126  CMD cannot be run; 127: CMD not found
+  130  Ctrl-C while waiting
+
+environment:
+  ETCD_ENDPOINTS      the endpoints, when --endpoints is not given (then 127.0.0.1:2379)
+  ETCD_PASSWORD       the password of --user
+  set for CMD:        ETCD_LOCK_KEY, ETCD_LOCK_REV (lock, try-lock, as etcdctl lock sets them);
+                      ETCD_SEMAPHORE_KEY, ETCD_SEMAPHORE_REV; ETCD_ELECTION_KEY, ETCD_ELECTION_REV
+
+signals: SIGTERM, and SIGINT from outside a terminal, are passed on to CMD; the lock, permit,
+claim or leadership is let go only once CMD has exited (SIGKILL after --grace seconds).
+If etcd-patterns itself dies, CMD gets SIGTERM (Linux).
+"""
+
+# Runs CMD, on Linux, so that it gets SIGTERM if etcd-patterns dies: not
+# even SIGKILL then leaves it running without what it holds.
+_ORPHAN_GUARD = """\
+import ctypes, os, signal, sys
+parent, argv = int(sys.argv[1]), sys.argv[2:]
+ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+if os.getppid() != parent:
+    sys.exit(128 + signal.SIGTERM)  # etcd-patterns is gone already
+try:
+    os.execvp(argv[0], argv)
+except OSError as exc:
+    print(f"etcd-patterns: {argv[0]}: {exc.strerror}", file=sys.stderr)
+    sys.exit(127 if isinstance(exc, FileNotFoundError) else 126)
+"""
 
 
 class _CommandFailed(Exception):
@@ -102,8 +154,12 @@ class _CommandFailed(Exception):
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="etcd-patterns", description="Coordination patterns on etcd, from the shell."
+        prog="etcd-patterns",
+        description="Coordination patterns on etcd, from the shell.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--endpoints", help="host:port[,host:port...] (default: $ETCD_ENDPOINTS)")
     parser.add_argument("--namespace", default=None, help="a prefix for every key")
     parser.add_argument(
@@ -116,11 +172,20 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--cacert", help="CA certificate file; enables TLS")
     parser.add_argument("--cert", dest="tls_cert", help="client certificate file")
     parser.add_argument("--key", dest="tls_key", help="client key file")
+    parser.add_argument(
+        "--grace",
+        type=float,
+        default=GRACE,
+        help=f"seconds CMD has to exit once signalled, before SIGKILL (default {GRACE:g})",
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    get = commands.add_parser("get", help="print a key's value, or a directory's values")
+    get = commands.add_parser(
+        "get", help="print a key's value, or a directory's values; exit 1 if there is none"
+    )
     get.add_argument("key")
+    get.add_argument("--json", action="store_true", help="one JSON list of the values")
 
     watch = commands.add_parser("watch", help="print a key's values now, then after each change")
     watch.add_argument("key")
@@ -232,8 +297,15 @@ def _connect(args: argparse.Namespace) -> EtcdPatterns:
 
 
 def _get(etcd: EtcdPatterns, args: argparse.Namespace) -> int:
-    for value in etcd.get_values(args.key):
-        print(value)
+    values = etcd.get_values(args.key)
+    if args.json:
+        print(json.dumps(values))
+    else:
+        for value in values:
+            print(value)
+    if not values:
+        print(f"etcd-patterns: no key or directory {args.key!r}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -257,8 +329,21 @@ def _transform(etcd: EtcdPatterns, args: argparse.Namespace) -> int:
     if args.value is not None:
         print(etcd.transform(args.key, lambda _: args.value, default=""))
     else:
-        print(etcd.transform(args.key, lambda v: str(int(v) + args.incr), default="0"))
+        print(
+            etcd.transform(args.key, lambda v: str(_integer(args.key, v) + args.incr), default="0")
+        )
     return 0
+
+
+class _NotAnInteger(EtcdPatternsError, ValueError):
+    """``transform --incr`` found a value that is not an integer."""
+
+
+def _integer(key: str, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise _NotAnInteger(f"the value of {key!r} is not an integer: {value!r}") from None
 
 
 def _lock(etcd: EtcdPatterns, args: argparse.Namespace) -> int:
@@ -274,7 +359,7 @@ def _lock(etcd: EtcdPatterns, args: argparse.Namespace) -> int:
         env = dict(os.environ)
         env["ETCD_LOCK_KEY"] = etcd.namespace + held.key  # as etcdctl lock sets them
         env["ETCD_LOCK_REV"] = str(held.fencing_token)
-        return subprocess.call(args.cmd, env=env)
+        return _run_holding(args.cmd, env, held, f"the lock {args.key!r}", grace=args.grace)
 
 
 def _semaphore(etcd: EtcdPatterns, args: argparse.Namespace) -> int:
@@ -282,7 +367,7 @@ def _semaphore(etcd: EtcdPatterns, args: argparse.Namespace) -> int:
         env = dict(os.environ)
         env["ETCD_SEMAPHORE_KEY"] = etcd.namespace + permit.key
         env["ETCD_SEMAPHORE_REV"] = str(permit.fencing_token)
-        return subprocess.call(args.cmd, env=env)
+        return _run_holding(args.cmd, env, permit, f"a permit of {args.name!r}", grace=args.grace)
 
 
 def _contenders(etcd: EtcdPatterns, args: argparse.Namespace) -> int:
@@ -345,9 +430,16 @@ def _claim(etcd: EtcdPatterns, args: argparse.Namespace) -> int:
             max_deliveries=args.max_deliveries,
             dead_letter=args.dead_letter,
         ) as item:
-            status = subprocess.run(args.cmd, input=item.value, text=True, check=False)
-            if status.returncode:
-                raise _CommandFailed(status.returncode)
+            status = _run_holding(
+                args.cmd,
+                dict(os.environ),
+                item,
+                f"the claim on {item.key!r}",
+                grace=args.grace,
+                stdin=item.value,
+            )
+            if status:
+                raise _CommandFailed(status)
     except _CommandFailed as failed:
         return failed.status
     return 0
@@ -393,82 +485,128 @@ def _elect(etcd: EtcdPatterns, args: argparse.Namespace) -> int:
         env = dict(os.environ)
         env["ETCD_ELECTION_KEY"] = key
         env["ETCD_ELECTION_REV"] = str(leadership.fencing_token)
-        return _run_while_leading(args.cmd, env, leadership)
+        return _run_holding(
+            args.cmd, env, leadership, f"the leadership of {args.name!r}", grace=args.grace
+        )
 
 
 class _PassOn:
-    """The SIGINT and SIGTERM handler while a command runs as leader.
+    """The SIGINT and SIGTERM handler while CMD runs.
 
-    SIGTERM is passed on to the command, even one that arrives while it is
-    being started. SIGINT is not: a Ctrl-C at a terminal reaches the
-    command's process group, which is this process's, by itself.
+    SIGTERM is passed on to CMD, even one that arrives while it is being
+    started. So is SIGINT, unless etcd-patterns runs at a terminal: a
+    Ctrl-C there reaches CMD's process group, which is this process's, by
+    itself. The first signal sent to CMD starts its grace period.
     """
 
     def __init__(self) -> None:
-        self.child: subprocess.Popen[bytes] | None = None
+        self.child: subprocess.Popen[str] | None = None
         self.pending: list[int] = []
+        self.signalled_at: float | None = None
+        self.at_terminal = sys.stdin is not None and sys.stdin.isatty()
 
     def __call__(self, signum: int, frame: FrameType | None) -> None:
-        if signum != signal.SIGTERM:
-            return
-        if self.child is None:
+        if signum == signal.SIGINT and self.at_terminal:
+            self.signalled_at = self.signalled_at or time.monotonic()
+        elif self.child is None:
             self.pending.append(signum)
         else:
+            self.send(signum)
+
+    def send(self, signum: int) -> None:
+        assert self.child is not None
+        self.signalled_at = self.signalled_at or time.monotonic()
+        if self.child.poll() is None:
             self.child.send_signal(signum)
 
-    def adopt(self, child: subprocess.Popen[bytes]) -> None:
+    def adopt(self, child: subprocess.Popen[str]) -> None:
         self.child = child
         for signum in self.pending:
-            child.send_signal(signum)
+            self.send(signum)
 
 
-def _run_while_leading(cmd: list[str], env: dict[str, str], leadership: Leadership) -> int:
-    """Run ``cmd``; stop it if the leadership is lost or in doubt; its exit status."""
+def _spawn(cmd: list[str], env: dict[str, str], stdin: str | None) -> subprocess.Popen[str]:
+    argv = cmd
+    if sys.platform == "linux":
+        argv = [sys.executable, "-S", "-E", "-c", _ORPHAN_GUARD, str(os.getpid()), *cmd]
+    child = subprocess.Popen(
+        argv, env=env, stdin=None if stdin is None else subprocess.PIPE, text=True
+    )
+    if stdin is not None:
+
+        def feed(pipe: IO[str] = child.stdin) -> None:  # type: ignore[assignment]
+            with contextlib.suppress(BrokenPipeError, OSError):  # CMD may not read it all
+                pipe.write(stdin)
+                pipe.close()
+
+        threading.Thread(target=feed, daemon=True).start()
+    return child
+
+
+def _run_holding(
+    cmd: list[str],
+    env: dict[str, str],
+    fence: Fence,
+    what: str,
+    *,
+    grace: float,
+    stdin: str | None = None,
+) -> int:
+    """Run ``cmd`` while ``fence`` holds; return its exit status once it has exited.
+
+    CMD is sent SIGTERM once the hold is lost or no longer confirmed, and
+    SIGKILL ``grace`` seconds after it was first signalled. So the caller
+    lets go of the hold only after CMD is gone.
+    """
     pass_on = _PassOn()
     previous = [(signum, signal.signal(signum, pass_on)) for signum in (SIGINT, SIGTERM)]
     stopped: list[str] = []
     try:
-        child = subprocess.Popen(cmd, env=env)
+        child = _spawn(cmd, env, stdin)
         pass_on.adopt(child)
         watchdog = threading.Thread(
-            target=_stop_unless_leading, args=(leadership, child, stopped), daemon=True
+            target=_stop_unless_held, args=(fence, pass_on, stopped), daemon=True
         )
         watchdog.start()
-        returncode = child.wait()
+        while True:
+            try:
+                returncode = child.wait(timeout=0.1)
+                break
+            except subprocess.TimeoutExpired:
+                signalled = pass_on.signalled_at
+                if signalled is not None and time.monotonic() > signalled + grace:
+                    child.kill()
     finally:
         for signum, handler in previous:
             signal.signal(signum, handler)
     if stopped == ["in doubt"]:
         print(
-            f"etcd-patterns: etcd did not confirm the leadership of {leadership.name!r} "
-            "in time; the command was stopped",
+            f"etcd-patterns: etcd did not confirm {what} in time; the command was stopped",
             file=sys.stderr,
         )
         return EX_TEMPFAIL
-    # If the leadership was lost, leaving the block raises
-    # LeadershipLostError.
+    # If the hold was lost, leaving its block raises the loss.
     return _status(returncode)
 
 
-def _stop_unless_leading(
-    leadership: Leadership, child: subprocess.Popen[bytes], stopped: list[str]
-) -> None:
-    """Send the command SIGTERM once the leadership is lost, or no longer confirmed.
+def _stop_unless_held(fence: Fence, pass_on: _PassOn, stopped: list[str]) -> None:
+    """Send CMD SIGTERM once the hold is lost, or no longer confirmed.
 
-    Past `Leadership.confirmed_until`, etcd may have let the lease expire
-    and elected another: a leader cut off from etcd must stop acting.
+    Past `Fence.confirmed_until`, etcd may have let the lease expire and
+    given the hold to another: a holder cut off from etcd must stop acting.
     """
+    child = pass_on.child
+    assert child is not None
     while child.poll() is None:
-        if leadership.lost.is_set():
+        if fence.lost.is_set():
             stopped.append("lost")
-        elif time.monotonic() > leadership.confirmed_until:
+        elif time.monotonic() > fence.confirmed_until:
             stopped.append("in doubt")
         else:
-            left = leadership.confirmed_until - time.monotonic()
-            leadership.lost.wait(timeout=max(0.0, min(0.5, left)))
+            left = fence.confirmed_until - time.monotonic()
+            fence.lost.wait(timeout=max(0.0, min(0.5, left)))
             continue
-        if child.poll() is None:
-            child.terminate()
+        pass_on.send(signal.SIGTERM)
         return
 
 
@@ -526,7 +664,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         else:
             print(f"etcd-patterns: {exc}", file=sys.stderr)
-        if isinstance(exc, (TimeoutError, QueueEmptyError, LeadershipLostError)):
+        lost = (LeadershipLostError, LockLostError, ClaimLostError)
+        if isinstance(exc, (TimeoutError, QueueEmptyError, *lost)):
             return EX_TEMPFAIL
         return EX_UNAVAILABLE if isinstance(exc, (EtcdUnavailableError, OutcomeUnknownError)) else 1
 

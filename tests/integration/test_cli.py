@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from etcd_patterns import EtcdPatterns
+from etcd_patterns import EtcdPatterns, __version__
 from etcd_patterns.testing import EtcdCluster, ExternalEtcd, FaultProxy
 from tests.helpers import Raw, wait_until, watchers
 
@@ -45,7 +45,38 @@ def test_get_and_transform(etcd: Etcd, namespace: str, raw: Raw) -> None:
     raw.put("d/b", "y")
     assert cli(etcd, namespace, "get", "n").stdout == "7\n"
     assert cli(etcd, namespace, "get", "d").stdout == "x\ny\n"
-    assert cli(etcd, namespace, "get", "missing").stdout == ""
+    missing = cli(etcd, namespace, "get", "missing")
+    assert (missing.returncode, missing.stdout) == (1, "")
+    assert missing.stderr == "etcd-patterns: no key or directory 'missing'\n"
+    raw.put("lines", "a\nb")  # ambiguous as lines; not as JSON
+    assert json.loads(cli(etcd, namespace, "get", "lines", "--json").stdout) == ["a\nb"]
+    assert json.loads(cli(etcd, namespace, "get", "d", "--json").stdout) == ["x", "y"]
+    assert cli(etcd, namespace, "get", "missing", "--json").stdout == "[]\n"
+
+
+def test_incr_on_a_value_that_is_not_an_integer_says_so_and_changes_nothing(
+    etcd: Etcd, namespace: str, raw: Raw
+) -> None:
+    raw.put("n", "seven")
+    before = raw.snapshot()
+    result = cli(etcd, namespace, "transform", "n", "--incr", "1")
+    assert result.returncode == 1
+    assert result.stderr == "etcd-patterns: the value of 'n' is not an integer: 'seven'\n"
+    assert raw.snapshot() == before
+
+
+def test_version_and_help_name_the_exit_codes_and_variables() -> None:
+    script = Path(sys.executable).with_name("etcd-patterns")
+    version = subprocess.run(
+        [str(script), "--version"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert (version.returncode, version.stdout) == (0, f"etcd-patterns {__version__}\n")
+    shown = subprocess.run(
+        [str(script), "--help"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert shown.returncode == 0
+    for text in ("69", "75", "130", "ETCD_LOCK_KEY", "ETCD_ENDPOINTS", "ETCD_PASSWORD", "SIGTERM"):
+        assert text in shown.stdout, text
 
 
 def test_lock_runs_the_command_with_etcdctls_variables(etcd: Etcd, namespace: str) -> None:
@@ -272,24 +303,151 @@ def test_the_installed_console_script(etcd: Etcd, namespace: str, raw: Raw) -> N
 # -- elect and leader -------------------------------------------------------------
 
 
-def cli_process(etcd: Etcd, namespace: str, *args: str) -> subprocess.Popen[str]:
-    """The command line as a running process whose stdout the test reads."""
-    return subprocess.Popen(
-        [
+def cli_process(
+    etcd: Etcd, namespace: str, *args: str, console: bool = False
+) -> subprocess.Popen[str]:
+    """The command line as a running process whose stdin, stdout and stderr the test holds.
+
+    With ``console``, the installed console script; otherwise the module,
+    with Ctrl-C handled by default, which a parent in the background may
+    have left ignored.
+    """
+    start = (
+        [str(Path(sys.executable).with_name("etcd-patterns"))]
+        if console
+        else [
             sys.executable,
             "-c",
-            # Default Ctrl-C handling, which a parent in the background may
-            # have left ignored.
             "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
             "from etcd_patterns.cli import main; sys.exit(main(sys.argv[1:]))",
-            f"--endpoints={','.join(etcd.endpoints)}",
-            f"--namespace={namespace}",
-            *args,
-        ],
+        ]
+    )
+    return subprocess.Popen(
+        [*start, f"--endpoints={','.join(etcd.endpoints)}", f"--namespace={namespace}", *args],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+# A command that says when it runs and when it is asked to stop, and then
+# exits 7 once its stdin (which it shares with the CLI) gives it a line.
+STOPS_WHEN_TOLD = (
+    "import signal, sys, threading\n"
+    "def stop(*_):\n"
+    "    print('stopping', flush=True); sys.stdin.readline(); sys.exit(7)\n"
+    "signal.signal(signal.SIGTERM, stop)\n"
+    "signal.signal(signal.SIGINT, stop)\n"
+    "print('running', flush=True)\n"
+    "threading.Event().wait(60)\n"
+)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_reaches_the_command_and_the_lock_is_held_until_it_exits(
+    etcd: Etcd, namespace: str, patterns: EtcdPatterns, raw: Raw, signum: int
+) -> None:
+    child = cli_process(
+        etcd, namespace, "lock", "L", "--", sys.executable, "-c", STOPS_WHEN_TOLD, console=True
+    )
+    assert child.stdout is not None
+    assert child.stdin is not None
+    assert child.stdout.readline() == "running\n"
+    child.send_signal(signum)  # from outside a terminal: passed on
+    assert child.stdout.readline() == "stopping\n"
+    # The command still runs: the lock is still held.
+    assert raw.count("L/") == 1
+    assert not patterns.try_lock("L", lambda: None).acquired
+    child.stdin.write("go\n")
+    child.stdin.flush()
+    _, err = child.communicate(timeout=30)
+    assert child.returncode == 7, err  # the command's own status
+    assert raw.count("L/") == 0  # released once it exited
+
+
+@pytest.mark.timeout(60)
+def test_a_command_that_ignores_sigterm_is_killed_after_the_grace_period(
+    etcd: Etcd, namespace: str, raw: Raw
+) -> None:
+    script = (
+        "import signal, threading\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "print('running', flush=True)\n"
+        "threading.Event().wait(60)\n"
+    )
+    grace = 0.5
+    child = cli_process(
+        etcd, namespace, f"--grace={grace}", "lock", "L", "--", sys.executable, "-c", script
+    )
+    assert child.stdout is not None
+    assert child.stdout.readline() == "running\n"
+    child.send_signal(signal.SIGTERM)
+    asked = time.monotonic()
+    _, err = child.communicate(timeout=30)
+    assert child.returncode == 128 + signal.SIGKILL, err
+    assert time.monotonic() - asked >= grace
+    assert raw.count("L/") == 0
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("command", ["lock", "claim"])
+def test_a_killed_cli_stops_its_command(
+    etcd: Etcd, namespace: str, patterns: EtcdPatterns, command: str
+) -> None:
+    script = (
+        "import signal, sys, threading\n"
+        "def stop(*_):\n"
+        "    print('stopped', flush=True); sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, stop)\n"
+        "sys.stdin.close()\n"
+        "print('running', flush=True)\n"
+        "threading.Event().wait(60)\n"
+    )
+    where = ["L"] if command == "lock" else ["q"]
+    if command == "claim":
+        patterns.enqueue("q", "job")
+    child = cli_process(etcd, namespace, command, *where, "--", sys.executable, "-c", script)
+    assert child.stdout is not None
+    assert child.stdout.readline() == "running\n"
+    child.kill()  # SIGKILL: nothing of the CLI runs after it
+    child.wait(timeout=30)
+    # The command, which shares the CLI's stdout, hears of it at once.
+    assert child.stdout.readline() == "stopped\n"
+    child.communicate(timeout=30)  # and exits: the pipe it shares ends
+
+
+@pytest.mark.timeout(60)
+def test_a_lock_lost_while_the_command_runs_stops_it_and_exits_75(
+    etcd: Etcd, namespace: str, raw: Raw
+) -> None:
+    script = (
+        "import signal, sys, threading\n"
+        "def stop(*_):\n"
+        "    print('stopped', flush=True); sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, stop)\n"
+        "print('running', flush=True)\n"
+        "threading.Event().wait(60)\n"
+    )
+    child = cli_process(
+        etcd, namespace, "lock", "L", "--ttl", "3", "--", sys.executable, "-c", script
+    )
+    assert child.stdout is not None
+    assert child.stdout.readline() == "running\n"
+    (key,) = [key for key in raw.snapshot() if b"/L/" in key]
+    _, meta = raw.client.get(key)
+    raw.client.revoke_lease(meta.lease_id)  # the lock is lost
+    out, err = child.communicate(timeout=30)
+    assert child.returncode == 75, err
+    assert out == "stopped\n"
+    assert "lost" in err
+
+
+def test_a_command_that_cannot_be_found_exits_127(etcd: Etcd, namespace: str) -> None:
+    result = cli(etcd, namespace, "lock", "L", "--", "no-such-command-here")
+    assert result.returncode == 127
+    assert "no-such-command-here" in result.stderr
 
 
 def test_elect_runs_the_command_while_leading(etcd: Etcd, namespace: str, raw: Raw) -> None:
