@@ -29,6 +29,7 @@ clear, and `Fence.confirmed_until` says until when the hold was certain.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import threading
@@ -181,10 +182,15 @@ class Holding(Generic[F]):
             raise held._lost_error(self._lost)
 
 
+@functools.cache
+def _host() -> str:
+    return socket.gethostname()
+
+
 def holder_info() -> bytes:
     """What a holder's key says of it: host, process and thread, for whoever looks."""
     thread = threading.current_thread().name
-    return f"{socket.gethostname()} pid={os.getpid()} thread={thread}".encode()
+    return f"{_host()} pid={os.getpid()} thread={thread}".encode()
 
 
 class ThreadHolds:

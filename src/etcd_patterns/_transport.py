@@ -41,12 +41,13 @@ from ._errors import (
     ClosedError,
     EtcdUnavailableError,
     LeaseNotFoundError,
+    OutcomeUnknownError,
     ValueTooLargeError,
     connection_failed,
     forked,
     translate,
 )
-from ._retry import Deadline, retry_transient
+from ._retry import Deadline, is_transient, transient_policy
 
 T = TypeVar("T")
 
@@ -61,6 +62,8 @@ CLEANUP_TIMEOUT = 2.0
 # Room for the envelope etcd wraps around a request before checking its
 # size against --max-request-bytes.
 _REQUEST_OVERHEAD = 512
+# The retry policies for reads and for writes, shared by every request.
+_POLICIES = {write: transient_policy(write=write) for write in (False, True)}
 
 DEFAULT_MAX_REQUEST_BYTES = 1_572_864  # etcd's default --max-request-bytes (1.5 MiB)
 
@@ -289,8 +292,22 @@ class Transport:
         deadline: Deadline | None,
     ) -> T:
         limit = (deadline or Deadline(None)).within(self.timeout)
-        policy = retry_transient(limit, write=write)
-        result: T = policy(self._attempt, stub_class, send, limit, write)
+        # Most requests succeed at once: the first try goes without the
+        # retry machinery, which takes over, first failure included, only
+        # if it failed in a way worth another try.
+        try:
+            return self._attempt(stub_class, send, limit, write)
+        except (EtcdUnavailableError, OutcomeUnknownError) as exc:
+            if not is_transient(exc, write=write):
+                raise
+            failed: list[BaseException] = [exc]
+
+        def attempt(*, deadline: Deadline) -> T:
+            if failed:
+                raise failed.pop()
+            return self._attempt(stub_class, send, deadline, write)
+
+        result: T = _POLICIES[write](attempt, deadline=limit)
         return result
 
     def _attempt(
