@@ -45,23 +45,22 @@ def fmt(value: float | None, pattern: str = "{:.0f}") -> str:
 # not measured is said to be so.
 WHY_MISSED = {
     "uncontended lock cycle >= 0.45x raw txn": (
-        "a cycle is two round trips (the RPCs/op column), so 0.5x at best, and its "
-        "acquisition also writes the exactly-once commit's bookkeeping key, which the raw "
-        "put does not. Where the rest goes has not been profiled."
+        "a cycle is two round trips (the RPCs/op column), so 0.5x at best; the rest is the "
+        "library's own work per call, which the section below breaks down. {lock_split}"
     ),
     "uncontended lock cycle >= 1.4x python-etcd3 Lock": (
         "python-etcd3's cycle is three round trips and ours two (the RPCs/op column), so "
-        "round trips do not explain it. Where the time goes has not been profiled."
+        "round trips do not explain it; each of ours costs more Python work (see below)."
     ),
-    "enqueue >= 0.9x raw txn": (
-        "an enqueue writes two keys in its one transaction, the item and the exactly-once "
-        "commit's bookkeeping key; the raw baseline writes one. Their share of the gap has "
-        "not been measured."
+    "enqueue >= 0.95x raw txn": ("{enqueue_split}"),
+    "transform uncontended >= 0.5x raw txn": (
+        "a transform is a read and a transaction, two round trips, so 0.5x is the limit "
+        "itself; the library's work per call (see below) takes the rest."
     ),
     "8 contenders: RPCs per acquisition <= 4": (
-        "a waiter reads its turn once more when etcd moved on between its read and its "
-        "watch, because its watch starts at the current revision rather than at its read's. "
-        "The tests hold it to at most 5 with 2 and with 8 contenders."
+        "a waiter needs four requests (register, one watch stream, the read after its "
+        "predecessor left, release); more come only from waits that a watch could not "
+        "settle (a stream that broke, a compaction)."
     ),
     "8 contenders: handoff p50 < 3 ms": (
         "a handoff costs the same requests as before (a release, one watch event, one "
@@ -87,6 +86,44 @@ WHY_MISSED = {
 }
 
 
+def splits(data: dict[str, Any]) -> dict[str, str]:
+    """Where an enqueue's and a lock cycle's time goes, measured in this run."""
+    results = data["results"]
+    named = {r["name"]: r for r in results}
+    shaped = named.get("raw etcd3 txn shaped as an enqueue, with the bookkeeping key")
+    lean = named.get("raw etcd3 txn shaped as an enqueue, without the bookkeeping key")
+    enqueue = named.get("enqueue")
+    profiles = data.get("profiles", {})
+    if shaped is None or lean is None or enqueue is None:
+        enqueue_split = "the share of each cause was not measured in this run."
+    else:
+        with_key = shaped["extra"].get("ratio", 0.0)
+        without_key = lean["extra"].get("ratio", 0.0)
+        enqueue_split = (
+            f"the raw client sending an enqueue's own transaction reaches {with_key:.2f}x "
+            f"of the raw put, and {without_key:.2f}x without the exactly-once commit's "
+            f"bookkeeping key, in this run: the transaction's shape (the queue's compare, "
+            f"longer keys) and the bookkeeping key cost about "
+            f"{max(0.0, 1 - with_key) * 100:.0f}% together, the key itself "
+            f"{(without_key - with_key) * 100:+.0f} points, within the rounds' noise; the "
+            f"library's own Python work per call takes the rest, from {with_key:.2f}x to "
+            f"{enqueue['extra'].get('ratio', 0.0):.2f}x"
+        )
+        if "enqueue" in profiles:
+            enqueue_split += (
+                f" ({profiles['enqueue']['wall us per call (profiled)']:.0f} us per call "
+                "under the profiler, below)"
+            )
+        enqueue_split += "."
+    lock = profiles.get("lock cycle, uncontended")
+    lock_split = (
+        f"Under the profiler, a cycle took {lock['wall us per call (profiled)']:.0f} us."
+        if lock
+        else ""
+    )
+    return {"enqueue_split": enqueue_split, "lock_split": lock_split}
+
+
 def targets(results: list[dict[str, Any]], baseline: float) -> list[tuple[str, str, bool | None]]:
     """Each target: what was asked, what was measured, and met or not (None: not measured)."""
 
@@ -96,6 +133,12 @@ def targets(results: list[dict[str, Any]], baseline: float) -> list[tuple[str, s
     def ratio(name: str) -> float:
         value: float = find(results, name)["extra"].get("ratio", rate(name) / baseline)
         return value
+
+    def shown(name: str) -> str:
+        """The ratio, and its spread over rounds."""
+        ratios = find(results, name)["extra"].get("ratios") or []
+        spread = f" ({min(ratios):.2f}-{max(ratios):.2f})" if len(ratios) > 1 else ""
+        return f"{ratio(name):.2f}x{spread}"
 
     cycle = find(results, "lock cycle, uncontended")
     peer_cycle = ratio("python-etcd3 Lock cycle, uncontended")
@@ -116,7 +159,7 @@ def targets(results: list[dict[str, Any]], baseline: float) -> list[tuple[str, s
         ),
         (
             "uncontended lock cycle >= 0.45x raw txn",
-            f"{ratio('lock cycle, uncontended'):.2f}x",
+            shown("lock cycle, uncontended"),
             ratio("lock cycle, uncontended") >= 0.45,
         ),
         (
@@ -141,9 +184,14 @@ def targets(results: list[dict[str, Any]], baseline: float) -> list[tuple[str, s
             round(enqueue["rpcs_per_op"], 2) == 1.0,
         ),
         (
-            "enqueue >= 0.9x raw txn",
-            f"{ratio('enqueue'):.2f}x",
-            ratio("enqueue") >= 0.9,
+            "enqueue >= 0.95x raw txn",
+            shown("enqueue"),
+            ratio("enqueue") >= 0.95,
+        ),
+        (
+            "transform uncontended >= 0.5x raw txn",
+            shown("transform, uncontended"),
+            ratio("transform, uncontended") >= 0.5,
         ),
         (
             "amortised dequeue <= 1.2 RPCs",
@@ -344,14 +392,46 @@ def write_report(data: dict[str, Any], report: Path, images: Path) -> None:
         verdict = "not measured" if met is None else "yes" if met else "**no**"
         lines.append(f"| {target} | {measured} | {verdict} |")
         if met is False:
-            missed.append(f"- **{target}**: {WHY_MISSED.get(target, 'no explanation recorded.')}")
+            why = WHY_MISSED.get(target, "no explanation recorded.")
+            missed.append(f"- **{target}**: {why.format(**splits(data))}")
     if missed:
         lines += ["", "Why a target was missed:", "", *missed]
+    lines += profile_section(data.get("profiles", {}))
     lines += ["", "## Plots", ""]
     for image in plot(results, images):
         lines.append(f"![{image}](img/{image})")
         lines.append("")
     report.write_text("\n".join(lines).rstrip() + "\n")
+
+
+def profile_section(profiles: dict[str, Any]) -> list[str]:
+    """cProfile's top entries per call, by own time: where the library's time goes."""
+    if not profiles:
+        return []
+    lines = [
+        "",
+        "## Where the time goes",
+        "",
+        "cProfile's top entries by own time, per call, in the same process as the rest of "
+        "the run (the profiler itself slows each call). `_blocking` in gRPC's `_channel.py` "
+        "is the wait for etcd's answer, network and etcd's own work included; the rest is "
+        "Python work on this side.",
+    ]
+    for name, profile in profiles.items():
+        lines += [
+            "",
+            f"**{name}**: {profile['wall us per call (profiled)']:.0f} us per call, profiled, "
+            f"over {profile['calls']} calls.",
+            "",
+            "| Function | Calls per call | Own us per call | Cumulative us per call |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| `{entry['function']}` | {entry['calls per call']:.1f} | "
+            f"{entry['own us per call']:.1f} | {entry['cumulative us per call']:.1f} |"
+            for entry in profile["top"]
+        ]
+    return lines
 
 
 if __name__ == "__main__":

@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import cProfile
 import itertools
 import json
 import multiprocessing
 import os
 import platform
+import pstats
+import secrets
 import statistics
 import subprocess
 import sys
@@ -36,6 +39,7 @@ from typing import Any
 import etcd3
 
 from etcd_patterns import EtcdPatterns, QueueEmptyError
+from etcd_patterns import _ops as ops
 from etcd_patterns._queue import CHAIN
 from etcd_patterns.testing import EtcdCluster, RpcCount, find_etcd_binary
 
@@ -81,6 +85,7 @@ class Bench:
         self.scale = scale
         self.results: list[Result] = []
         self.baseline: Callable[[int], object] | None = None
+        self.profiles: dict[str, dict[str, Any]] = {}
 
     def n(self, base: int) -> int:
         return max(10, int(base * self.scale))
@@ -120,6 +125,7 @@ class Bench:
                 ratios.append(rates[-1] / base)
         if ratios:
             extra["ratio"] = statistics.median(ratios)
+            extra["ratios"] = ratios
         result = Result(family, name, rates, latencies, calls / (ops * self.rounds), extra)
         self.add(result)
         return result
@@ -131,6 +137,58 @@ class Bench:
         lat = "" if p50 is None else f" p50 {p50:.2f} ms"
         rate = "latency only" if result.median is None else f"{result.median:9.0f}/s"
         print(f"  {result.family:9} {result.name:44} {rate}{rpc}{lat}", flush=True)
+
+
+# -- where the time goes ----------------------------------------------------------
+
+PROFILE_TOP = 8
+
+
+def profiles(bench: Bench) -> None:
+    """cProfile's top entries, by own time, for the calls the targets are about."""
+    with bench.connect() as etcd:
+
+        def lock_cycle(_: int) -> None:
+            with etcd.locked("profiled-lock"):
+                pass
+
+        cases: dict[str, Callable[[int], object]] = {
+            "enqueue": lambda _: etcd.enqueue("profiled-queue", "v"),
+            "lock cycle, uncontended": lock_cycle,
+            "transform, uncontended": lambda _: etcd.transform("profiled", _incr, default="0"),
+        }
+        for name, op in cases.items():
+            op(-1)
+            count = bench.n(1000)
+            profiler = cProfile.Profile()
+            started = time.perf_counter()
+            profiler.enable()
+            for i in range(count):
+                op(i)
+            profiler.disable()
+            wall = time.perf_counter() - started
+            table = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
+            top = sorted(table.items(), key=lambda entry: entry[1][2], reverse=True)
+            bench.profiles[name] = {
+                "calls": count,
+                "wall us per call (profiled)": wall / count * 1e6,
+                "top": [
+                    {
+                        "function": f"{Path(path).name}:{line}({function})",
+                        "calls per call": primitive / count,
+                        "own us per call": own / count * 1e6,
+                        "cumulative us per call": cumulative / count * 1e6,
+                    }
+                    for (path, line, function), (primitive, _, own, cumulative, _) in top[
+                        :PROFILE_TOP
+                    ]
+                ],
+            }
+            print(f"  profiled {name}: {wall / count * 1e6:.0f} us per call", flush=True)
+
+
+def _incr(value: str) -> str:
+    return str(int(value) + 1)
 
 
 # -- baselines --------------------------------------------------------------------
@@ -156,6 +214,34 @@ def baselines(bench: Bench) -> None:
 
     bench.timed("baseline", "raw etcd3 guarded txn put", guarded_put, bench.n(500))
     bench.baseline = guarded_put  # interleaved with every later single-process case
+    # An enqueue's own transaction, sent by the raw client: what the
+    # transaction costs etcd, apart from the library's Python work; and the
+    # same without the exactly-once commit's bookkeeping key.
+    for bookkeeping in (True, False):
+        name = "raw etcd3 txn shaped as an enqueue" + (
+            ", with the bookkeeping key" if bookkeeping else ", without the bookkeeping key"
+        )
+        bench.timed("baseline", name, _enqueue_shaped(client, bookkeeping), bench.n(500))
+
+
+def _enqueue_shaped(client: Any, bookkeeping: bool) -> Callable[[int], object]:
+    """A raw transaction shaped as `enqueue`'s: the queue's compare, the item's, the slot's."""
+    queue = b"/bench-raw/q"
+    slot = b"/bench-raw/.etcd-patterns/slots/0123456789abcdef/1"
+    lease = client.lease(600).id
+
+    def send(i: int) -> None:
+        item = queue + b"/1000-%020d-%s" % (time.time_ns(), secrets.token_hex(4).encode())
+        compare = [ops.compare_version(queue, "==", 0), ops.compare_version(item, "==", 0)]
+        success = [ops.put(item, b"v")]
+        failure = [ops.get(queue, keys_only=True)]
+        if bookkeeping:
+            compare.append(ops.compare_version(slot + b"/unused", "==", 0))
+            success.append(ops.put(slot, secrets.token_hex(8).encode(), lease=lease))
+            failure.append(ops.get(slot))
+        client.kvstub.Txn(ops.txn(compare=compare, success=success, failure=failure), 10)
+
+    return send
 
 
 # -- key-value --------------------------------------------------------------------
@@ -623,6 +709,7 @@ def main() -> None:
         key_value(bench)
         locks(bench, tmp)
         queue(bench)
+        profiles(bench)
         if not args.skip_tooz:
             tooz(bench)
     from benchmarks.report import write_report
@@ -639,6 +726,7 @@ def main() -> None:
             "tooz": not args.skip_tooz,
         },
         "results": [asdict(r) for r in bench.results],
+        "profiles": bench.profiles,
     }
     RESULTS.write_text(json.dumps(data, indent=1))
     write_report(data, REPORT, IMAGES)
