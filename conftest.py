@@ -1,7 +1,8 @@
 """Runs every Python block of README.md and docs/ against a throwaway etcd.
 
 pytest-markdown-docs (``--markdown-docs``, set in pyproject.toml) makes each
-block a test. Before each one, etcd is emptied; the block's
+block a test. Before each one, etcd is emptied (so they are skipped against an
+external etcd named by ``ETCD_ENDPOINTS``); the block's
 `EtcdPatterns.connect` to the docs' placeholder addresses (port 2379) goes
 to the test's etcd instead, and a connected instance is there already as
 ``etcd``, with ``cluster`` the etcd it runs on (and `EtcdPatterns`
@@ -25,7 +26,7 @@ import pytest
 from etcd3 import etcdrpc
 
 from etcd_patterns import EtcdPatterns
-from etcd_patterns.testing import EtcdCluster, ExternalEtcd
+from etcd_patterns.testing import EtcdCluster, ExternalEtcd, external_from_environment
 
 _NOT_RUN = re.compile(r"<!--\s*not run:\s*(.+?)\s*-->")
 _globals: dict[str, Any] = {}
@@ -78,6 +79,9 @@ def _docs_etcd(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) 
     if not _is_doc(request.node):
         yield
         return
+    if external_from_environment() is not None:
+        # A block starts by emptying etcd: never someone's own cluster.
+        pytest.skip("the docs' examples run only against a throwaway etcd, which they empty")
     server: EtcdCluster | ExternalEtcd = request.getfixturevalue("etcd_server")
     host, port = server.endpoints[0].rsplit(":", 1)
     client = etcd3.client(host=host.strip("[]"), port=int(port), timeout=10)

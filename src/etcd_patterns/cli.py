@@ -51,10 +51,10 @@ per key queued under a name: its create revision (the fencing token), its
 lease in hex, its key and its value, separated by tabs.
 
 ``lock``, ``try-lock``, ``semaphore``, ``claim`` and ``elect`` pass SIGTERM
-(and SIGINT, when not at a terminal) on to CMD, give it ``--grace`` seconds
-to exit before SIGKILL, and let go of what they hold only once it has
-exited; CMD gets SIGTERM if the hold is lost or goes unconfirmed, and, on
-Linux, if etcd-patterns itself dies.
+(and SIGINT, unless in the terminal's foreground) on to CMD, give it
+``--grace`` seconds to exit before SIGKILL, and let go of what they hold
+only once it has exited; CMD gets SIGTERM if the hold is lost or goes
+unconfirmed, and, on Linux, if etcd-patterns itself dies.
 
 Exit status: 0 on success; a command's own status for ``lock``,
 ``try-lock``, ``claim``, ``semaphore`` and ``elect`` (128 + N if it died of
@@ -71,6 +71,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -83,7 +84,6 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from signal import SIGINT, SIGTERM
 from types import FrameType
-from typing import IO
 
 from . import __version__
 from ._errors import (
@@ -123,9 +123,12 @@ environment:
   set for CMD:        ETCD_LOCK_KEY, ETCD_LOCK_REV (lock, try-lock, as etcdctl lock sets them);
                       ETCD_SEMAPHORE_KEY, ETCD_SEMAPHORE_REV; ETCD_ELECTION_KEY, ETCD_ELECTION_REV
 
-signals: SIGTERM, and SIGINT from outside a terminal, are passed on to CMD; the lock, permit,
-claim or leadership is let go only once CMD has exited (SIGKILL after --grace seconds).
-If etcd-patterns itself dies, CMD gets SIGTERM (Linux).
+signals: SIGTERM is passed on to CMD, and so is SIGINT unless etcd-patterns is in its
+terminal's foreground (a Ctrl-C there reaches CMD by itself); signals ignored when
+etcd-patterns started stay ignored. The lock, permit, claim or leadership is let go only
+once CMD has exited (SIGKILL --grace seconds after a signal was passed on). If etcd-patterns
+itself dies, CMD gets SIGTERM (Linux). Signals reach CMD's own process: a shell script
+should exec its last command, or pass them on.
 """
 
 # Runs CMD, on Linux, so that it gets SIGTERM if etcd-patterns dies: not
@@ -174,7 +177,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--key", dest="tls_key", help="client key file")
     parser.add_argument(
         "--grace",
-        type=float,
+        type=_seconds,
         default=GRACE,
         help=f"seconds CMD has to exit once signalled, before SIGKILL (default {GRACE:g})",
     )
@@ -281,6 +284,17 @@ def _add_coordination_commands(
         "--watch", action="store_true", help="print a line per change (empty: no leader)"
     )
     leader.add_argument("--timeout", type=float, help="with --watch: seconds to wait per change")
+
+
+def _seconds(text: str) -> float:
+    """A number of seconds for an option: finite and >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0: {text!r}")
+    return value
 
 
 def _connect(args: argparse.Namespace) -> EtcdPatterns:
@@ -436,8 +450,13 @@ def _claim(etcd: EtcdPatterns, args: argparse.Namespace) -> int:
                 item,
                 f"the claim on {item.key!r}",
                 grace=args.grace,
-                stdin=item.value,
+                stdin=item.value_bytes,
             )
+            if item.lost.is_set():
+                raise ClaimLostError(
+                    f"the claim on {item.key!r} was lost while the command ran; "
+                    "the command was stopped"
+                )
             if status:
                 raise _CommandFailed(status)
     except _CommandFailed as failed:
@@ -494,21 +513,21 @@ class _PassOn:
     """The SIGINT and SIGTERM handler while CMD runs.
 
     SIGTERM is passed on to CMD, even one that arrives while it is being
-    started. So is SIGINT, unless etcd-patterns runs at a terminal: a
-    Ctrl-C there reaches CMD's process group, which is this process's, by
-    itself. The first signal sent to CMD starts its grace period.
+    started. So is SIGINT, unless etcd-patterns is in the foreground of its
+    terminal: a Ctrl-C there reaches CMD's process group, which is this
+    process's, by itself. A signal that etcd-patterns passes on starts
+    CMD's grace period; one that CMD got by itself does not.
     """
 
     def __init__(self) -> None:
-        self.child: subprocess.Popen[str] | None = None
+        self.child: subprocess.Popen[bytes] | None = None
         self.pending: list[int] = []
         self.signalled_at: float | None = None
-        self.at_terminal = sys.stdin is not None and sys.stdin.isatty()
 
     def __call__(self, signum: int, frame: FrameType | None) -> None:
-        if signum == signal.SIGINT and self.at_terminal:
-            self.signalled_at = self.signalled_at or time.monotonic()
-        elif self.child is None:
+        if signum == signal.SIGINT and _in_the_foreground():
+            return
+        if self.child is None:
             self.pending.append(signum)
         else:
             self.send(signum)
@@ -519,25 +538,39 @@ class _PassOn:
         if self.child.poll() is None:
             self.child.send_signal(signum)
 
-    def adopt(self, child: subprocess.Popen[str]) -> None:
+    def adopt(self, child: subprocess.Popen[bytes]) -> None:
         self.child = child
         for signum in self.pending:
             self.send(signum)
 
 
-def _spawn(cmd: list[str], env: dict[str, str], stdin: str | None) -> subprocess.Popen[str]:
+def _in_the_foreground() -> bool:
+    """Whether this process's group is its terminal's foreground group, if it has a terminal."""
+    for stream in (sys.stdin, sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            if stream is not None and stream.isatty():
+                return os.tcgetpgrp(stream.fileno()) == os.getpgrp()
+    return False
+
+
+def _spawn(cmd: list[str], env: dict[str, str], stdin: bytes | None) -> subprocess.Popen[bytes]:
     argv = cmd
     if sys.platform == "linux":
-        argv = [sys.executable, "-S", "-E", "-c", _ORPHAN_GUARD, str(os.getpid()), *cmd]
-    child = subprocess.Popen(
-        argv, env=env, stdin=None if stdin is None else subprocess.PIPE, text=True
-    )
+        # -I: nothing from the environment or the working directory runs
+        # in the guard; -S: no site packages either.
+        argv = [sys.executable, "-I", "-S", "-c", _ORPHAN_GUARD, str(os.getpid()), *cmd]
+    child = subprocess.Popen(argv, env=env, stdin=None if stdin is None else subprocess.PIPE)
     if stdin is not None:
+        pipe = child.stdin
+        assert pipe is not None
 
-        def feed(pipe: IO[str] = child.stdin) -> None:  # type: ignore[assignment]
-            with contextlib.suppress(BrokenPipeError, OSError):  # CMD may not read it all
-                pipe.write(stdin)
-                pipe.close()
+        def feed() -> None:
+            try:
+                with contextlib.suppress(OSError):  # CMD may not read it all
+                    pipe.write(stdin)
+            finally:
+                with contextlib.suppress(OSError):
+                    pipe.close()
 
         threading.Thread(target=feed, daemon=True).start()
     return child
@@ -550,7 +583,7 @@ def _run_holding(
     what: str,
     *,
     grace: float,
-    stdin: str | None = None,
+    stdin: bytes | None = None,
 ) -> int:
     """Run ``cmd`` while ``fence`` holds; return its exit status once it has exited.
 
@@ -559,7 +592,13 @@ def _run_holding(
     lets go of the hold only after CMD is gone.
     """
     pass_on = _PassOn()
-    previous = [(signum, signal.signal(signum, pass_on)) for signum in (SIGINT, SIGTERM)]
+    # A signal that etcd-patterns was started ignoring stays ignored, for
+    # CMD too, as a shell's background jobs expect.
+    previous = [
+        (signum, signal.signal(signum, pass_on))
+        for signum in (SIGINT, SIGTERM)
+        if signal.getsignal(signum) is not signal.SIG_IGN
+    ]
     stopped: list[str] = []
     try:
         child = _spawn(cmd, env, stdin)

@@ -101,7 +101,7 @@ class UnsoundEtcdWarning(UserWarning):
 # etcd 3.5.0 to 3.5.2 can lose committed writes when a member is killed,
 # and can panic when clients drop connections mid-request: fixed in 3.5.3.
 _UNSOUND = ((3, 5, 0), (3, 5, 2))
-_warned: set[str] = set()
+_warned: set[str] = set()  # the binaries whose version was asked
 
 
 def etcd_version(binary: str) -> tuple[int, ...] | None:
@@ -125,9 +125,9 @@ def is_unsound(version: tuple[int, ...] | None) -> bool:
 def _checked(binary: str) -> str:
     """``binary``, with a warning, once per binary, if it is a release known to lose writes."""
     if binary not in _warned:
+        _warned.add(binary)  # asked once per binary, sound or not
         version = etcd_version(binary)
         if is_unsound(version):
-            _warned.add(binary)
             shown = ".".join(map(str, version or ()))
             warnings.warn(
                 f"{binary} is etcd {shown}, which can lose committed writes when a member "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -650,3 +651,96 @@ def test_watch_prints_each_state_and_members_lists_the_group(
         assert cli(etcd, namespace, "members", "workers").stdout == "w1\t10.0.0.1\n"
         listed = cli(etcd, namespace, "members", "workers", "--json").stdout
         assert json.loads(listed) == {"w1": "10.0.0.1"}
+
+
+@pytest.mark.timeout(60)
+def test_a_claim_lost_while_the_command_runs_stops_it_and_exits_75(
+    etcd: Etcd, namespace: str, patterns: EtcdPatterns, raw: Raw
+) -> None:
+    patterns.enqueue("q", "job")
+    script = (
+        "import sys, threading\n"
+        "sys.stdin.read()\n"
+        "print('running', flush=True)\n"
+        "threading.Event().wait(60)\n"  # SIGTERM's default action ends it
+    )
+    child = cli_process(etcd, namespace, "claim", "q", "--", sys.executable, "-c", script)
+    assert child.stdout is not None
+    assert child.stdout.readline() == "running\n"
+    (claim,) = [key for key in raw.snapshot() if b"/claims/" in key]
+    _, meta = raw.client.get(claim)
+    raw.client.revoke_lease(meta.lease_id)  # the claim is lost
+    _, err = child.communicate(timeout=30)
+    assert child.returncode == 75, err
+    assert "was lost while the command ran" in err
+
+
+def test_a_claims_value_reaches_the_command_as_its_bytes_whatever_the_locale(
+    etcd: Etcd, namespace: str, patterns: EtcdPatterns
+) -> None:
+    patterns.enqueue("q", "héllo")
+    script = "import sys; sys.stdout.buffer.write(sys.stdin.buffer.read())"
+    environment = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONIOENCODING": ""}
+    result = subprocess.run(
+        [
+            *(sys.executable, "-m", "etcd_patterns", f"--endpoints={','.join(etcd.endpoints)}"),
+            *(f"--namespace={namespace}", "claim", "q", "--timeout", "10"),
+            *("--", sys.executable, "-c", script),
+        ],
+        capture_output=True,
+        timeout=60,
+        check=False,
+        env=environment,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "héllo".encode()
+
+
+def test_a_signal_the_cli_was_started_ignoring_stays_ignored_for_the_command(
+    etcd: Etcd, namespace: str
+) -> None:
+    script = "import signal; print(signal.getsignal(signal.SIGTERM) is signal.SIG_IGN)"
+    cli_args = [
+        *(sys.executable, "-m", "etcd_patterns", f"--endpoints={','.join(etcd.endpoints)}"),
+        *(f"--namespace={namespace}", "lock", "L", "--", sys.executable, "-c", script),
+    ]
+    result = subprocess.run(
+        ["sh", "-c", 'trap "" TERM; exec "$@"', "sh", *cli_args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (result.returncode, result.stdout) == (0, "True\n"), result.stderr
+
+
+def test_nothing_in_the_working_directory_runs_in_the_commands_guard(
+    etcd: Etcd, namespace: str, tmp_path: Path
+) -> None:
+    (tmp_path / "signal.py").write_text("raise SystemExit('imported from the working directory')")
+    result = subprocess.run(
+        [
+            *(str(Path(sys.executable).with_name("etcd-patterns")),),
+            *(f"--endpoints={','.join(etcd.endpoints)}", f"--namespace={namespace}"),
+            *("lock", "L", "--", "echo", "ran"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert (result.returncode, result.stdout) == (0, "ran\n"), result.stderr
+
+
+@pytest.mark.parametrize("grace", ["-1", "nan", "inf", "soon"])
+def test_a_grace_that_is_not_a_finite_number_of_seconds_is_bad_usage(grace: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "etcd_patterns", f"--grace={grace}", "lock", "L", "--", "true"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "--grace" in result.stderr

@@ -441,7 +441,8 @@ def check_partition(history: Sequence[Op], items: Sequence[str], final: dict[str
     "share" ops (a partition member's share) and "roster" ops (a watcher's
     membership) carry the membership read's ``revision`` and ``created``
     (member id to its key's create revision). "member" ops span a stay in
-    the group, from the join's return to the leave's call, with the
+    the group, from the join's return to the leave's call or to the time
+    etcd last confirmed the member's lease, whichever came first, with the
     member's ``token`` and whether a loss was reported (``lost``).
 
     * One revision, one membership, whoever read it.

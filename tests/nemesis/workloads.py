@@ -382,8 +382,9 @@ def partition_member(endpoints: list[str], out: str, name: str, stop: Any) -> No
     revision and the create revision of every member's key), computed by
     the same read, wait loop and share as `Partition.changes`, which
     yields the share alone. Each stay in the group is a "member" op, from
-    the join's return to the leave's call, with the member's token and
-    whether a loss was reported.
+    the join's return to the leave's call (or to when etcd last confirmed
+    the member's lease, if earlier), with the member's token and whether a
+    loss was reported.
     """
     recorder = Recorder(Path(out), name)
     chance = random.Random(name)
@@ -416,7 +417,9 @@ def partition_member(endpoints: list[str], out: str, name: str, stop: Any) -> No
                         lost = True
                     if op.outcome != OK:
                         break  # quiet, lost, or etcd away: this stay ends
-            ended = time.monotonic()
+            # Past the time etcd last confirmed its lease, a member cut off
+            # may be gone without knowing: its stay is not known beyond it.
+            ended = min(time.monotonic(), part.member.confirmed_until)
             with recorder.op("part", bound=BOUNDS["part"]) as op:
                 joining.__exit__(None, None, None)
             lost = lost or op.error == "MembershipLostError"
