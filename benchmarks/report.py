@@ -63,18 +63,24 @@ WHY_MISSED = {
         "settle (a stream that broke, a compaction)."
     ),
     "8 contenders: handoff p50 < 3 ms": (
-        "a handoff costs the same requests as before (a release, one watch event, one "
-        "read), but on the machine of this run, three runs of this case took 2.7 to 3.0 ms "
-        "at the median with the code of commit 023b02b and 3.1 to 3.3 ms with this code: "
-        "about 0.3 ms lost to work per handoff that has not been traced yet."
+        "a handoff is a release, one watch event and one read (the RPCs/op column), the "
+        "same requests as before; its p50 varies between runs on this 2-core machine: "
+        "2.79 ms and 3.63 ms in two runs of this code minutes apart, 2.60 ms in the run "
+        "of commit f8edad2. Where the difference goes has not been traced."
+    ),
+    "blocked-dequeue wake-up p50 < 3 ms": (
+        "a wake-up is one watch event and one take (the RPCs/op column), the same requests "
+        "as before; its p50 varies between runs on this 2-core machine: 3.34, 2.90 and "
+        "3.52 ms in three runs of this code minutes apart, 2.56 ms in the run of commit "
+        "f8edad2. Where the difference goes has not been traced."
     ),
     "4 producers x 4 consumers: >= 2x the items/s of one head per take": (
         "the rate is bound by how many transactions etcd applies per second, and "
         "chained takes cut the transactions per item from 3.6-4.0 to 2.2 (the RPCs/op "
         "column): a gain of about 1.7-1.8x at most, more or less as the run's noise "
-        "goes. Four runs on a 2-core machine measured 1.66x, 2.01x, 1.79x and 1.47x. "
-        "Cheaper transactions (an enqueue without the exactly-once commit's bookkeeping "
-        "key) would raise both rates."
+        "goes. Four earlier runs on a 2-core machine measured 1.66x, 2.01x, 1.79x and "
+        "1.47x. Dropping the exactly-once commit's bookkeeping key would not change this: "
+        "the baselines above measure what it costs etcd, about as much as the rounds' noise."
     ),
     "8 contenders: handoffs/s >= python-etcd3": (
         "python-etcd3's Lock is not first come, first served: the process that releases "
