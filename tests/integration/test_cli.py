@@ -309,12 +309,18 @@ def cli_process(
 ) -> subprocess.Popen[str]:
     """The command line as a running process whose stdin, stdout and stderr the test holds.
 
-    With ``console``, the installed console script; otherwise the module,
-    with Ctrl-C handled by default, which a parent in the background may
-    have left ignored.
+    With ``console``, the installed console script; otherwise the module.
+    Either way with Ctrl-C's default action, which a parent in the
+    background may have left ignored (and an ignored signal stays ignored).
     """
     start = (
-        [str(Path(sys.executable).with_name("etcd-patterns"))]
+        [
+            sys.executable,
+            "-c",
+            "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+            "os.execv(sys.argv[1], sys.argv[1:])",
+            str(Path(sys.executable).with_name("etcd-patterns")),
+        ]
         if console
         else [
             sys.executable,
@@ -331,6 +337,16 @@ def cli_process(
         text=True,
     )
 
+
+# A command that says when it runs, and says "stopped" and exits 0 on SIGTERM.
+STOPS_ON_SIGTERM = (
+    "import signal, sys, threading\n"
+    "def stop(*_):\n"
+    "    print('stopped', flush=True); sys.exit(0)\n"
+    "signal.signal(signal.SIGTERM, stop)\n"
+    "print('running', flush=True)\n"
+    "threading.Event().wait(60)\n"
+)
 
 # A command that says when it runs and when it is asked to stop, and then
 # exits 7 once its stdin (which it shares with the CLI) gives it a line.
@@ -355,15 +371,20 @@ def test_a_signal_reaches_the_command_and_the_lock_is_held_until_it_exits(
     )
     assert child.stdout is not None
     assert child.stdin is not None
-    assert child.stdout.readline() == "running\n"
-    child.send_signal(signum)  # from outside a terminal: passed on
-    assert child.stdout.readline() == "stopping\n"
-    # The command still runs: the lock is still held.
-    assert raw.count("L/") == 1
-    assert not patterns.try_lock("L", lambda: None).acquired
-    child.stdin.write("go\n")
-    child.stdin.flush()
-    _, err = child.communicate(timeout=30)
+    with child:  # killed and reaped, whatever happens
+        try:
+            assert child.stdout.readline() == "running\n"
+            child.send_signal(signum)  # from outside a terminal: passed on
+            assert child.stdout.readline() == "stopping\n"
+            # The command still runs: the lock is still held.
+            assert raw.count("L/") == 1
+            assert not patterns.try_lock("L", lambda: None).acquired
+            child.stdin.write("go\n")
+            child.stdin.flush()
+        finally:
+            if child.poll() is None and sys.exc_info()[0] is not None:
+                child.kill()
+        _, err = child.communicate(timeout=30)
     assert child.returncode == 7, err  # the command's own status
     assert raw.count("L/") == 0  # released once it exited
 
@@ -397,15 +418,7 @@ def test_a_command_that_ignores_sigterm_is_killed_after_the_grace_period(
 def test_a_killed_cli_stops_its_command(
     etcd: Etcd, namespace: str, patterns: EtcdPatterns, command: str
 ) -> None:
-    script = (
-        "import signal, sys, threading\n"
-        "def stop(*_):\n"
-        "    print('stopped', flush=True); sys.exit(0)\n"
-        "signal.signal(signal.SIGTERM, stop)\n"
-        "sys.stdin.close()\n"
-        "print('running', flush=True)\n"
-        "threading.Event().wait(60)\n"
-    )
+    script = "import sys; sys.stdin.close()\n" + STOPS_ON_SIGTERM
     where = ["L"] if command == "lock" else ["q"]
     if command == "claim":
         patterns.enqueue("q", "job")
@@ -424,14 +437,7 @@ def test_a_killed_cli_stops_its_command(
 def test_a_lock_lost_while_the_command_runs_stops_it_and_exits_75(
     etcd: Etcd, namespace: str, raw: Raw
 ) -> None:
-    script = (
-        "import signal, sys, threading\n"
-        "def stop(*_):\n"
-        "    print('stopped', flush=True); sys.exit(0)\n"
-        "signal.signal(signal.SIGTERM, stop)\n"
-        "print('running', flush=True)\n"
-        "threading.Event().wait(60)\n"
-    )
+    script = STOPS_ON_SIGTERM
     child = cli_process(
         etcd, namespace, "lock", "L", "--ttl", "3", "--", sys.executable, "-c", script
     )
@@ -519,14 +525,7 @@ def test_elect_passes_sigterm_on_and_resigns_when_the_command_exits(
 def test_elect_stops_the_command_when_the_leadership_is_lost(
     etcd: Etcd, namespace: str, raw: Raw
 ) -> None:
-    script = (
-        "import signal, sys, threading\n"
-        "def stop(*_):\n"
-        "    print('stopped', flush=True); sys.exit(0)\n"
-        "signal.signal(signal.SIGTERM, stop)\n"
-        "print('running', flush=True)\n"
-        "threading.Event().wait(60)\n"
-    )
+    script = STOPS_ON_SIGTERM
     child = cli_process(
         etcd, namespace, "elect", "E", "me", "--ttl", "3", "--", sys.executable, "-c", script
     )
@@ -580,14 +579,7 @@ def test_elect_stops_the_command_once_etcd_stops_confirming_the_leadership(
 ) -> None:
     ttl = 2
     host, port = etcd.endpoints[0].rsplit(":", 1)
-    script = (
-        "import signal, sys, threading\n"
-        "def stop(*_):\n"
-        "    print('stopped', flush=True); sys.exit(0)\n"
-        "signal.signal(signal.SIGTERM, stop)\n"
-        "print('running', flush=True)\n"
-        "threading.Event().wait(60)\n"
-    )
+    script = STOPS_ON_SIGTERM
     with FaultProxy((host, int(port))) as proxy:
         child = subprocess.Popen(
             [
