@@ -50,44 +50,46 @@ WHY_MISSED = {
     ),
     "uncontended lock cycle >= 1.4x python-etcd3 Lock": (
         "python-etcd3's cycle is three round trips and ours two (the RPCs/op column), so "
-        "round trips do not explain it; each of ours costs more Python work (see below)."
+        "round trips do not explain it; python-etcd3's side was not profiled."
     ),
-    "enqueue >= 0.95x raw txn": ("{enqueue_split}"),
+    "enqueue >= 0.95x raw txn": "{enqueue_split}",
     "transform uncontended >= 0.5x raw txn": (
-        "a transform is a read and a transaction, two round trips, so 0.5x is the limit "
-        "itself; the library's work per call (see below) takes the rest."
+        "a transform is a read and a transaction, two round trips; with this run's raw get "
+        "and raw guarded put, the two at most reach {transform_limit}x of the put alone. "
+        "The library's own work per call (see below) takes the rest."
     ),
     "8 contenders: RPCs per acquisition <= 4": (
-        "a waiter needs four requests (register, one watch stream, the read after its "
-        "predecessor left, release); more come only from waits that a watch could not "
-        "settle (a stream that broke, a compaction)."
+        "a waiter reads its turn once more when etcd moved on between its read and its "
+        "watch, because its watch starts at the current revision rather than at its read's. "
+        "Two ways to drop that read were tried, and dropped: starting the only watch at the "
+        "read's revision halved the rate at 8 contenders (91 against 180 handoffs/s in one "
+        "measurement); adding a second watch from the read's revision on the same stream met "
+        "4.00 RPCs, but a handoff whose predecessor left before the watch existed then "
+        "waited for etcd's history replay, up to 100 ms, and 2 contenders fell from 312 to "
+        "32 handoffs/s. The tests hold it to at most 5 with 2 and with 8 contenders."
     ),
     "8 contenders: handoff p50 < 3 ms": (
-        "a handoff is a release, one watch event and one read (the RPCs/op column), the "
-        "same requests as before; its p50 varies between runs on this 2-core machine: "
-        "2.79 ms and 3.63 ms in two runs of this code minutes apart, 2.60 ms in the run "
-        "of commit f8edad2. Where the difference goes has not been traced."
+        "a handoff is a release, one watch event and one read (the RPCs/op column); its "
+        "p50 varies from run to run on this 2-core machine with the same requests, and "
+        "where the rest goes has not been traced."
     ),
     "blocked-dequeue wake-up p50 < 3 ms": (
-        "a wake-up is one watch event and one take (the RPCs/op column), the same requests "
-        "as before; its p50 varies between runs on this 2-core machine: 3.34, 2.90 and "
-        "3.52 ms in three runs of this code minutes apart, 2.56 ms in the run of commit "
-        "f8edad2. Where the difference goes has not been traced."
+        "a wake-up is one watch event and one take (the RPCs/op column); its p50 varies "
+        "from run to run on this 2-core machine with the same requests, and where the "
+        "rest goes has not been traced."
     ),
     "4 producers x 4 consumers: >= 2x the items/s of one head per take": (
         "the rate is bound by how many transactions etcd applies per second, and "
         "chained takes cut the transactions per item from 3.6-4.0 to 2.2 (the RPCs/op "
         "column): a gain of about 1.7-1.8x at most, more or less as the run's noise "
-        "goes. Four earlier runs on a 2-core machine measured 1.66x, 2.01x, 1.79x and "
-        "1.47x. Dropping the exactly-once commit's bookkeeping key would not change this: "
+        "goes. Dropping the exactly-once commit's bookkeeping key would not change this: "
         "the baselines above measure what it costs etcd, about as much as the rounds' noise."
     ),
     "8 contenders: handoffs/s >= python-etcd3": (
-        "python-etcd3's Lock is not first come, first served: the process that releases "
-        "usually takes the lock straight back (see its fairness row), so most of its "
-        "acquisitions involve no handoff at all. This lock hands over to the next waiter "
-        "every time, which costs a release, a watch event and a read per acquisition, "
-        "and starves nobody."
+        "this lock is first come, first served: every acquisition is a handoff to the next "
+        "waiter, a release, a watch event and a read. python-etcd3's Lock is not (its "
+        "acquisitions per worker in the fairness rows are uneven); how many of its "
+        "acquisitions involve a handoff at all was not measured."
     ),
 }
 
@@ -127,7 +129,19 @@ def splits(data: dict[str, Any]) -> dict[str, str]:
         if lock
         else ""
     )
-    return {"enqueue_split": enqueue_split, "lock_split": lock_split}
+    get, put = named.get("raw etcd3 get"), named.get("raw etcd3 guarded txn put")
+    get_ratio = (
+        (median(get["ops_per_s"]) or 0.0) / (median(put["ops_per_s"]) or 1.0)
+        if get and put
+        else 0.0
+    )
+    # A read then a transaction: their times add up.
+    limit = 1 / (1 / get_ratio + 1) if get_ratio else None
+    return {
+        "enqueue_split": enqueue_split,
+        "lock_split": lock_split,
+        "transform_limit": fmt(limit, "{:.2f}"),
+    }
 
 
 def targets(results: list[dict[str, Any]], baseline: float) -> list[tuple[str, str, bool | None]]:
@@ -155,8 +169,8 @@ def targets(results: list[dict[str, Any]], baseline: float) -> list[tuple[str, s
     many = find(results, "enqueue_many, 100 per call")
     wake = find(results, "blocked dequeue wake-up")
     uncontended = find(results, "transform, uncontended")
-    handoff_p50 = percentile(ours8["latencies_ms"], 0.5) or 0.0
-    wake_p50 = percentile(wake["latencies_ms"], 0.5) or 0.0
+    handoff_p50 = percentile(ours8["latencies_ms"], 0.5)
+    wake_p50 = percentile(wake["latencies_ms"], 0.5)
     return [
         (
             "uncontended lock cycle: exactly 2 RPCs",
@@ -183,7 +197,7 @@ def targets(results: list[dict[str, Any]], baseline: float) -> list[tuple[str, s
             f"{rate(ours8['name']):.0f} vs {rate(peer8['name']):.0f}",
             rate(ours8["name"]) >= rate(peer8["name"]),
         ),
-        ("8 contenders: handoff p50 < 3 ms", f"{handoff_p50:.2f} ms", handoff_p50 < 3),
+        _latency_target("8 contenders: handoff p50 < 3 ms", handoff_p50, 3),
         (
             "enqueue: 1 RPC",
             f"{enqueue['rpcs_per_op']:.2f}",
@@ -209,10 +223,19 @@ def targets(results: list[dict[str, Any]], baseline: float) -> list[tuple[str, s
             f"{rate(many['name']) * 100 / rate('enqueue'):.1f}x",
             rate(many["name"]) * 100 >= 20 * rate("enqueue"),
         ),
-        ("blocked-dequeue wake-up p50 < 3 ms", f"{wake_p50:.2f} ms", wake_p50 < 3),
+        _latency_target("blocked-dequeue wake-up p50 < 3 ms", wake_p50, 3),
         conflict_target(results, uncontended),
         *queue_targets(results),
     ]
+
+
+def _latency_target(
+    target: str, measured: float | None, bound: float
+) -> tuple[str, str, bool | None]:
+    """A latency below ``bound`` ms; not measured when no latency was recorded."""
+    if measured is None:
+        return (target, "not measured", None)
+    return (target, f"{measured:.2f} ms", measured < bound)
 
 
 def queue_targets(results: list[dict[str, Any]]) -> list[tuple[str, str, bool | None]]:

@@ -85,7 +85,7 @@ def worker(endpoints: str, namespace: str, name: str, out: str, stop: Any) -> No
     every process): ``start JOB`` when its work begins, ``counted JOB`` once
     the counter's increment is acknowledged (``unknown JOB`` if its outcome
     is not known), ``acked JOB`` once the ack is (``unsettled JOB`` if the
-    job's claim ended in an error), ``report BEGAN`` for a fenced report.
+    ack raised), ``report BEGAN`` for a fenced report.
     """
     chance = random.Random(name)
     with EtcdPatterns.connect(endpoints, namespace=namespace) as etcd, open(out, "a") as log:
@@ -95,10 +95,9 @@ def worker(endpoints: str, namespace: str, name: str, out: str, stop: Any) -> No
             log.flush()
 
         while True:
-            current = None
+            acking = None  # the job whose ack is under way
             try:
                 with etcd.claim("jobs", ttl=CLAIM_TTL, timeout=0.5) as job:
-                    current = job.value
                     say("start", job.value)
                     time.sleep(chance.uniform(*WORK))  # the job's own work
                     try:
@@ -107,6 +106,7 @@ def worker(endpoints: str, namespace: str, name: str, out: str, stop: Any) -> No
                         say("unknown", job.value)  # the increment may have landed
                         raise
                     say("counted", job.value)
+                    acking = job.value  # leaving the block acks it
                 say("acked", job.value)
                 if count % REPORT_EVERY == 0:
                     with etcd.locked("report-lock", timeout=30) as held:
@@ -119,8 +119,8 @@ def worker(endpoints: str, namespace: str, name: str, out: str, stop: Any) -> No
             except EtcdPatternsError:
                 # etcd failing over: the claim decides who does the job. An
                 # ack in doubt may have been made: the job is not redone then.
-                if current is not None:
-                    say("unsettled", current)
+                if acking is not None:
+                    say("unsettled", acking)
 
 
 def tick(token: int) -> Callable[[str], str]:
@@ -328,6 +328,7 @@ def _kill_a_worker_mid_job(
         lines = path.read_text().splitlines()
         if lines and lines[-1].split()[0] == "start":
             os.kill(pid, signal.SIGSTOP)
+            _wait_stopped(pid)
             frozen = path.read_text().splitlines()
             if frozen[-1] == lines[-1]:  # still in that job's work
                 os.kill(pid, signal.SIGKILL)
@@ -337,6 +338,18 @@ def _kill_a_worker_mid_job(
             os.kill(pid, signal.SIGCONT)
         time.sleep(0.001)  # polling the log: the worker's next line is milliseconds away
     raise RuntimeError(f"{name} never started a job")
+
+
+def _wait_stopped(pid: int) -> None:
+    """Return once the process is stopped: a write it had begun is then in its log."""
+    stat = Path(f"/proc/{pid}/stat")
+    until = time.monotonic() + 5
+    while time.monotonic() < until:
+        # The state is the field after the parenthesised command name.
+        if stat.read_text().rpartition(")")[2].split()[0] in ("T", "t"):
+            return
+        time.sleep(0.001)  # polling the kernel's view of the process
+    raise RuntimeError(f"process {pid} did not stop")
 
 
 def _kill_the_leader(cluster: EtcdCluster, etcd: EtcdPatterns) -> float:

@@ -40,11 +40,7 @@ Guarantees:
   pattern's misuse error rather than wait for ever.
 
 Cost: winning uncontended is one round trip, and leaving is one. Each key
-ahead that leaves costs the waiters it wakes one watch and one read: a
-waiter also watches from its read's revision on the same stream, so that
-the keys registered meanwhile cost it no second read (`Watch.since_read`).
-An acquisition behind others is four requests: the registration, one watch
-stream, the read after the predecessor left, the release.
+ahead that leaves costs the waiters it wakes one watch and one read.
 
 Lease loss: etcd deletes the contender's key with its lease. A waiter whose
 key vanished registers again, on a fresh session, at the back of the queue;
@@ -522,11 +518,7 @@ class Contenders:
                 )
                 for key, range_end in keys
             ]
-            return Watch(
-                creates,
-                lambda event: event.type == _DELETE and event.kv.key in ahead,
-                since_read=True,
-            )
+            return Watch(creates, lambda event: event.type == _DELETE and event.kv.key in ahead)
 
         final = wait(
             self._transport,

@@ -135,36 +135,8 @@ def _retryable(write: bool) -> Callable[[BaseException], bool]:
     return predicate
 
 
-class _wait_within_call(wait_base):
-    """Wraps a wait strategy so it never sleeps past the call's ``deadline`` keyword."""
-
-    def __init__(self, base: wait_base) -> None:
-        self._base = base
-
-    def __call__(self, retry_state: RetryCallState) -> float:
-        wait = self._base(retry_state)
-        remaining = retry_state.kwargs["deadline"].remaining()
-        return wait if remaining is None else min(wait, remaining)
-
-
-def transient_policy(*, write: bool, sleep: Sleep = time.sleep) -> Retrying:
-    """`retry_transient`, built once and shared: each call passes its own ``deadline=``.
-
-    ``policy(fn, deadline=d)`` calls ``fn(deadline=d)`` until it returns,
-    raises an error that is not retried, or ``d`` passes. tenacity keeps
-    each call's state in its thread, so threads may share the policy.
-    """
-    return Retrying(
-        retry=retry_if_exception(_retryable(write)),
-        stop=lambda state: state.kwargs["deadline"].expired(),
-        wait=_wait_within_call(_TRANSIENT_WAIT),
-        sleep=sleep,
-        reraise=True,
-    )
-
-
 def is_transient(exc: BaseException, *, write: bool) -> bool:
-    """Whether `transient_policy` would try again after ``exc``."""
+    """Whether `retry_transient` would try again after ``exc``."""
     return _retryable(write)(exc)
 
 

@@ -47,7 +47,7 @@ from ._errors import (
     forked,
     translate,
 )
-from ._retry import Deadline, is_transient, transient_policy
+from ._retry import Deadline, is_transient, retry_transient
 
 T = TypeVar("T")
 
@@ -62,8 +62,6 @@ CLEANUP_TIMEOUT = 2.0
 # Room for the envelope etcd wraps around a request before checking its
 # size against --max-request-bytes.
 _REQUEST_OVERHEAD = 512
-# The retry policies for reads and for writes, shared by every request.
-_POLICIES = {write: transient_policy(write=write) for write in (False, True)}
 
 DEFAULT_MAX_REQUEST_BYTES = 1_572_864  # etcd's default --max-request-bytes (1.5 MiB)
 
@@ -302,12 +300,14 @@ class Transport:
                 raise
             failed: list[BaseException] = [exc]
 
-        def attempt(*, deadline: Deadline) -> T:
+        def attempt() -> T:
             if failed:
                 raise failed.pop()
-            return self._attempt(stub_class, send, deadline, write)
+            return self._attempt(stub_class, send, limit, write)
 
-        result: T = _POLICIES[write](attempt, deadline=limit)
+        # A policy of its own: a shared one would be muddled by a call made
+        # inside it on the same thread (from a signal handler, say).
+        result: T = retry_transient(limit, write=write)(attempt)
         return result
 
     def _attempt(

@@ -11,15 +11,10 @@ Protocol, the shape of etcd's ``waitDeletes``:
 
 The watches start at the current revision rather than at the read's: a
 watch that starts in the past is served from etcd's history, which etcd
-replays only every 100 ms, and until then it delivers nothing new either;
-a lock handoff must not wait for that. To miss nothing between the read and
-the watches, either the state is read again once the watches exist, if
-etcd's revision moved past the read's (and if that read names other keys
-to watch, or none, it is used at once); or, for a wait that asks for it
-(`Watch.since_read`: a lock waiter, whose predecessor seldom leaves in that
-very moment), the same watches are made a second time on the same stream,
-starting just after the read, so that etcd's replay covers the gap without
-a read.
+replays only every 100 ms, and a lock handoff must not wait for that. To
+miss nothing between the read and the watches, the state is read again once
+the watches exist, if etcd's revision moved past the read's; if that read
+names other keys to watch, or none, it is used at once.
 
 Guarantees:
 
@@ -41,8 +36,7 @@ Guarantees:
   read that etcd allowed raises `PermissionDeniedError`.
 
 Cost: one watch stream and one read per wake-up, plus one read per watch
-when etcd moved on between the read and the watch, but for a
-`Watch.since_read` wait, which needs none.
+when etcd moved on between the read and the watch.
 
 Lease loss: the loop knows nothing of leases. A caller that must stop
 waiting when its session is lost says so in ``watch``, by returning None.
@@ -94,19 +88,11 @@ class Watch(NamedTuple):
         recheck: Read again after at most this many seconds, whatever the
             watch says: the state will change by the clock alone then (a
             queue item's redelivery delay ends). None for no such time.
-        since_read: Also watch from just after the read's revision, on the
-            same stream, so that no second read is needed when etcd moved on
-            in between: etcd replays what happened meanwhile from its
-            history, within 100 ms, while the watches started now see what
-            comes next at once. For waits where a change that matters in
-            that very moment is rare (a lock waiter's predecessor leaving),
-            and a second read on every busy wait costs more.
     """
 
     creates: Sequence[Any]
     accept: Callable[[Any], bool]
     recheck: float | None = None
-    since_read: bool = False
 
 
 def wait(
@@ -227,14 +213,6 @@ def changes(
         yield seen
 
 
-def _starting(create: Any, revision: int) -> Any:
-    """A copy of a `WatchCreateRequest` that starts at ``revision``."""
-    copy = etcdrpc.WatchCreateRequest()
-    copy.CopyFrom(create)
-    copy.start_revision = revision
-    return copy
-
-
 class _Refused(NamedTuple):
     reason: str
 
@@ -260,24 +238,17 @@ def _watch_once(
     `_BROKEN` if the stream ended before every watch was created.
     """
     created = 0
-    creates = list(waiting.creates)
-    if waiting.since_read:
-        # The same watches again, from just after the read: etcd replays
-        # what happened since from its history, while the first ones,
-        # started now, see what comes next without that delay.
-        creates += [_starting(create, state.revision + 1) for create in waiting.creates]
-    with contextlib.closing(transport.watch(creates, timeout=window)) as responses:
+    with contextlib.closing(transport.watch(waiting.creates, timeout=window)) as responses:
         for response in responses:
             if response.canceled:
                 if _PERMISSION_DENIED in response.cancel_reason:
                     return _Refused(response.cancel_reason)
-                return None if created == len(creates) else _BROKEN
+                return None if created == len(waiting.creates) else _BROKEN
             if response.compact_revision:
                 return None
             if response.created:
                 created += 1
-                moved_on = response.header.revision > state.revision
-                if created == len(creates) and moved_on and not waiting.since_read:
+                if created == len(waiting.creates) and response.header.revision > state.revision:
                     # etcd moved on between the read and the watches.
                     fresh = read()
                     now = watch(fresh)
@@ -287,4 +258,4 @@ def _watch_once(
                 continue
             if any(waiting.accept(event) for event in response.events):
                 return None
-    return None if created == len(creates) else _BROKEN
+    return None if created == len(waiting.creates) else _BROKEN

@@ -136,6 +136,8 @@ should exec its last command, or pass them on.
 _ORPHAN_GUARD = """\
 import ctypes, os, signal, sys
 parent, argv = int(sys.argv[1]), sys.argv[2:]
+for name in ("SIGPIPE", "SIGXFSZ"):  # which Python ignores, and CMD must not inherit so
+    signal.signal(getattr(signal, name), signal.SIG_DFL)
 ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 if os.getppid() != parent:
     sys.exit(128 + signal.SIGTERM)  # etcd-patterns is gone already
@@ -475,6 +477,9 @@ def _terminate_as_exception() -> Iterator[None]:
     def raise_terminated(signum: int, frame: FrameType | None) -> None:
         raise _Terminated
 
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
+        yield  # started ignoring it: it stays ignored
+        return
     previous = signal.signal(signal.SIGTERM, raise_terminated)
     try:
         yield
@@ -545,12 +550,17 @@ class _PassOn:
 
 
 def _in_the_foreground() -> bool:
-    """Whether this process's group is its terminal's foreground group, if it has a terminal."""
-    for stream in (sys.stdin, sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError, AttributeError):
-            if stream is not None and stream.isatty():
-                return os.tcgetpgrp(stream.fileno()) == os.getpgrp()
-    return False
+    """Whether this process's group is its controlling terminal's foreground group."""
+    try:
+        terminal = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY)
+    except OSError:
+        return False  # no controlling terminal
+    try:
+        return os.tcgetpgrp(terminal) == os.getpgrp()
+    except OSError:
+        return False
+    finally:
+        os.close(terminal)
 
 
 def _spawn(cmd: list[str], env: dict[str, str], stdin: bytes | None) -> subprocess.Popen[bytes]:

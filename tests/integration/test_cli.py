@@ -736,3 +736,18 @@ def test_a_grace_that_is_not_a_finite_number_of_seconds_is_bad_usage(grace: str)
     )
     assert result.returncode == 2
     assert "--grace" in result.stderr
+
+
+def test_the_command_does_not_inherit_the_signals_python_ignores(
+    etcd: Etcd, namespace: str
+) -> None:
+    # Python ignores SIGPIPE and SIGXFSZ; a command in a pipeline must die of
+    # SIGPIPE as usual, not see EPIPE errors.
+    result = cli(etcd, namespace, "lock", "L", "--", "cat", "/proc/self/status")
+    assert result.returncode == 0, result.stderr
+    (ignored,) = [
+        line.split()[1] for line in result.stdout.splitlines() if line.startswith("SigIgn")
+    ]
+    mask = int(ignored, 16)
+    assert not mask & (1 << (signal.SIGPIPE - 1)), ignored
+    assert not mask & (1 << (signal.SIGXFSZ - 1)), ignored

@@ -580,8 +580,7 @@ def test_contended_cost_per_acquisition_is_constant(
         instance.close()
     per_acquisition = (rpcs.kv + rpcs.total("etcdserverpb.Watch")) / (workers * rounds)
     print(f"{workers} contenders: {per_acquisition:.2f} RPCs per acquisition, {dict(rpcs.counts)}")
-    # Register, one watch stream (watching from now, and from the
-    # registration's revision for what happened in between), the read after
-    # the predecessor left, release: at most 4, whatever the number of
-    # waiters.
-    assert 2 <= per_acquisition <= 4
+    # register, watch, a re-read if etcd moved on before the watch existed,
+    # the re-read after the predecessor left, release: at most 5, whatever
+    # the number of waiters.
+    assert 2 <= per_acquisition <= 5
