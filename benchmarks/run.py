@@ -48,6 +48,7 @@ RESULTS = ROOT / "benchmarks" / "results" / "latest.json"
 REPORT = ROOT / "docs" / "benchmarks.md"
 IMAGES = ROOT / "docs" / "img"
 BACKGROUND = RpcCount.BACKGROUND
+PEER_LOCK_TTL = 10  # seconds: python-etcd3's Lock leases
 
 
 @dataclass
@@ -387,7 +388,7 @@ def _lock_worker(
         start.wait(timeout=120)
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
-            lock = client.lock(namespace + "L", ttl=10)
+            lock = client.lock(namespace + "L", ttl=PEER_LOCK_TTL)
             # acquire() gives up after its own timeout and returns False:
             # only a real acquisition counts.
             if lock.acquire():
@@ -457,7 +458,7 @@ def locks(bench: Bench, tmp: Path) -> None:
     client = raw_client(bench.cluster.endpoints[0])
 
     def peer_cycle(_: int) -> None:
-        lock = client.lock("/bench-peer/L", ttl=10)
+        lock = client.lock("/bench-peer/L", ttl=PEER_LOCK_TTL)
         lock.acquire()
         lock.release()
 
@@ -469,6 +470,9 @@ def locks(bench: Bench, tmp: Path) -> None:
         contended_locks(bench, workers, peer=True, tmp=tmp)
     etcd.close()
     other.close()
+    # python-etcd3's Lock leaves a lease behind per acquisition: let those
+    # expire now, rather than during the cases that follow.
+    time.sleep(PEER_LOCK_TTL + 2)  # the peers' lease TTL, and etcd's expiry sweep
 
 
 # -- queue ------------------------------------------------------------------------
@@ -513,6 +517,13 @@ def queue(bench: Bench) -> None:
     bench.timed(
         "queue", "enqueue, ttl=60", lambda i: etcd.enqueue("t", str(i), ttl=60), bench.n(200)
     )
+    # Each of those items has a lease of its own: revoke them now rather
+    # than have etcd expire them all during the cases that follow.
+    client = raw_client(bench.cluster.endpoints[0])
+    for lease in {meta.lease_id for _, meta in client.get_prefix(etcd.namespace + "t/")}:
+        if lease:
+            client.revoke_lease(lease)
+    client.close()
     total = bench.n(300) * bench.rounds + 1
     etcd.enqueue_many("d", [str(i) for i in range(total + 1)])
     bench.timed(
@@ -707,12 +718,9 @@ def main() -> None:
         print(f"etcd: {machine['etcd']}; {args.rounds} rounds per case", flush=True)
         baselines(bench)
         key_value(bench)
-        # The queue's cases and the profiles before the locks': python-etcd3's
-        # Lock leaves a lease behind per acquisition, and etcd's expiring
-        # thousands of them slows whatever runs then.
+        locks(bench, tmp)
         queue(bench)
         profiles(bench)
-        locks(bench, tmp)
         if not args.skip_tooz:
             tooz(bench)
     from benchmarks.report import write_report
