@@ -464,9 +464,8 @@ def _act_one_checks(
     # The killed worker's increment may have landed just before it died.
     victim = lines[faults.killed_worker]
     in_doubt = unknown + int(bool(victim) and victim[-1][0] == "start")
-    reports = sorted(float(w[1]) for w in every if w[0] == "report")
-    ends = sorted((float(w[1]), float(w[2])) for w in every if w[0] == "report")
-    overlaps = sum(1 for a, b in itertools.pairwise(ends) if b[0] < a[1])
+    reports = sorted((float(w[1]), float(w[2])) for w in every if w[0] == "report")
+    overlaps = sum(1 for a, b in itertools.pairwise(reports) if b[0] < a[1])
     redone = [
         float(w[2])
         for name, mine in lines.items()

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import importlib.util
 import os
 import re
@@ -101,11 +102,12 @@ class UnsoundEtcdWarning(UserWarning):
 # etcd 3.5.0 to 3.5.2 can lose committed writes when a member is killed,
 # and can panic when clients drop connections mid-request: fixed in 3.5.3.
 _UNSOUND = ((3, 5, 0), (3, 5, 2))
-_warned: set[str] = set()  # the binaries whose version was asked
+_checked_binaries: set[str] = set()  # whose version was asked, sound or not
 
 
+@functools.cache
 def etcd_version(binary: str) -> tuple[int, ...] | None:
-    """The version that ``binary --version`` reports, if it can tell."""
+    """The version that ``binary --version`` reports, if it can tell (asked once per binary)."""
     try:
         first = subprocess.run(
             [binary, "--version"], capture_output=True, text=True, timeout=30, check=False
@@ -124,8 +126,8 @@ def is_unsound(version: tuple[int, ...] | None) -> bool:
 
 def _checked(binary: str) -> str:
     """``binary``, with a warning, once per binary, if it is a release known to lose writes."""
-    if binary not in _warned:
-        _warned.add(binary)  # asked once per binary, sound or not
+    if binary not in _checked_binaries:
+        _checked_binaries.add(binary)
         version = etcd_version(binary)
         if is_unsound(version):
             shown = ".".join(map(str, version or ()))

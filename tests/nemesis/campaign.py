@@ -154,18 +154,7 @@ def _finish(workload: str, cluster: EtcdCluster, directory: Path) -> dict[str, A
     host, port = endpoints[0].rsplit(":", 1)
     client = etcd3.client(host=host, port=int(port), timeout=10)
     try:
-        group = (NAMESPACE + GROUP + "/").encode()
-        # A member whose process could not revoke its lease leaves within
-        # the TTL: wait that long for the group to empty.
-        until = time.monotonic() + SESSION_TTL + 2
-        while True:
-            found = client.kvstub.Range(
-                etcdrpc.RangeRequest(key=group, range_end=etcd3.utils.prefix_range_end(group)), 10
-            ).kvs
-            members = {kv.key[len(group) :].decode(): kv.create_revision for kv in found}
-            if not members or workload != "partition" or time.monotonic() > until:
-                break
-            time.sleep(0.2)  # polling etcd for the leases' expiry
+        members = _final_members(client) if workload == "partition" else {}
 
         def values(directory: str) -> list[str]:
             prefix = (NAMESPACE + directory + "/").encode()
@@ -183,6 +172,24 @@ def _finish(workload: str, cluster: EtcdCluster, directory: Path) -> dict[str, A
         "counter": int(counter) if counter else 0,
         "members": members,
     }
+
+
+def _final_members(client: Any) -> dict[str, int]:
+    """The partition group's members, with their keys' create revisions, once it is empty.
+
+    A member whose process could not revoke its lease leaves within the
+    TTL: wait that long for the group to empty.
+    """
+    group = (NAMESPACE + GROUP + "/").encode()
+    until = time.monotonic() + SESSION_TTL + 2
+    while True:
+        found = client.kvstub.Range(
+            etcdrpc.RangeRequest(key=group, range_end=etcd3.utils.prefix_range_end(group)), 10
+        ).kvs
+        members = {kv.key[len(group) :].decode(): kv.create_revision for kv in found}
+        if not members or time.monotonic() > until:
+            return members
+        time.sleep(0.2)  # polling etcd for the leases' expiry
 
 
 def _judge(workload: str, history: list[Any], final: dict[str, Any]) -> list[checkers.Verdict]:
