@@ -16,6 +16,11 @@ others; a semaphore is the same queue with more than one place:
   With one place (a lock, an election) it watches just its predecessor: no
   herd. With more, a deletion wakes at most as many waiters as there are
   places.
+* The registration's read also counts the keys ahead. With at least twice
+  as many as there are places, none of the keys watched has won, so none
+  is likely to go before the watch exists: the wait loop's ``replay``
+  watches them from the registration's revision as well, in place of a
+  read when etcd moved on before the watch began.
 * Leaving deletes the contender's key, guarded by its create revision:
   never anyone else's, even after its lease expired and another won.
 * A contender that gives up (timeout, exception, Ctrl-C) deletes its key;
@@ -40,7 +45,9 @@ Guarantees:
   pattern's misuse error rather than wait for ever.
 
 Cost: winning uncontended is one round trip, and leaving is one. Each key
-ahead that leaves costs the waiters it wakes one watch and one read.
+ahead that leaves costs the waiters it wakes one watch and one read; a
+waiter near the front pays one more read when etcd moved on between its
+registration and its watch.
 
 Lease loss: etcd deletes the contender's key with its lease. A waiter whose
 key vanished registers again, on a fresh session, at the back of the queue;
@@ -165,10 +172,14 @@ class Line(NamedTuple):
         keys: The directory its key is written in (with the namespace).
         ahead: The range ``(start, end)`` of the keys it waits behind,
             those created before its own.
+        in_order: Whether the keys in that range win in the order they
+            were created, as many at a time as there are places: then a key
+            with as many keys ahead of it as there are places has not won.
     """
 
     keys: bytes
     ahead: tuple[bytes, bytes]
+    in_order: bool = True
 
 
 class Entry(NamedTuple):
@@ -197,11 +208,15 @@ class _Turn(NamedTuple):
             only), at most as many as there are places: fewer means that,
             if my key exists, I have won one.
         revision: The revision the read reflects.
+        distant: Whether the keys in ``ahead`` are known not to have won
+            yet, so that none can leave before others do: at least twice as
+            many keys as there are places were ahead.
     """
 
     exists: bool
     ahead: Sequence[Any]
     revision: int
+    distant: bool = False
 
 
 class _Registration(NamedTuple):
@@ -450,7 +465,14 @@ class Contenders:
             # said, and whether my key is still there to say it of.
             turn = self._check_turn(my_key, revision, places, line)
         else:
-            turn = _Turn(exists=True, ahead=ops.kvs(committed.responses, 0), revision=revision)
+            # The range's count is of every key ahead, whatever its limit.
+            before = committed.responses[0].response_range.count
+            turn = _Turn(
+                exists=True,
+                ahead=ops.kvs(committed.responses, 0),
+                revision=revision,
+                distant=line.in_order and before >= 2 * places,
+            )
         return _Registration(revision, committed.session, turn)
 
     def _check_turn(self, my_key: bytes, revision: int, places: int, line: Line) -> _Turn:
@@ -518,7 +540,14 @@ class Contenders:
                 )
                 for key, range_end in keys
             ]
-            return Watch(creates, lambda event: event.type == _DELETE and event.kv.key in ahead)
+            # Keys that have not won yet are unlikely to leave before my
+            # watch exists: watch them from my read's revision as well,
+            # rather than read again when etcd moved on meanwhile.
+            return Watch(
+                creates,
+                lambda event: event.type == _DELETE and event.kv.key in ahead,
+                replay=turn.distant,
+            )
 
         final = wait(
             self._transport,

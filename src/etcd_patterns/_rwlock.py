@@ -142,7 +142,9 @@ class RWLocks:
             timeout_error=lambda: LockTimeoutError(
                 f"{mode} lock {self._keyspace.decode(raw)!r} not acquired in time"
             ),
-            line=Line(raw + f"/{mode}".encode(), behind),
+            # A reader queues behind writers only, who win one at a time in
+            # order; a writer behind readers too, who win together.
+            line=Line(raw + f"/{mode}".encode(), behind, in_order=mode == READ),
         )
         held = self._hold(raw, mode, won)
         self._holds.add(raw, held, held._thread)

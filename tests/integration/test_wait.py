@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import pytest
@@ -93,6 +93,77 @@ def test_a_change_while_watching_wakes_the_waiter(probe: _Probe, raw: Raw) -> No
     putter.join(timeout=10)
     assert after.exists
     assert probe.streams == 1
+
+
+def _wait_with_replay(probe: _Probe, state: _Key) -> _Key:
+    def until_it_exists(state: _Key) -> Watch | None:
+        waiting = probe.until_it_exists(state)
+        return None if waiting is None else waiting._replace(replay=True)
+
+    return wait(
+        probe.transport,
+        state,
+        read=probe.read,
+        watch=until_it_exists,
+        deadline=Deadline(3 * RECHECK_INTERVAL),
+        timeout_error=lambda: AssertionError("missed"),
+    )
+
+
+def _stream_hook(probe: _Probe, before: Callable[[], object]) -> list[Any]:
+    """Run ``before`` as each stream opens; return the events the streams deliver."""
+    events: list[Any] = []
+    original = probe.transport.watch
+
+    def hooked(*args: Any, **kwargs: Any) -> Iterator[Any]:
+        before()
+        for response in original(*args, **kwargs):
+            events.extend(response.events)
+            yield response
+
+    probe.transport.watch = hooked  # type: ignore[method-assign,assignment]
+    return events
+
+
+@pytest.mark.timeout(30)
+def test_with_replay_a_change_before_the_watch_is_seen_by_the_watch(
+    probe: _Probe, raw: Raw
+) -> None:
+    before = probe.read()
+    # After the read, before the stream: only a watch from the read's
+    # revision can see it.
+    events = _stream_hook(probe, lambda: raw.put("k", "v"))
+    after = _wait_with_replay(probe, before)
+    assert after.exists
+    assert [event.kv.key for event in events] == [probe.key]
+    assert (probe.streams, probe.reads) == (1, 2)
+
+
+@pytest.mark.timeout(30)
+def test_with_replay_no_read_follows_when_etcd_moved_on(probe: _Probe, raw: Raw) -> None:
+    before = probe.read()
+    watching = threading.Event()
+    # etcd moves on (another key) between the read and the stream.
+    _stream_hook(probe, lambda: raw.put("other", "v"))
+    original = probe.transport.watch
+    created = 0
+
+    def announced(creates: Any, **kwargs: Any) -> Iterator[Any]:
+        nonlocal created
+        for response in original(creates, **kwargs):
+            created += response.created
+            if created == len(creates):
+                watching.set()
+            yield response
+
+    probe.transport.watch = announced  # type: ignore[method-assign,assignment]
+    putter = threading.Thread(target=lambda: watching.wait(10) and raw.put("k", "v"))
+    putter.start()
+    after = _wait_with_replay(probe, before)
+    putter.join(timeout=10)
+    assert after.exists
+    # The first read, and the one after the event: none in between.
+    assert (probe.streams, probe.reads) == (1, 2)
 
 
 @pytest.mark.timeout(30)
