@@ -237,6 +237,7 @@ class Transport:
             PermissionDeniedError, EtcdError: etcd refused the stream.
         """
         index, stub = self._stub(etcdrpc.WatchStub)
+        limit = Deadline(timeout)
         try:
             # The requests are all sent at once and the stream half-closed,
             # which etcd ignores, so gRPC needs no thread to feed it.
@@ -252,7 +253,7 @@ class Transport:
         except grpc.RpcError as exc:
             if exc.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
                 return
-            if self._renewed_token(exc):
+            if self._renewed_token(exc, limit.within(self.timeout)):
                 return
             if connection_failed(exc):
                 self._rotate(index)
@@ -326,7 +327,7 @@ class Transport:
         try:
             return send(stub, timeout)
         except grpc.RpcError as exc:
-            if self._renewed_token(exc):
+            if self._renewed_token(exc, limit):
                 raise EtcdUnavailableError("the auth token had expired; renewed it") from exc
             log.debug(
                 "%s on %s failed: %s %s",
@@ -347,17 +348,20 @@ class Transport:
                 raise ClosedError("the etcd3 client was closed") from exc
             raise
 
-    def _renewed_token(self, exc: grpc.RpcError) -> bool:
-        """If ``exc`` says the auth token expired, get a new one; whether it did."""
+    def _renewed_token(self, exc: grpc.RpcError, limit: Deadline) -> bool:
+        """If ``exc`` says the auth token expired, get a new one by ``limit``; whether it did."""
         if self._credentials is None or exc.code() != grpc.StatusCode.UNAUTHENTICATED:
             return False
         if (exc.details() or "") != _INVALID_TOKEN:
+            return False
+        remaining = limit.remaining()
+        if not remaining:
             return False
         user, password = self._credentials
         _, stub = self._stub(etcdrpc.AuthStub)
         try:
             response = stub.Authenticate(
-                etcdrpc.AuthenticateRequest(name=user, password=password), timeout=self.timeout
+                etcdrpc.AuthenticateRequest(name=user, password=password), timeout=remaining
             )
         except grpc.RpcError as auth_exc:
             log.debug("renewing the auth token failed: %s", auth_exc.code())

@@ -90,6 +90,35 @@ def test_an_expired_token_is_renewed(secured: EtcdCluster) -> None:
 
 
 @pytest.mark.timeout(30)
+def test_renewing_the_token_keeps_to_the_callers_deadline(secured: EtcdCluster) -> None:
+    with EtcdPatterns.connect(
+        secured.endpoints, user="app", password="apppw", namespace="/app/", timeout=5
+    ) as etcd:
+        transport = etcd._transport
+        timeouts: list[float] = []
+        stub_of = transport._stub
+
+        def recorded(stub_class: type[Any]) -> tuple[int, Any]:
+            index, stub = stub_of(stub_class)
+            if stub_class is not etcdrpc.AuthStub:
+                return index, stub
+
+            class Recording:
+                def Authenticate(self, request: Any, *, timeout: float) -> Any:
+                    timeouts.append(timeout)
+                    return stub.Authenticate(request, timeout=timeout)
+
+            return index, Recording()
+
+        transport._stub = recorded  # type: ignore[method-assign]
+        transport._client.metadata = (("token", "stale"),)  # as if it had expired
+        transport.range(etcdrpc.RangeRequest(key=b"/app/k"), deadline=Deadline(0.5))
+        assert transport._client.metadata != (("token", "stale"),)  # renewed
+        assert len(timeouts) == 1
+        assert 0 < timeouts[0] <= 0.5  # the caller's 0.5 s, not the instance's 5 s
+
+
+@pytest.mark.timeout(30)
 def test_a_wait_whose_token_expired_renews_it_and_watches_again(secured: EtcdCluster) -> None:
     # The token goes stale just before the consumer's watch is made: etcd
     # refuses the watch, the read that follows renews the token, and the
