@@ -3,7 +3,9 @@
 Layout: member ``member_id`` of group ``group`` is the key
 ``group/member_id``, on its session lease, holding the member's value, so
 ``etcdctl get --prefix group/`` lists the members, and a key that another
-client puts there on a lease of its own is a member too.
+client puts there on a lease of its own is a member too. A key there without
+a lease is data, not a member: nothing would ever make it leave, so it is
+not listed, and a partitioner gives it no items.
 
 Protocol:
 
@@ -158,7 +160,7 @@ class Groups:
                 lambda: self._sessions.get(lease_ttl),
                 compare=[ops.compare_version(key, "==", 0)],
                 success=lambda session: [ops.put(key, advertised, lease=session.lease_id)],
-                failure=[],
+                failure=[ops.get(key, keys_only=True)],
             )
         except BaseException as exc:
             # A join in doubt must not leave a member behind that nobody
@@ -169,6 +171,14 @@ class Groups:
                 self._sessions.withdraw(lease_ttl, Orphan(key))
             raise
         if not committed.succeeded:
+            assert committed.responses is not None  # failures always carry responses
+            (found,) = ops.kvs(committed.responses, 0) or [None]
+            if found is not None and not found.lease:
+                raise MemberExistsError(
+                    f"key {self._keyspace.decode(key)!r} holds data (it carries no lease), "
+                    f"so id {segment.decode()!r} cannot join group "
+                    f"{self._keyspace.decode(raw)!r}; store data outside the group"
+                )
             raise MemberExistsError(
                 f"group {self._keyspace.decode(raw)!r} has a member {segment.decode()!r} already"
             )
@@ -223,7 +233,8 @@ class Groups:
         """A group's members, with their keys' create revisions: one round trip."""
         start, end = children_range(raw)
         response = self._transport.range(ops.range_request(start, end))
-        found = [kv for kv in response.kvs if b"/" not in kv.key[len(start) :]]
+        # Direct children on a lease: a key without one is data.
+        found = [kv for kv in response.kvs if kv.lease and b"/" not in kv.key[len(start) :]]
         ids = [kv.key[len(start) :].decode("utf-8", "replace") for kv in found]
         return Roster(
             {

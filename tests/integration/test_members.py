@@ -151,6 +151,21 @@ def test_joining_twice_with_one_id_is_refused_and_writes_nothing(
     assert patterns.members("workers") == {}
 
 
+def test_a_key_without_a_lease_is_not_a_member(patterns: EtcdPatterns, raw: Raw) -> None:
+    raw.put("shards/data", "not a member")  # no lease: it would never leave
+    with patterns.partitioner("shards", "p1", ITEMS) as part:
+        assert patterns.members("shards") == {"p1": ""}
+        assert part.owned() == ITEMS
+    assert patterns.members("shards") == {}
+    before = raw.snapshot()
+    with (
+        pytest.raises(MemberExistsError, match="holds data"),
+        patterns.member("shards", "data"),
+    ):
+        pass
+    assert raw.snapshot() == before
+
+
 def test_a_member_whose_lease_is_lost_cannot_update_or_guard(
     patterns: EtcdPatterns, raw: Raw
 ) -> None:
