@@ -229,15 +229,14 @@ class Transport:
 
         The stream ends quietly when ``timeout`` passes, when the connection
         fails (the next request then goes to the next endpoint) or when the
-        auth token had expired (it is renewed): a waiter then reads the state
-        it waits on again, which raises if etcd cannot be reached.
+        auth token had expired: a waiter then reads the state it waits on
+        again, which renews the token, and raises if etcd cannot be reached.
 
         Raises:
             ClosedError: The instance, or the etcd3 client under it, was closed.
             PermissionDeniedError, EtcdError: etcd refused the stream.
         """
         index, stub = self._stub(etcdrpc.WatchStub)
-        limit = Deadline(timeout)
         try:
             # The requests are all sent at once and the stream half-closed,
             # which etcd ignores, so gRPC needs no thread to feed it.
@@ -253,8 +252,8 @@ class Transport:
         except grpc.RpcError as exc:
             if exc.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
                 return
-            if self._renewed_token(exc, limit.within(self.timeout)):
-                return
+            if self._token_expired(exc):
+                return  # the read that follows renews it, within its own deadline
             if connection_failed(exc):
                 self._rotate(index)
             error = translate(exc, endpoints=self.endpoints, write=False)
@@ -327,7 +326,9 @@ class Transport:
         try:
             return send(stub, timeout)
         except grpc.RpcError as exc:
-            if self._renewed_token(exc, limit):
+            if self._token_expired(exc):
+                # etcd checks the token before anything else: nothing applied.
+                self._renew_token(min(limit.remaining() or 0.0, timeout))
                 raise EtcdUnavailableError("the auth token had expired; renewed it") from exc
             log.debug(
                 "%s on %s failed: %s %s",
@@ -348,27 +349,46 @@ class Transport:
                 raise ClosedError("the etcd3 client was closed") from exc
             raise
 
-    def _renewed_token(self, exc: grpc.RpcError, limit: Deadline) -> bool:
-        """If ``exc`` says the auth token expired, get a new one by ``limit``; whether it did."""
-        if self._credentials is None or exc.code() != grpc.StatusCode.UNAUTHENTICATED:
-            return False
-        if (exc.details() or "") != _INVALID_TOKEN:
-            return False
-        remaining = limit.remaining()
-        if not remaining:
-            return False
+    def _token_expired(self, exc: grpc.RpcError) -> bool:
+        """Whether ``exc`` says that the auth token this instance sends has expired."""
+        return (
+            self._credentials is not None
+            and exc.code() == grpc.StatusCode.UNAUTHENTICATED
+            and (exc.details() or "") == _INVALID_TOKEN
+        )
+
+    def _renew_token(self, timeout: float) -> None:
+        """Get a new auth token within ``timeout``.
+
+        Raises:
+            EtcdUnavailableError: etcd did not answer in time, or there was
+                no time left to ask.
+            PermissionDeniedError: etcd refused the credentials.
+        """
+        if timeout <= 0:
+            raise EtcdUnavailableError(
+                "the auth token had expired, and no time was left to renew it; nothing was applied"
+            )
+        assert self._credentials is not None  # an expired token means credentials
         user, password = self._credentials
-        _, stub = self._stub(etcdrpc.AuthStub)
+        index, stub = self._stub(etcdrpc.AuthStub)
         try:
             response = stub.Authenticate(
-                etcdrpc.AuthenticateRequest(name=user, password=password), timeout=remaining
+                etcdrpc.AuthenticateRequest(name=user, password=password), timeout=timeout
             )
-        except grpc.RpcError as auth_exc:
-            log.debug("renewing the auth token failed: %s", auth_exc.code())
-            return False
+        except grpc.RpcError as exc:
+            log.debug("renewing the auth token failed: %s", exc.code())
+            if connection_failed(exc):
+                self._rotate(index)
+            error = translate(exc, endpoints=self.endpoints, write=False)
+            if error is None or isinstance(error, EtcdUnavailableError):
+                raise EtcdUnavailableError(
+                    f"the auth token had expired, and renewing it failed: {exc.details()}; "
+                    "nothing was applied"
+                ) from exc
+            raise error from exc
         self._client.metadata = (("token", response.token),)
         log.debug("renewed the auth token of user %r", user)
-        return True
 
     def _call_options(self) -> dict[str, Any]:
         # The auth token travels as metadata. The client's call credentials

@@ -36,10 +36,10 @@ Guarantees:
   time at which the state changes by the clock alone), and streams that fail at once
   are retried with a growing pause (50 ms, doubling to 1 s), not in a spin.
 * A refused watch is an error, not a spin: etcd refuses a watch by creating
-  and cancelling it at once ("permission denied", which is also how it
-  answers an expired auth token). The read that follows renews the token,
-  or raises `PermissionDeniedError` itself; a watch refused again after a
-  read that etcd allowed raises `PermissionDeniedError`.
+  and cancelling it at once, saying "permission denied", or "invalid auth
+  token" when the token had expired. The read that follows at once renews
+  the token, or raises `PermissionDeniedError` itself; a watch refused again
+  after a read that etcd allowed raises `PermissionDeniedError`.
 
 Cost: one watch stream and one read per wake-up, plus one read per watch
 when etcd moved on between the read and the watch, unless ``replay``.
@@ -66,7 +66,9 @@ from ._transport import Transport
 # no wait can hang on a watch that silently stopped.
 RECHECK_INTERVAL = 5.0
 
-_PERMISSION_DENIED = "permission denied"
+# How etcd says why it cancelled a watch that it refused: the role may not
+# read the keys, or (etcd 3.4) the auth token had expired.
+_REFUSALS = ("permission denied", "invalid auth token")
 # How long to pause after a watch stream that failed before watching; the
 # pause doubles while streams keep failing, up to the maximum.
 _BROKEN_PAUSE = 0.05
@@ -255,7 +257,7 @@ def _watch_once(
     with contextlib.closing(transport.watch(creates, timeout=window)) as responses:
         for response in responses:
             if response.canceled:
-                if _PERMISSION_DENIED in response.cancel_reason:
+                if any(refusal in response.cancel_reason for refusal in _REFUSALS):
                     return _Refused(response.cancel_reason)
                 return None if created == len(creates) else _BROKEN
             if response.compact_revision:

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import pytest
@@ -89,33 +89,66 @@ def test_an_expired_token_is_renewed(secured: EtcdCluster) -> None:
         assert etcd.transform("n", lambda v: v + "1") == "11"
 
 
+def _recording_stubs(transport: Any, on_call: Callable[[str, float], None]) -> None:
+    """Have every Range and Authenticate call report its name and timeout first."""
+    stub_of = transport._stub
+
+    def recorded(stub_class: type[Any]) -> tuple[int, Any]:
+        index, stub = stub_of(stub_class)
+
+        class Recording:
+            def __getattr__(self, method: str) -> Any:
+                call = getattr(stub, method)
+
+                def reported(request: Any, *, timeout: float, **options: Any) -> Any:
+                    on_call(method, timeout)
+                    return call(request, timeout=timeout, **options)
+
+                return reported
+
+        return index, Recording()
+
+    transport._stub = recorded
+
+
 @pytest.mark.timeout(30)
 def test_renewing_the_token_keeps_to_the_callers_deadline(secured: EtcdCluster) -> None:
     with EtcdPatterns.connect(
-        secured.endpoints, user="app", password="apppw", namespace="/app/", timeout=5
+        secured.endpoints, user="app", password="apppw", namespace="/app/", timeout=10
     ) as etcd:
         transport = etcd._transport
-        timeouts: list[float] = []
-        stub_of = transport._stub
-
-        def recorded(stub_class: type[Any]) -> tuple[int, Any]:
-            index, stub = stub_of(stub_class)
-            if stub_class is not etcdrpc.AuthStub:
-                return index, stub
-
-            class Recording:
-                def Authenticate(self, request: Any, *, timeout: float) -> Any:
-                    timeouts.append(timeout)
-                    return stub.Authenticate(request, timeout=timeout)
-
-            return index, Recording()
-
-        transport._stub = recorded  # type: ignore[method-assign]
+        calls: list[tuple[str, float]] = []
+        _recording_stubs(transport, lambda method, timeout: calls.append((method, timeout)))
         transport._client.metadata = (("token", "stale"),)  # as if it had expired
-        transport.range(etcdrpc.RangeRequest(key=b"/app/k"), deadline=Deadline(0.5))
-        assert transport._client.metadata != (("token", "stale"),)  # renewed
-        assert len(timeouts) == 1
-        assert 0 < timeouts[0] <= 0.5  # the caller's 0.5 s, not the instance's 5 s
+        transport.range(etcdrpc.RangeRequest(key=b"/app/k"), deadline=Deadline(2))
+    assert transport._client.metadata != (("token", "stale"),)  # renewed
+    assert [method for method, _ in calls] == ["Range", "Authenticate", "Range"]
+    assert 0 < calls[1][1] <= 2  # the caller's 2 s, not the instance's 10 s
+
+
+@pytest.mark.timeout(30)
+def test_a_token_with_no_time_left_to_renew_is_unavailable_not_denied(
+    secured: EtcdCluster,
+) -> None:
+    with EtcdPatterns.connect(
+        secured.endpoints, user="app", password="apppw", namespace="/app/"
+    ) as etcd:
+        transport = etcd._transport
+        now = [time.monotonic()]
+        methods: list[str] = []
+
+        def spend_it_all(method: str, timeout: float) -> None:
+            methods.append(method)
+            now[0] += 60  # the request takes the whole deadline
+
+        _recording_stubs(transport, spend_it_all)
+        transport._client.metadata = (("token", "stale"),)  # as if it had expired
+        deadline = Deadline(5, clock=lambda: now[0])
+        # Nothing was applied (etcd checks the token first), and the
+        # credentials are fine: neither denied nor in doubt.
+        with pytest.raises(EtcdUnavailableError, match="no time was left to renew it"):
+            transport.range(etcdrpc.RangeRequest(key=b"/app/k"), deadline=deadline)
+    assert methods == ["Range"]  # never asked for a token it could not wait for
 
 
 @pytest.mark.timeout(30)
