@@ -28,7 +28,7 @@ and every wait that runs out of time raises a `TimeoutError`::
     ├── BarrierFullError                       a double barrier's round is full
     ├── QueueEmptyError (TimeoutError)         no item arrived within the timeout
     ├── ClaimLostError                         a claimed item's claim expired
-    ├── MemberExistsError (ValueError)         a group has a member of that id already
+    ├── MemberExistsError (ValueError)         a group has a member of that id already, or data
     ├── MembershipLostError                    a member's key is gone from its group
     ├── WatchTimeoutError (TimeoutError)       no change within the timeout
     ├── EtcdUnavailableError                   etcd did not answer in time; nothing changed
@@ -292,7 +292,7 @@ class ClaimLostError(EtcdPatternsError):
 
 
 class MemberExistsError(EtcdPatternsError, ValueError):
-    """The group already has a member of this id; nothing was written."""
+    """The group has a member of this id already, or its key holds data; nothing was written."""
 
 
 class MembershipLostError(EtcdPatternsError):

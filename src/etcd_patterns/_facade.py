@@ -721,7 +721,8 @@ class EtcdPatterns:
         advertises another value. Cost: one round trip to join, one to leave.
 
         Raises:
-            MemberExistsError: The group has a member of this id; nothing
+            MemberExistsError: The group has a member of this id, or the
+                key of that name holds data (it carries no lease); nothing
                 was written.
             InvalidArgumentError: ``member_id`` is empty or contains ``/``.
             MembershipLostError: On leaving the block, if the membership was
@@ -763,7 +764,8 @@ class EtcdPatterns:
         ``part.lock(item)`` is a lock for one item, for a safe handover.
 
         Raises:
-            MemberExistsError: The group has a member of this id.
+            MemberExistsError: The group has a member of this id, or the
+                key of that name holds data.
             InvalidTypeError, InvalidArgumentError: ``items`` is not a list
                 of distinct str; nothing was written.
         """

@@ -15,7 +15,7 @@ Protocol:
   revision, through the commit too.
 * Leaving deletes the key if it is still this member's (its create
   revision); a member that cannot reach etcd leaves it to its session.
-* `members` reads the group's direct children in one round trip;
+* `members` reads the group's direct children on a lease in one round trip;
   `watch_members` follows them with the shared wait loop (`_wait.changes`).
 
 Guarantees:

@@ -186,7 +186,12 @@ def _final_members(client: Any) -> dict[str, int]:
         found = client.kvstub.Range(
             etcdrpc.RangeRequest(key=group, range_end=etcd3.utils.prefix_range_end(group)), 10
         ).kvs
-        members = {kv.key[len(group) :].decode(): kv.create_revision for kv in found}
+        # Members as the library counts them: direct children on a lease.
+        members = {
+            kv.key[len(group) :].decode(): kv.create_revision
+            for kv in found
+            if kv.lease and b"/" not in kv.key[len(group) :]
+        }
         if not members or time.monotonic() > until:
             return members
         time.sleep(0.2)  # polling etcd for the leases' expiry
