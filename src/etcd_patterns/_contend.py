@@ -16,11 +16,13 @@ others; a semaphore is the same queue with more than one place:
   With one place (a lock, an election) it watches just its predecessor: no
   herd. With more, a deletion wakes at most as many waiters as there are
   places.
-* The registration's read also counts the keys ahead. With at least twice
-  as many as there are places, none of the keys watched has won, so none
-  is likely to go before the watch exists: the wait loop's ``replay``
-  watches them from the registration's revision as well, in place of a
-  read when etcd moved on before the watch began.
+* The registration's read also counts the keys ahead. With more than twice
+  as many as there are places, none of the keys watched can go before at
+  least three releases, so none is likely to go before the watch exists:
+  the wait loop's ``replay`` watches them from the registration's revision
+  as well, in place of a read when etcd moved on before the watch began.
+  Should one go all the same (three quick handoffs, or a waiter ahead that
+  gave up), the wake-up waits for etcd's history replay, up to 100 ms.
 * Leaving deletes the contender's key, guarded by its create revision:
   never anyone else's, even after its lease expired and another won.
 * A contender that gives up (timeout, exception, Ctrl-C) deletes its key;
@@ -208,9 +210,9 @@ class _Turn(NamedTuple):
             only), at most as many as there are places: fewer means that,
             if my key exists, I have won one.
         revision: The revision the read reflects.
-        distant: Whether the keys in ``ahead`` are known not to have won
-            yet, so that none can leave before others do: at least twice as
-            many keys as there are places were ahead.
+        distant: Whether the keys in ``ahead`` are far from winning: more
+            than twice as many keys as there are places were ahead, so that
+            none of them can leave before at least three releases.
     """
 
     exists: bool
@@ -471,7 +473,7 @@ class Contenders:
                 exists=True,
                 ahead=ops.kvs(committed.responses, 0),
                 revision=revision,
-                distant=line.in_order and before >= 2 * places,
+                distant=line.in_order and before > 2 * places,
             )
         return _Registration(revision, committed.session, turn)
 
@@ -540,9 +542,9 @@ class Contenders:
                 )
                 for key, range_end in keys
             ]
-            # Keys that have not won yet are unlikely to leave before my
-            # watch exists: watch them from my read's revision as well,
-            # rather than read again when etcd moved on meanwhile.
+            # Keys far from winning are unlikely to leave before my watch
+            # exists: watch them from my read's revision as well, rather
+            # than read again when etcd moved on meanwhile.
             return Watch(
                 creates,
                 lambda event: event.type == _DELETE and event.kv.key in ahead,

@@ -561,11 +561,10 @@ def test_an_uncontended_cycle_is_two_round_trips(etcd: Etcd, patterns: EtcdPatte
 def test_a_waiter_far_back_watches_from_its_read_and_reads_no_more(
     etcd: Etcd, namespace: str, raw: Raw
 ) -> None:
-    """The second in line may be woken at any moment; the third, not before the second wins."""
-    holder, second, third = (
-        EtcdPatterns.connect(etcd.endpoints, namespace=namespace) for _ in range(3)
-    )
-    creates: dict[str, list[int]] = {"second": [], "third": []}
+    """Only a waiter with three keys ahead watches from its read: its predecessor must win first."""
+    names = ["second", "third", "fourth"]
+    holder, *waiting = (EtcdPatterns.connect(etcd.endpoints, namespace=namespace) for _ in range(4))
+    creates: dict[str, list[int]] = {who: [] for who in names}
     order: list[str] = []
 
     def queue_up(who: str, instance: EtcdPatterns) -> threading.Thread:
@@ -583,17 +582,20 @@ def test_a_waiter_far_back_watches_from_its_read_and_reads_no_more(
 
     try:
         with holder.locked("L"):
-            waiters = [queue_up("second", second), queue_up("third", third)]
+            waiters = [
+                queue_up(who, instance) for who, instance in zip(names, waiting, strict=True)
+            ]
         for waiter in waiters:
             waiter.join(timeout=30)
     finally:
-        for instance in (holder, second, third):
+        for instance in (holder, *waiting):
             instance.close()
-    assert order == ["second", "third"]
+    assert order == names
     assert contenders(raw) == 0
-    # One watch on the holder's key; two on the second's, from the current
-    # revision and from the third's registration: one stream each.
-    assert creates == {"second": [1], "third": [2]}
+    # One watch on the key ahead, for the second and third in line; two for
+    # the fourth, from the current revision and from its registration's,
+    # on one stream.
+    assert creates == {"second": [1], "third": [1], "fourth": [2]}
 
 
 @pytest.mark.timeout(120)
