@@ -60,8 +60,8 @@ WHY_MISSED = {
         "The library's own work per call (see below) takes the rest."
     ),
     "8 contenders: RPCs per acquisition <= 4": (
-        "a waiter right behind the holder reads its turn once more when etcd moved on "
-        "between its registration and its watch; further back, a second watch from its "
+        "a waiter with fewer than three keys ahead reads its turn once more when etcd moved "
+        "on between its registration and its watch; further back, a second watch from its "
         "registration's revision, on the same stream, takes that read's place. In a steady "
         "run with 8 contenders every registration finds 7 keys ahead; how many found fewer, "
         "when a worker was descheduled on this 2-core machine, was not counted. The tests "
@@ -379,7 +379,7 @@ def write_report(data: dict[str, Any], report: Path, images: Path) -> None:
         "- **RPCs/op** are counted by etcd itself (`grpc_server_started_total`), background "
         "lease keepalives excluded. This library opens a watch stream per wait, which etcd "
         "counts once, and sends all of that wait's watches on it at once, in one round trip "
-        "(a lock waiter far back in the queue sends two on its predecessor's key: from the "
+        "(a lock waiter with three or more keys ahead sends two on its predecessor's key: from the "
         "current revision and from its registration's). python-etcd3 multiplexes all of a "
         "client's watches over one stream and waits for each to be created, so for its Lock "
         "the watches it creates are counted (client-side) in place of its streams.",
