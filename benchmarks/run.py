@@ -256,7 +256,7 @@ def _lock_shaped(client: Any, bookkeeping: bool) -> Callable[[int], object]:
     """A lock cycle's transactions, sent raw: the registration, then the release."""
     name = b"/bench-raw/L"
     start, end = name + b"/", name + b"0"
-    slot = b"/bench-raw/.etcd-patterns/slots/fedcba9876543210/1"
+    slot = b"/bench-raw/.etcd-patterns/slots/%s/1" % secrets.token_hex(8).encode()
     lease = client.lease(600).id
     token = [b""]
 
