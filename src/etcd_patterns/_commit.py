@@ -22,6 +22,18 @@ answers, the original transaction either was applied (its revision is the
 slot's mod revision) or can never be, since it requires the slot to still
 hold ``last_token``; it is then safe to send again.
 
+A write that creates a key of its own (a name no other write uses, that
+only its creator deletes, on the session lease) needs no slot: the key is
+the evidence. The write also requires a *fence* key, new to each attempt,
+not to exist, and resolution is::
+
+    if exists(key) then get(key)                # it was applied
+    else put(fence)                             # now it never can be
+
+A key that went with its lease leaves the outcome unknown, as a slot that
+went with it does; the fence, on the same lease, cannot be written then, and
+no copy of the write can apply under the dead lease anyway.
+
 Lease loss: a transaction that puts the slot under an expired lease fails as
 a whole, so nothing is applied, and `commit` retries on a fresh session.
 So `commit` needs no local check that its session still lives before it
@@ -46,7 +58,8 @@ session's janitor, which sends it before it deletes any key, so that what
 the caller withdraws or abandons cannot be created again by a late copy.
 
 Cost: no extra round trip on the normal path. The slot adds one compare and
-one put to the caller's transaction. Resolution costs one more round trip.
+one put to the caller's transaction; a created key's fence, one compare of a
+key that does not exist, and no write. Resolution costs one more round trip.
 
 Time: one deadline, the transport's timeout, bounds the whole call: every
 attempt, every resolution and every round. A write whose answer is lost
@@ -61,7 +74,7 @@ import threading
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from . import _ops as ops
 from ._errors import (
@@ -170,6 +183,7 @@ def commit(
     compare: Sequence[Any],
     success: Sequence[Any] | Callable[[Session], Sequence[Any]],
     failure: Sequence[Any],
+    creates: bytes | None = None,
 ) -> Committed:
     """Apply ``if compare then success else failure`` exactly once.
 
@@ -182,6 +196,10 @@ def commit(
             its lease (a lost lease is then replaced along with the slot's).
         failure: Operations applied otherwise; typically ranges that show
             why the compares failed.
+        creates: A key that ``success`` creates on the session's lease, with
+            a name that no other write uses and that only its creator
+            deletes. Its existence is then the evidence of the outcome, and
+            no slot is written (see `_Created`).
 
     Returns:
         The outcome; on failure, ``responses`` holds the failure branch's.
@@ -202,18 +220,12 @@ def commit(
         first = False
         current = session()
         operations = success(current) if callable(success) else success
-        pool = _pool(current)
-        slot = pool.borrow()
-        # Whether slot.token is what etcd holds, so that the next operation
-        # may use the slot; a slot left uncertain is dropped, never reused.
+        evidence: _Evidence = _Slotted(current) if creates is None else _Created(current, creates)
+        # Whether the evidence is as the round left it, so that its slot
+        # may serve again; a slot left uncertain is dropped, never reused.
         known = True
         try:
-            token = _token()
-            request = ops.txn(
-                compare=[*compare, _slot_holds(slot)],
-                success=[*operations, ops.put(slot.key, token, lease=current.lease_id)],
-                failure=[*failure, ops.get(slot.key)],
-            )
+            request = evidence.request(compare, operations, failure)
             try:
                 response = transport.txn(request, deadline=budget)
             except LeaseNotFoundError as exc:
@@ -227,7 +239,7 @@ def commit(
                 continue
             except OutcomeUnknownError as exc:
                 known = False
-                applied_at = _resolve(transport, current, slot, token, exc, deadline=budget)
+                applied_at = _resolve(transport, current, evidence, exc, deadline=budget)
                 known = True
                 if applied_at is not None:
                     return Committed(True, applied_at, None, current)
@@ -236,22 +248,14 @@ def commit(
                 raise  # the transport proved that nothing was applied
             except BaseException as interruption:
                 known = False  # until settled: a second Ctrl-C may cut the settling short
-                known = _settle_interrupted(transport, current, slot, token, interruption)
+                known = _settle_interrupted(transport, current, evidence, interruption)
                 raise
-            if response.succeeded:
-                slot.token = token.decode("ascii")
-                return Committed(True, response.header.revision, response.responses[:-1], current)
-            found = ops.kvs(response.responses, -1)
-            observed = found[0].value.decode("ascii") if found else None
-            if observed == slot.token:
-                return Committed(False, response.header.revision, response.responses[:-1], current)
-            # The slot is not as this session left it; most likely its lease
-            # expired. Resynchronise and try again: a put under a dead lease
-            # then fails as a whole, and the session is replaced.
-            slot.token = observed
+            outcome = evidence.answered(response)
+            if outcome is not None:
+                succeeded, responses = outcome
+                return Committed(succeeded, response.header.revision, responses, current)
         finally:
-            if known:
-                pool.give_back(slot)
+            evidence.done(known=known)
     where = ",".join(transport.endpoints)
     raise EtcdUnavailableError(
         f"etcd at {where} lost the answers to every attempt at one write within "
@@ -259,8 +263,176 @@ def commit(
     )
 
 
+class _Evidence(Protocol):
+    """How one round of `commit` proves its outcome, and settles it if the answer is lost."""
+
+    def request(
+        self, compare: Sequence[Any], success: Sequence[Any], failure: Sequence[Any]
+    ) -> Any:
+        """The round's transaction: the caller's, with the evidence's own operations."""
+
+    def answered(self, response: Any) -> tuple[bool, Sequence[Any]] | None:
+        """Whether the caller's compares held, and the responses to its operations.
+
+        None if the answer proves nothing of the caller's compares, and
+        nothing was applied: the round is then made again.
+        """
+
+    def resolution(self) -> Any:
+        """A transaction that, once answered, shuts out any copy of the request not yet applied.
+
+        It is idempotent: it can be sent again, and a copy of it that etcd
+        receives late changes nothing.
+        """
+
+    def resolved(self, response: Any) -> int | None:
+        """The revision the request applied at, from the resolution's answer; None if it never can.
+
+        Raises:
+            OutcomeUnknownError: The evidence is gone (with the lease).
+        """
+
+    def done(self, *, known: bool) -> None:
+        """The round is over; ``known`` says whether its evidence is as the round left it."""
+
+
+class _Slotted:
+    """Evidence in a slot: the request compares the slot's last token and writes a new one."""
+
+    def __init__(self, session: Session) -> None:
+        self._session = session
+        self._pool = _pool(session)
+        self._slot = self._pool.borrow()
+        self._token = _token()
+
+    def request(
+        self, compare: Sequence[Any], success: Sequence[Any], failure: Sequence[Any]
+    ) -> Any:
+        slot = self._slot
+        return ops.txn(
+            compare=[*compare, _slot_holds(slot)],
+            success=[*success, ops.put(slot.key, self._token, lease=self._session.lease_id)],
+            failure=[*failure, ops.get(slot.key)],
+        )
+
+    def answered(self, response: Any) -> tuple[bool, Sequence[Any]] | None:
+        slot = self._slot
+        if response.succeeded:
+            slot.token = self._token.decode("ascii")
+            return True, response.responses[:-1]
+        found = ops.kvs(response.responses, -1)
+        observed = found[0].value.decode("ascii") if found else None
+        if observed == slot.token:
+            return False, response.responses[:-1]
+        # The slot is not as this session left it; most likely its lease
+        # expired. Resynchronise and try again: a put under a dead lease
+        # then fails as a whole, and the session is replaced.
+        slot.token = observed
+        return None
+
+    def resolution(self) -> Any:
+        """``if slot == token then get(slot) else (if slot == last then put(slot, fence))``.
+
+        ``slot.token`` still holds the value the request required the slot
+        to have. The fence is itself guarded by that value, so that a copy
+        of this transaction delivered late, after the slot has moved on,
+        changes nothing.
+        """
+        slot = self._slot
+        self._fence = _token()
+        return ops.txn(
+            compare=[ops.compare_value(slot.key, "==", self._token)],
+            success=[ops.get(slot.key)],
+            failure=[
+                ops.nested(
+                    compare=[_slot_holds(slot)],
+                    success=[ops.put(slot.key, self._fence, lease=self._session.lease_id)],
+                    failure=[ops.get(slot.key)],
+                )
+            ],
+        )
+
+    def resolved(self, response: Any) -> int | None:
+        slot = self._slot
+        if response.succeeded:
+            slot.token = self._token.decode("ascii")
+            revision: int = ops.kvs(response.responses, 0)[0].mod_revision
+            return revision
+        inner = response.responses[0].response_txn
+        if inner.succeeded:
+            slot.token = self._fence.decode("ascii")
+            return None
+        found = ops.kvs(inner.responses, 0)
+        if not found:
+            # The slot is gone, so its lease is: whether the write applied
+            # before that is evidence lost with it.
+            self._session.mark_lost("its bookkeeping key is gone")
+            raise OutcomeUnknownError("the session lease that could tell is gone")
+        # The slot holds neither the write's token nor the value the write
+        # required: an earlier fence already shut the write out.
+        slot.token = found[0].value.decode("ascii")
+        return None
+
+    def done(self, *, known: bool) -> None:
+        if known:
+            self._pool.give_back(self._slot)
+
+
+class _Created:
+    """Evidence in the key the request creates: no slot written.
+
+    The request also requires a *fence* key, new to the round, not to
+    exist; it costs etcd one compare of a key that is not there, in place
+    of the slot's compare and put. Resolution::
+
+        if exists(key) then get(key)        # it was applied
+        else put(fence)                     # now it never can be
+
+    The key's name is the write's alone, and only its creator deletes it,
+    so its existence proves that the write applied, and its absence that it
+    did not, or that the key went with the session lease, in which case
+    the fence cannot be written either (the lease is gone): then no copy of
+    the write can apply, but whether it did is unknown. The fence stays, on
+    the session lease, until the lease ends, which ends any copy's chance.
+    """
+
+    def __init__(self, session: Session, key: bytes) -> None:
+        self._session = session
+        self._key = key
+        self._fence = session.scratch_prefix + b"fence-" + _token()
+
+    def request(
+        self, compare: Sequence[Any], success: Sequence[Any], failure: Sequence[Any]
+    ) -> Any:
+        return ops.txn(
+            compare=[*compare, ops.compare_version(self._fence, "==", 0)],
+            success=list(success),
+            failure=list(failure),
+        )
+
+    def answered(self, response: Any) -> tuple[bool, Sequence[Any]] | None:
+        # The fence is new to this round: only the caller's compares can fail.
+        return bool(response.succeeded), response.responses
+
+    def resolution(self) -> Any:
+        return ops.txn(
+            compare=[ops.compare_version(self._key, ">", 0)],
+            success=[ops.get(self._key, keys_only=True)],
+            failure=[ops.put(self._fence, b"", lease=self._session.lease_id)],
+        )
+
+    def resolved(self, response: Any) -> int | None:
+        if response.succeeded:
+            revision: int = ops.kvs(response.responses, 0)[0].create_revision
+            return revision
+        return None
+
+    def done(self, *, known: bool) -> None:
+        pass
+
+
 def _settle_interrupted(
-    transport: Transport, session: Session, slot: Slot, token: bytes, interruption: BaseException
+    transport: Transport, session: Session, evidence: _Evidence, interruption: BaseException
 ) -> bool:
     """Shut out a write whose sender was interrupted, if it has not applied.
 
@@ -270,7 +442,7 @@ def _settle_interrupted(
     """
     cause = OutcomeUnknownError(f"the write was interrupted by {interruption!r}")
     try:
-        _resolve(transport, session, slot, token, cause, deadline=Deadline(CLEANUP_TIMEOUT))
+        _resolve(transport, session, evidence, cause, deadline=Deadline(CLEANUP_TIMEOUT))
     except OutcomeUnknownError:
         return False
     return True
@@ -279,30 +451,13 @@ def _settle_interrupted(
 def _resolve(
     transport: Transport,
     session: Session,
-    slot: Slot,
-    token: bytes,
+    evidence: _Evidence,
     cause: OutcomeUnknownError,
     *,
     deadline: Deadline | None = None,
 ) -> int | None:
-    """Decide a write whose answer was lost; the revision it applied at, or None.
-
-    ``slot.token`` still holds the value the write required the slot to have.
-    The fence is itself guarded by that value, so that a copy of this
-    transaction delivered late, after the slot has moved on, changes nothing.
-    """
-    fence = _token()
-    request = ops.txn(
-        compare=[ops.compare_value(slot.key, "==", token)],
-        success=[ops.get(slot.key)],
-        failure=[
-            ops.nested(
-                compare=[_slot_holds(slot)],
-                success=[ops.put(slot.key, fence, lease=session.lease_id)],
-                failure=[ops.get(slot.key)],
-            )
-        ],
-    )
+    """Decide a write whose answer was lost; the revision it applied at, or None."""
+    request = evidence.resolution()
     try:
         response = transport.txn(request, write=False, deadline=deadline)
     except LeaseNotFoundError as exc:
@@ -315,21 +470,7 @@ def _resolve(
         if not isinstance(exc, Exception):
             raise
         raise OutcomeUnknownError(f"{cause}; and settling it failed: {exc}") from exc
-    if response.succeeded:
-        slot.token = token.decode("ascii")
-        revision: int = ops.kvs(response.responses, 0)[0].mod_revision
-        return revision
-    inner = response.responses[0].response_txn
-    if inner.succeeded:
-        slot.token = fence.decode("ascii")
-        return None
-    found = ops.kvs(inner.responses, 0)
-    if not found:
-        # The slot is gone, so its lease is: whether the write applied
-        # before that is evidence lost with it.
-        session.mark_lost("its bookkeeping key is gone")
-        raise OutcomeUnknownError(f"{cause}; the session lease that could tell is gone")
-    # The slot holds neither the write's token nor the value the write
-    # required: an earlier fence already shut the write out.
-    slot.token = found[0].value.decode("ascii")
-    return None
+    try:
+        return evidence.resolved(response)
+    except OutcomeUnknownError as exc:
+        raise OutcomeUnknownError(f"{cause}; {exc}") from None

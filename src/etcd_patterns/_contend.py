@@ -37,7 +37,9 @@ Guarantees:
 * A winner's fencing token, the create revision of its key, is unique to
   it; with one place, it increases with every new winner.
 * A registration is written through the exactly-once commit, so a copy of
-  it that etcd receives late never creates a key that nobody owns. One
+  it that etcd receives late never creates a key that nobody owns. Its
+  evidence is the contender key itself, whose name is the attempt's alone:
+  the registration writes no bookkeeping key. One
   whose outcome stays unknown because its lease is gone (its answer lost,
   then its lease) is made again on a fresh session: nothing of it can be
   left. One whose settling failed (etcd away) raises `OutcomeUnknownError`,
@@ -369,6 +371,7 @@ class Contenders:
                     ops.get(raw, keys_only=True),
                     ops.get(start, end, oldest_first=True, limit=1, keys_only=True),
                 ],
+                creates=my_key,
             )
         except BaseException as exc:
             self.withdraw_unsettled(lease_ttl, my_key, exc)
@@ -439,7 +442,9 @@ class Contenders:
 
         The write goes through the exactly-once commit: a copy of it that
         etcd receives late can never create my key a second time (after I
-        left, say), which would leave a contender that nobody owns.
+        left, say), which would leave a contender that nobody owns. My key's
+        name is this attempt's alone, so the commit needs no slot: my key's
+        existence says whether the write applied.
 
         Raises:
             _Refused: The entry's compares failed; nothing was written.
@@ -457,6 +462,7 @@ class Contenders:
                 ops.put(my_key, value, lease=session.lease_id),
             ],
             failure=list(entry.failure),
+            creates=my_key,
         )
         if not committed.succeeded:
             assert committed.responses is not None  # failures always carry responses

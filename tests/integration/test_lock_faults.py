@@ -10,7 +10,14 @@ import pytest
 
 from etcd_patterns import EtcdPatterns, OutcomeUnknownError
 from etcd_patterns.testing import EtcdCluster, ExternalEtcd
-from tests.helpers import FaultInjector, LostResponse, Raw, client_with_faults, wait_until
+from tests.helpers import (
+    FaultInjector,
+    LostResponse,
+    Raw,
+    client_with_faults,
+    resolves,
+    wait_until,
+)
 
 TXN = "/etcdserverpb.KV/Txn"
 
@@ -242,7 +249,7 @@ def test_ctrl_c_with_etcd_away_shuts_out_the_late_copy_before_withdrawing(
             interceptor.error = KeyboardInterrupt
             away.set()
             return "hold"
-        if away.is_set() and any(b".etcd-patterns/slots/" in c.key for c in request.compare):
+        if away.is_set() and resolves(request):
             held.append("resolution")
             interceptor.error = LostResponse
             return "hold"
