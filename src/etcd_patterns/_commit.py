@@ -23,15 +23,15 @@ slot's mod revision) or can never be, since it requires the slot to still
 hold ``last_token``; it is then safe to send again.
 
 A write that creates a key of its own (a name no other write uses, that
-only its creator deletes, on the session lease) needs no slot: the key is
-the evidence. The write also requires a *fence* key, new to each attempt,
-not to exist, and resolution is::
+only its creator deletes, on the session lease) writes nothing to its slot:
+the key is the evidence, and the slot only a fence. The write still
+requires the slot to hold ``last_token``, and resolution is::
 
-    if exists(key) then get(key)                # it was applied
-    else put(fence)                             # now it never can be
+    if exists(key) then get(key)                            # it was applied
+    else if value(slot) == last_token then put(slot, fence_token)  # now it never can be
 
 A key that went with its lease leaves the outcome unknown, as a slot that
-went with it does; the fence, on the same lease, cannot be written then, and
+went with it does: the fence, on the same lease, cannot be written then, and
 no copy of the write can apply under the dead lease anyway.
 
 Lease loss: a transaction that puts the slot under an expired lease fails as
@@ -58,8 +58,8 @@ session's janitor, which sends it before it deletes any key, so that what
 the caller withdraws or abandons cannot be created again by a late copy.
 
 Cost: no extra round trip on the normal path. The slot adds one compare and
-one put to the caller's transaction; a created key's fence, one compare of a
-key that does not exist, and no write. Resolution costs one more round trip.
+one put to the caller's transaction; for a write that creates a key of its
+own, one compare and no write. Resolution costs one more round trip.
 
 Time: one deadline, the transport's timeout, bounds the whole call: every
 attempt, every resolution and every round. A write whose answer is lost
@@ -99,7 +99,7 @@ class Committed:
         responses: The responses to the caller's own operations, in order.
             None when success was established after a lost answer, in which
             case the success branch's responses are unknown.
-        session: The session whose slot recorded the outcome.
+        session: The session whose lease carried the write's evidence.
     """
 
     succeeded: bool
@@ -199,7 +199,10 @@ def commit(
         creates: A key that ``success`` creates on the session's lease, with
             a name that no other write uses and that only its creator
             deletes. Its existence is then the evidence of the outcome, and
-            no slot is written (see `_Created`).
+            the slot is compared but not written (see `_Created`). Not for
+            a key that others delete (a queue item, a barrier waiter) or
+            whose name is reused (a member id): a write applied, then
+            deleted, would be taken for one never applied.
 
     Returns:
         The outcome; on failure, ``responses`` holds the failure branch's.
@@ -358,19 +361,7 @@ class _Slotted:
             slot.token = self._token.decode("ascii")
             revision: int = ops.kvs(response.responses, 0)[0].mod_revision
             return revision
-        inner = response.responses[0].response_txn
-        if inner.succeeded:
-            slot.token = self._fence.decode("ascii")
-            return None
-        found = ops.kvs(inner.responses, 0)
-        if not found:
-            # The slot is gone, so its lease is: whether the write applied
-            # before that is evidence lost with it.
-            self._session.mark_lost("its bookkeeping key is gone")
-            raise OutcomeUnknownError("the session lease that could tell is gone")
-        # The slot holds neither the write's token nor the value the write
-        # required: an earlier fence already shut the write out.
-        slot.token = found[0].value.decode("ascii")
+        _fence_seen(self._session, slot, self._fence, response)
         return None
 
     def done(self, *, known: bool) -> None:
@@ -379,56 +370,96 @@ class _Slotted:
 
 
 class _Created:
-    """Evidence in the key the request creates: no slot written.
+    """Evidence in the key the request creates; a slot only as its fence, compared, never written.
 
-    The request also requires a *fence* key, new to the round, not to
-    exist; it costs etcd one compare of a key that is not there, in place
-    of the slot's compare and put. Resolution::
+    The request requires the slot to hold its last token, as `_Slotted`
+    does, but writes nothing to it: that costs etcd one compare in place of
+    a compare and a put. Resolution::
 
-        if exists(key) then get(key)        # it was applied
-        else put(fence)                     # now it never can be
+        if exists(key) then get(key)                    # it was applied
+        else if slot == last then put(slot, fence)      # now it never can be
 
     The key's name is the write's alone, and only its creator deletes it,
     so its existence proves that the write applied, and its absence that it
-    did not, or that the key went with the session lease, in which case
-    the fence cannot be written either (the lease is gone): then no copy of
-    the write can apply, but whether it did is unknown. The fence stays, on
-    the session lease, until the lease ends, which ends any copy's chance.
+    did not, or that the key went with the session lease, in which case the
+    fence cannot be written either: then no copy of the write can apply, but
+    whether it did is unknown. A slot that served an answered request keeps its token: the
+    one copy of the request has been spent.
     """
 
     def __init__(self, session: Session, key: bytes) -> None:
         self._session = session
         self._key = key
-        self._fence = session.scratch_prefix + b"fence-" + _token()
+        self._pool = _pool(session)
+        self._slot = self._pool.borrow()
 
     def request(
         self, compare: Sequence[Any], success: Sequence[Any], failure: Sequence[Any]
     ) -> Any:
+        slot = self._slot
         return ops.txn(
-            compare=[*compare, ops.compare_version(self._fence, "==", 0)],
+            compare=[*compare, _slot_holds(slot)],
             success=list(success),
-            failure=list(failure),
+            failure=[*failure, ops.get(slot.key)],
         )
 
     def answered(self, response: Any) -> tuple[bool, Sequence[Any]] | None:
-        # The fence is new to this round: only the caller's compares can fail.
-        return bool(response.succeeded), response.responses
+        if response.succeeded:
+            return True, response.responses
+        slot = self._slot
+        found = ops.kvs(response.responses, -1)
+        observed = found[0].value.decode("ascii") if found else None
+        if observed == slot.token:
+            return False, response.responses[:-1]
+        slot.token = observed  # resynchronise and go again, as `_Slotted` does
+        return None
 
     def resolution(self) -> Any:
+        slot = self._slot
+        self._fence = _token()
         return ops.txn(
             compare=[ops.compare_version(self._key, ">", 0)],
             success=[ops.get(self._key, keys_only=True)],
-            failure=[ops.put(self._fence, b"", lease=self._session.lease_id)],
+            failure=[
+                ops.nested(
+                    compare=[_slot_holds(slot)],
+                    success=[ops.put(slot.key, self._fence, lease=self._session.lease_id)],
+                    failure=[ops.get(slot.key)],
+                )
+            ],
         )
 
     def resolved(self, response: Any) -> int | None:
         if response.succeeded:
             revision: int = ops.kvs(response.responses, 0)[0].create_revision
             return revision
+        _fence_seen(self._session, self._slot, self._fence, response)
         return None
 
     def done(self, *, known: bool) -> None:
-        pass
+        if known:
+            self._pool.give_back(self._slot)
+
+
+def _fence_seen(session: Session, slot: Slot, fence: bytes, response: Any) -> None:
+    """Record the slot's token after a resolution that found the write unapplied: fenced now.
+
+    Raises:
+        OutcomeUnknownError: The slot is gone, with the session lease.
+    """
+    inner = response.responses[0].response_txn
+    if inner.succeeded:
+        slot.token = fence.decode("ascii")
+        return
+    found = ops.kvs(inner.responses, 0)
+    if not found:
+        # The slot is gone, so its lease is: whether the write applied
+        # before that is evidence lost with it.
+        session.mark_lost("its bookkeeping key is gone")
+        raise OutcomeUnknownError("the session lease that could tell is gone")
+    # The slot holds neither the write's token nor the value the write
+    # required: an earlier fence already shut the write out.
+    slot.token = found[0].value.decode("ascii")
 
 
 def _settle_interrupted(

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import etcd3
 import pytest
+from etcd3 import etcdrpc
 
 from etcd_patterns import EtcdPatterns, OutcomeUnknownError
 from etcd_patterns.testing import EtcdCluster, ExternalEtcd
@@ -80,29 +82,65 @@ def hasty(
     client.close()
 
 
-def test_lost_answer_to_the_registration(faulty: EtcdPatterns, plan: Plan, raw: Raw) -> None:
+# Every pattern that queues contenders under a name registers the same way.
+HOLDS: dict[str, Callable[[EtcdPatterns], Any]] = {
+    "lock": lambda patterns: patterns.locked("L"),
+    "semaphore": lambda patterns: patterns.semaphore("L", 1),
+    "read lock": lambda patterns: patterns.read_locked("L"),
+    "write lock": lambda patterns: patterns.write_locked("L"),
+    "election": lambda patterns: patterns.elected("L", "me"),
+}
+
+
+@pytest.mark.parametrize("kind", HOLDS)
+def test_lost_answer_to_the_registration(
+    faulty: EtcdPatterns, plan: Plan, raw: Raw, kind: str
+) -> None:
     plan.lose["put"] = 1
-    with faulty.locked("L") as held:
+    with HOLDS[kind](faulty) as held:
         assert raw.count("L/") == 1  # the retry found its key; no second contender
         assert raw.get(held.key).create_revision == held.fencing_token
     assert plan.lost == ["put"]
     assert raw.count("L/") == 0
 
 
-@pytest.mark.parametrize("attempt", ["lock", "try_lock"])
+@pytest.mark.parametrize("attempt", [*HOLDS, "try_lock"])
 def test_a_late_copy_of_an_acquisition_leaves_no_contender(
     faulty: EtcdPatterns, plan: Plan, injector: FaultInjector, raw: Raw, attempt: str
 ) -> None:
     plan.lose["put"] = 1
     plan.action = "hold"  # the first attempt reaches etcd only after the lock was released
-    if attempt == "lock":
-        assert faulty.lock("L", lambda: "ran") == "ran"
-    else:
+    if attempt == "try_lock":
         assert faulty.try_lock("L", lambda: "ran").value == "ran"
+    else:
+        with HOLDS[attempt](faulty):
+            pass
     assert plan.lost == ["put"]
     (late,) = injector.deliver_held()
     assert not late.succeeded
     assert raw.count("L/") == 0
+
+
+def test_lost_registrations_leave_one_bookkeeping_key_on_the_session_lease(
+    faulty: EtcdPatterns, plan: Plan, injector: FaultInjector, raw: Raw
+) -> None:
+    plan.action = "hold"
+    for _ in range(5):
+        plan.lose["put"] = 1  # each lock's first registration reaches etcd late
+        with faulty.locked("L") as held:
+            lease = held.lease_id
+    assert plan.lost == ["put"] * 5
+    # Each was fenced by the one slot of the session, on the session lease:
+    # the fences do not pile up, and go with the lease.
+    start = raw.key(".etcd-patterns/slots/")
+    slots = raw.client.kvstub.Range(
+        etcdrpc.RangeRequest(key=start, range_end=etcd3.utils.prefix_range_end(start)), 10
+    ).kvs
+    assert [kv.lease for kv in slots] == [lease]
+    assert not any(late.succeeded for late in injector.deliver_held())
+    assert raw.count("L/") == 0
+    faulty.close()
+    assert raw.count(".etcd-patterns/") == 0
 
 
 def test_lost_answer_to_try_lock(faulty: EtcdPatterns, plan: Plan, raw: Raw) -> None:
