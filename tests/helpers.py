@@ -282,13 +282,5 @@ def holder_to_kill(target: Callable[..., object], *args: object) -> Iterator[Cal
 
 
 def resolves(request: Any) -> bool:
-    """Whether a Txn is the exactly-once commit's resolution.
-
-    A slot's nests a transaction in its failure branch; a created key's
-    puts a fence there, under the session's bookkeeping prefix.
-    """
-    return any(
-        op.HasField("request_txn")
-        or (op.HasField("request_put") and b".etcd-patterns/slots/" in op.request_put.key)
-        for op in request.failure
-    )
+    """Whether a Txn is the exactly-once commit's resolution: it nests one in its failure."""
+    return any(op.HasField("request_txn") for op in request.failure)

@@ -34,7 +34,8 @@ A key that went with its lease leaves the outcome unknown, as a slot that
 went with it does: the fence, on the same lease, cannot be written then, and
 no copy of the write can apply under the dead lease anyway.
 
-Lease loss: a transaction that puts the slot under an expired lease fails as
+Lease loss: a transaction that puts the slot, or creates its own key, under
+an expired lease fails as
 a whole, so nothing is applied, and `commit` retries on a fresh session.
 So `commit` needs no local check that its session still lives before it
 reports success: a success proves that etcd held the lease at the write's
@@ -284,8 +285,9 @@ class _Evidence(Protocol):
     def resolution(self) -> Any:
         """A transaction that, once answered, shuts out any copy of the request not yet applied.
 
-        It is idempotent: it can be sent again, and a copy of it that etcd
-        receives late changes nothing.
+        It is idempotent: it can be sent again. A copy of it that etcd
+        receives late never makes a write apply twice; at worst it fences
+        the slot anew, and the slot's next user resynchronises.
         """
 
     def resolved(self, response: Any) -> int | None:

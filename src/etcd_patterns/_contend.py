@@ -443,8 +443,9 @@ class Contenders:
         The write goes through the exactly-once commit: a copy of it that
         etcd receives late can never create my key a second time (after I
         left, say), which would leave a contender that nobody owns. My key's
-        name is this attempt's alone, so the commit needs no slot: my key's
-        existence says whether the write applied.
+        name is this attempt's alone, so the commit writes no slot: my key's
+        existence says whether the write applied, and the slot serves only
+        as a fence.
 
         Raises:
             _Refused: The entry's compares failed; nothing was written.

@@ -731,7 +731,11 @@ class EtcdPatterns:
         return Joined(self._groups, group, member_id, value, ttl)
 
     def members(self, group: str | bytes) -> dict[str, str]:
-        """The members of ``group``, each id with its value: one round trip."""
+        """The members of ``group``, each id with its value: one round trip.
+
+        A member is a direct child of ``group`` on a lease; a key there
+        without a lease is data, and is not listed.
+        """
         return self._groups.members(group)
 
     def watch_members(

@@ -31,7 +31,9 @@ matter.
 
 Cost: an uncontended acquire-and-release is two round trips; a failed
 `try_lock` is one. A contended acquisition adds one watch and one read per
-predecessor that leaves, whatever the number of waiters.
+predecessor that leaves, whatever the number of waiters, and one more read
+for a waiter with fewer than three keys ahead when etcd moved on between
+its registration and its watch (see `_contend`).
 """
 
 from __future__ import annotations

@@ -622,7 +622,7 @@ def test_contended_cost_per_acquisition_is_constant(
     per_acquisition = (rpcs.kv + rpcs.total("etcdserverpb.Watch")) / (workers * rounds)
     print(f"{workers} contenders: {per_acquisition:.2f} RPCs per acquisition, {dict(rpcs.counts)}")
     # register, watch, a re-read if etcd moved on before the watch existed
-    # (only behind a key that may leave at any moment: the holder's), the
+    # (only for a waiter with one or two keys ahead), the
     # re-read after the predecessor left, release: at most 5, whatever the
     # number of waiters.
     assert 2 <= per_acquisition <= 5

@@ -84,27 +84,32 @@ def test_a_writer_behind_readers_reads_again_rather_than_replay(
     # Readers ahead hold together, and any of them may leave at any moment:
     # however many there are, a writer behind them must not count on
     # etcd's slow history replay to learn of it.
-    instances = [EtcdPatterns.connect(etcd.endpoints, namespace=namespace) for _ in range(3)]
-    with EtcdPatterns.connect(etcd.endpoints, namespace=namespace) as writing:
-        readers = [instance.read_locked("RW") for instance in instances]
+    instances = [EtcdPatterns.connect(etcd.endpoints, namespace=namespace) for _ in range(4)]
+    *reading, writing = instances
+    creates: list[int] = []
+    order: list[str] = []
+    original = writing._transport.watch
+
+    def counted(requests: Any, **kwargs: Any) -> Any:
+        creates.append(len(requests))
+        return original(requests, **kwargs)
+
+    writing._transport.watch = counted  # type: ignore[method-assign,assignment]
+    try:
+        readers = [instance.read_locked("RW") for instance in reading]
         for reader in readers:
             reader.__enter__()
-        creates: list[int] = []
-        original = writing._transport.watch
-
-        def counted(requests: Any, **kwargs: Any) -> Any:
-            creates.append(len(requests))
-            return original(requests, **kwargs)
-
-        writing._transport.watch = counted  # type: ignore[method-assign,assignment]
-        writer = threading.Thread(target=lambda: _run(writing.write_locked("RW"), [], "w"))
+        writer = threading.Thread(target=lambda: _run(writing.write_locked("RW"), order, "w"))
         writer.start()
         wait_until(lambda: len(creates) == 1)  # watching, behind three readers
         for reader in readers:
             reader.__exit__(None, None, None)
         writer.join(timeout=30)
-    for instance in instances:
-        instance.close()
+        assert not writer.is_alive()
+    finally:
+        for instance in instances:
+            instance.close()
+    assert order == ["w"]
     assert creates[0] == 1  # the newest reader's key, from the current revision only
     assert keys(raw) == 0
 
