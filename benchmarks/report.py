@@ -116,11 +116,17 @@ def splits(data: dict[str, Any]) -> dict[str, str]:
             f"{max(0.0, 1 - with_key) * 100:.0f}% together, the key itself "
             f"{(without_key - with_key) * 100:+.0f} points; "
         )
+        ratios = enqueue["extra"].get("ratios") or [ours]
         if ours < with_key:
             enqueue_split += (
                 f"the library's own Python work per call takes the rest, from {with_key:.2f}x "
                 f"to {ours:.2f}x"
             )
+            if min(ratios) <= with_key <= max(ratios):
+                enqueue_split += (
+                    f", though its rounds ranged from {min(ratios):.2f}x to "
+                    f"{max(ratios):.2f}x, across the raw shape's: within this run's noise"
+                )
         else:
             enqueue_split += (
                 f"the library's own Python work per call did not show against the rounds' "
