@@ -325,15 +325,7 @@ class _Slotted:
         if response.succeeded:
             slot.token = self._token.decode("ascii")
             return True, response.responses[:-1]
-        found = ops.kvs(response.responses, -1)
-        observed = found[0].value.decode("ascii") if found else None
-        if observed == slot.token:
-            return False, response.responses[:-1]
-        # The slot is not as this session left it; most likely its lease
-        # expired. Resynchronise and try again: a put under a dead lease
-        # then fails as a whole, and the session is replaced.
-        slot.token = observed
-        return None
+        return _failure_branch(slot, response)
 
     def resolution(self) -> Any:
         """``if slot == token then get(slot) else (if slot == last then put(slot, fence))``.
@@ -343,18 +335,13 @@ class _Slotted:
         of this transaction delivered late, after the slot has moved on,
         changes nothing.
         """
-        slot = self._slot
         self._fence = _token()
-        return ops.txn(
-            compare=[ops.compare_value(slot.key, "==", self._token)],
-            success=[ops.get(slot.key)],
-            failure=[
-                ops.nested(
-                    compare=[_slot_holds(slot)],
-                    success=[ops.put(slot.key, self._fence, lease=self._session.lease_id)],
-                    failure=[ops.get(slot.key)],
-                )
-            ],
+        return _resolution(
+            self._session,
+            self._slot,
+            self._fence,
+            applied=ops.compare_value(self._slot.key, "==", self._token),
+            evidence=ops.get(self._slot.key),
         )
 
     def resolved(self, response: Any) -> int | None:
@@ -385,8 +372,8 @@ class _Created:
     so its existence proves that the write applied, and its absence that it
     did not, or that the key went with the session lease, in which case the
     fence cannot be written either: then no copy of the write can apply, but
-    whether it did is unknown. A slot that served an answered request keeps its token: the
-    one copy of the request has been spent.
+    whether it did is unknown. A slot that served an answered request keeps
+    its token: the one copy of the request has been spent.
     """
 
     def __init__(self, session: Session, key: bytes) -> None:
@@ -408,27 +395,16 @@ class _Created:
     def answered(self, response: Any) -> tuple[bool, Sequence[Any]] | None:
         if response.succeeded:
             return True, response.responses
-        slot = self._slot
-        found = ops.kvs(response.responses, -1)
-        observed = found[0].value.decode("ascii") if found else None
-        if observed == slot.token:
-            return False, response.responses[:-1]
-        slot.token = observed  # resynchronise and go again, as `_Slotted` does
-        return None
+        return _failure_branch(self._slot, response)
 
     def resolution(self) -> Any:
-        slot = self._slot
         self._fence = _token()
-        return ops.txn(
-            compare=[ops.compare_version(self._key, ">", 0)],
-            success=[ops.get(self._key, keys_only=True)],
-            failure=[
-                ops.nested(
-                    compare=[_slot_holds(slot)],
-                    success=[ops.put(slot.key, self._fence, lease=self._session.lease_id)],
-                    failure=[ops.get(slot.key)],
-                )
-            ],
+        return _resolution(
+            self._session,
+            self._slot,
+            self._fence,
+            applied=ops.compare_version(self._key, ">", 0),
+            evidence=ops.get(self._key, keys_only=True),
         )
 
     def resolved(self, response: Any) -> int | None:
@@ -441,6 +417,42 @@ class _Created:
     def done(self, *, known: bool) -> None:
         if known:
             self._pool.give_back(self._slot)
+
+
+def _failure_branch(slot: Slot, response: Any) -> tuple[bool, Sequence[Any]] | None:
+    """A request's failure branch: the caller's responses, or None if the slot had moved on.
+
+    The branch ends with a read of the slot.
+    """
+    found = ops.kvs(response.responses, -1)
+    observed = found[0].value.decode("ascii") if found else None
+    if observed == slot.token:
+        return False, response.responses[:-1]
+    # The slot is not as this session left it; most likely its lease
+    # expired. Resynchronise and try again: a put under a dead lease then
+    # fails as a whole, and the session is replaced.
+    slot.token = observed
+    return None
+
+
+def _resolution(session: Session, slot: Slot, fence: bytes, *, applied: Any, evidence: Any) -> Any:
+    """``if applied then evidence else (if the slot holds its last token then put(slot, fence))``.
+
+    The fence is guarded by the slot's last token, the value the request
+    required, so that a copy of the resolution delivered late, after the
+    slot has moved on, changes nothing.
+    """
+    return ops.txn(
+        compare=[applied],
+        success=[evidence],
+        failure=[
+            ops.nested(
+                compare=[_slot_holds(slot)],
+                success=[ops.put(slot.key, fence, lease=session.lease_id)],
+                failure=[ops.get(slot.key)],
+            )
+        ],
+    )
 
 
 def _fence_seen(session: Session, slot: Slot, fence: bytes, response: Any) -> None:
