@@ -314,11 +314,8 @@ class _Slotted:
         self, compare: Sequence[Any], success: Sequence[Any], failure: Sequence[Any]
     ) -> Any:
         slot = self._slot
-        return ops.txn(
-            compare=[*compare, _slot_holds(slot)],
-            success=[*success, ops.put(slot.key, self._token, lease=self._session.lease_id)],
-            failure=[*failure, ops.get(slot.key)],
-        )
+        put = ops.put(slot.key, self._token, lease=self._session.lease_id)
+        return _guarded(slot, compare, [*success, put], failure)
 
     def answered(self, response: Any) -> tuple[bool, Sequence[Any]] | None:
         slot = self._slot
@@ -385,12 +382,7 @@ class _Created:
     def request(
         self, compare: Sequence[Any], success: Sequence[Any], failure: Sequence[Any]
     ) -> Any:
-        slot = self._slot
-        return ops.txn(
-            compare=[*compare, _slot_holds(slot)],
-            success=list(success),
-            failure=[*failure, ops.get(slot.key)],
-        )
+        return _guarded(self._slot, compare, success, failure)
 
     def answered(self, response: Any) -> tuple[bool, Sequence[Any]] | None:
         if response.succeeded:
@@ -417,6 +409,17 @@ class _Created:
     def done(self, *, known: bool) -> None:
         if known:
             self._pool.give_back(self._slot)
+
+
+def _guarded(
+    slot: Slot, compare: Sequence[Any], success: Sequence[Any], failure: Sequence[Any]
+) -> Any:
+    """The caller's transaction, requiring the slot to hold its last token; read on failure."""
+    return ops.txn(
+        compare=[*compare, _slot_holds(slot)],
+        success=list(success),
+        failure=[*failure, ops.get(slot.key)],
+    )
 
 
 def _failure_branch(slot: Slot, response: Any) -> tuple[bool, Sequence[Any]] | None:
