@@ -94,6 +94,24 @@ WHY_MISSED = {
 }
 
 
+def _python_share(raw: float, result: dict[str, Any]) -> str:
+    """What the library's own Python work costs, from the raw client's ratio for the same requests."""
+    ours = result["extra"].get("ratio", 0.0)
+    if ours >= raw:
+        return (
+            f"the library's own Python work per call did not show against the rounds' "
+            f"spread ({ours:.2f}x)"
+        )
+    share = f"the library's own Python work per call takes the rest, from {raw:.2f}x to {ours:.2f}x"
+    ratios = result["extra"].get("ratios") or [ours]
+    if min(ratios) <= raw <= max(ratios):
+        share += (
+            f", though its rounds ranged from {min(ratios):.2f}x to {max(ratios):.2f}x, "
+            "across the raw client's: within this run's noise"
+        )
+    return share
+
+
 def splits(data: dict[str, Any]) -> dict[str, str]:
     """Where an enqueue's and a lock cycle's time goes, measured in this run."""
     results = data["results"]
@@ -107,7 +125,6 @@ def splits(data: dict[str, Any]) -> dict[str, str]:
     else:
         with_key = shaped["extra"].get("ratio", 0.0)
         without_key = lean["extra"].get("ratio", 0.0)
-        ours = enqueue["extra"].get("ratio", 0.0)
         enqueue_split = (
             f"the raw client sending an enqueue's own transaction reaches {with_key:.2f}x "
             f"of the raw put, and {without_key:.2f}x without the exactly-once commit's "
@@ -116,22 +133,7 @@ def splits(data: dict[str, Any]) -> dict[str, str]:
             f"{max(0.0, 1 - with_key) * 100:.0f}% together, the key itself "
             f"{(without_key - with_key) * 100:+.0f} points; "
         )
-        ratios = enqueue["extra"].get("ratios") or [ours]
-        if ours < with_key:
-            enqueue_split += (
-                f"the library's own Python work per call takes the rest, from {with_key:.2f}x "
-                f"to {ours:.2f}x"
-            )
-            if min(ratios) <= with_key <= max(ratios):
-                enqueue_split += (
-                    f", though its rounds ranged from {min(ratios):.2f}x to "
-                    f"{max(ratios):.2f}x, across the raw shape's: within this run's noise"
-                )
-        else:
-            enqueue_split += (
-                f"the library's own Python work per call did not show against the rounds' "
-                f"spread ({ours:.2f}x)"
-            )
+        enqueue_split += _python_share(with_key, enqueue)
         if "enqueue" in profiles:
             enqueue_split += (
                 f" ({profiles['enqueue']['wall us per call (profiled)']:.0f} us per call "
@@ -153,9 +155,8 @@ def splits(data: dict[str, Any]) -> dict[str, str]:
             f"of the raw put in this run (and {raw_written:.2f}x writing the bookkeeping key "
             f"as well, which a registration does not do): their shape (the "
             f"registration's range and compares, the guarded delete) costs "
-            f"{max(0.0, 0.5 - raw_cycle) * 100:.0f} points below 0.5x; the library's own "
-            f"Python work takes the rest, from {raw_cycle:.2f}x to "
-            f"{cycle['extra'].get('ratio', 0.0):.2f}x."
+            f"{max(0.0, 0.5 - raw_cycle) * 100:.0f} points below 0.5x; "
+            f"{_python_share(raw_cycle, cycle)}."
         )
     if lock:
         lock_split += (
